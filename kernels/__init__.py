@@ -1,0 +1,1 @@
+"""Triton kernels with PyTorch and JAX bindings (imported as `mtp_kernels`)."""
