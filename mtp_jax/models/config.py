@@ -1,0 +1,130 @@
+"""Architecture description of a Llama-family or Qwen3 decoder, read from a HF `config.json`.
+
+One frozen dataclass drives the single decoder in `llama.py`; the switches (q/k-norm, tied
+embeddings, rope scaling, biases) come from the HF config so no per-model code exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint describes an architecture this decoder does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # llama3 scaling as (factor, low_freq_factor, high_freq_factor, original_max_positions)
+    rope_llama3: tuple[float, float, float, int] | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def q_features(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_features(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"{source}: model_type {model_type!r} is not supported; expected one of "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family or Qwen3 decoders)."
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"{source}: hidden_act {hf['hidden_act']!r}; expected 'silu'.")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in hf]
+        if missing:
+            raise UnsupportedModelError(f"{source}: missing keys {missing}.")
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy = hf.get("rope_scaling") or {}
+        rope = {**legacy, **rope}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        llama3 = None
+        if rope_type == "llama3":
+            llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]),
+                      float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        elif rope_type not in ("default", None):
+            raise UnsupportedModelError(
+                f"{source}: rope type {rope_type!r} is not supported; expected 'default' or 'llama3'.")
+        if hf.get("use_sliding_window"):
+            raise UnsupportedModelError(f"{source}: sliding-window attention is not supported.")
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qk_norm=model_type == "qwen3",
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            rope_llama3=llama3,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face model directory.") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}).") from None
+        return cls.from_hf(hf, source=str(path))
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """Inverse frequencies [head_dim // 2] in float32, as transformers computes them."""
+        dim = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+        inv = inv.astype(np.float32)
+        if self.rope_llama3 is None:
+            return inv
+        factor, low, high, old_len = self.rope_llama3
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)

@@ -1,0 +1,232 @@
+"""The decoder: one Flax linen implementation of the Llama family and Qwen3.
+
+Parameter names mirror transformers' (`model.layers_3.self_attn.q_proj.kernel` for
+`model.layers.3.self_attn.q_proj.weight`), so HF checkpoints load leaf by leaf. Attention is
+delegated to an `attend(layer, q, k, v) -> (out, aux)` callable: plain causal attention here,
+a KV cache in generation, the two-stream prefix/block merge in MTP training.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.models.config import ModelConfig
+from mtp_jax.models.lora import FusedLoRA, Linear, LoRAConfig
+
+Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+constrain = nn.with_logical_constraint
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                            (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [..., head_dim] for integer positions [...], computed in float32 as transformers does."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [batch, length, heads, head_dim]; cos/sin [batch, length, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def causal_attend(kv_valid: jax.Array | None = None) -> Attend:
+    """Plain causal self-attention; `kv_valid` [batch, length] hides padding keys."""
+
+    def attend(layer, q, k, v):
+        mask = None
+        if kv_valid is not None:
+            mask = kv_valid[:, None, None, :]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        return out, None
+
+    return attend
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    lora: LoRAConfig | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c, lora = self.config, self.lora
+        fuse = lora is not None and lora.fuse and lora.rank > 0
+
+        def proj(name, features, axes, target, bias):
+            use_lora = lora if (lora is not None and lora.active(target) and not (fuse and target != "o")) else None
+            return Linear(features, axes, bias, use_lora, self.dtype, self.param_dtype, name=name)
+
+        self.q_proj = proj("q_proj", c.q_features, ("embed", "q_heads"), "q", c.attention_bias)
+        self.k_proj = proj("k_proj", c.kv_features, ("embed", "kv_heads"), "k", c.attention_bias)
+        self.v_proj = proj("v_proj", c.kv_features, ("embed", "kv_heads"), "v", c.attention_bias)
+        self.o_proj = proj("o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
+        self.fused_targets = tuple(t for t in ("q", "k", "v") if fuse and lora.active(t))
+        if self.fused_targets:
+            sizes = {"q": c.q_features, "k": c.kv_features, "v": c.kv_features}
+            self.qkv_proj = FusedLoRA(tuple(sizes[t] for t in self.fused_targets), ("embed", "q_heads"),
+                                      lora, self.dtype, self.param_dtype)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+            self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+
+    def __call__(self, layer: int, x, cos, sin, attend: Attend, gate=None, deterministic=True):
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x, gate, deterministic)
+        k = self.k_proj(x, gate, deterministic)
+        v = self.v_proj(x, gate, deterministic)
+        if self.fused_targets and gate is not None:
+            deltas = dict(zip(self.fused_targets, self.qkv_proj(x, gate, deterministic)))
+            q = q + deltas.get("q", 0.0)
+            k = k + deltas.get("k", 0.0)
+            v = v + deltas.get("v", 0.0)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        out, aux = attend(layer, q, k, v)
+        out = out.astype(self.dtype).reshape(b, t, c.q_features)
+        return self.o_proj(out, gate, deterministic), aux
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    lora: LoRAConfig | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c, lora = self.config, self.lora
+        fuse = lora is not None and lora.fuse and lora.rank > 0
+
+        def proj(name, features, axes, target):
+            use_lora = lora if (lora is not None and lora.active(target) and not (fuse and target != "down")) else None
+            return Linear(features, axes, c.mlp_bias, use_lora, self.dtype, self.param_dtype, name=name)
+
+        self.gate_proj = proj("gate_proj", c.intermediate_size, ("embed", "mlp"), "gate")
+        self.up_proj = proj("up_proj", c.intermediate_size, ("embed", "mlp"), "up")
+        self.down_proj = proj("down_proj", c.hidden_size, ("mlp", "embed"), "down")
+        self.fused_targets = tuple(t for t in ("gate", "up") if fuse and lora.active(t))
+        if self.fused_targets:
+            self.gate_up_proj = FusedLoRA((c.intermediate_size,) * len(self.fused_targets), ("embed", "mlp"),
+                                          lora, self.dtype, self.param_dtype)
+
+    def __call__(self, x, gate=None, deterministic=True):
+        g = self.gate_proj(x, gate, deterministic)
+        u = self.up_proj(x, gate, deterministic)
+        if self.fused_targets and gate is not None:
+            deltas = dict(zip(self.fused_targets, self.gate_up_proj(x, gate, deterministic)))
+            g = g + deltas.get("gate", 0.0)
+            u = u + deltas.get("up", 0.0)
+        h = constrain(nn.silu(g) * u, ("batch", "length", "mlp"))
+        return self.down_proj(h, gate, deterministic)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    lora: LoRAConfig | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.input_layernorm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+        self.self_attn = Attention(c, self.lora, self.dtype, self.param_dtype)
+        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+        self.mlp = MLP(c, self.lora, self.dtype, self.param_dtype)
+
+    def __call__(self, layer, x, cos, sin, attend, gate=None, deterministic=True):
+        h, aux = self.self_attn(layer, self.input_layernorm(x), cos, sin, attend, gate, deterministic)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x), gate, deterministic)
+        return constrain(x, ("batch", "length", "embed")), aux
+
+
+class Transformer(nn.Module):
+    """transformers' `LlamaModel` / `Qwen3Model`: embeddings, layers, final norm."""
+
+    config: ModelConfig
+    lora: LoRAConfig | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        self.layers = [DecoderLayer(c, self.lora, self.dtype, self.param_dtype) for _ in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+
+    def __call__(self, x, positions, attend, gate=None, deterministic=True):
+        cos, sin = rope_cos_sin(positions, jnp.asarray(self.config.rope_inv_freq()), self.dtype)
+        aux = []
+        for i, layer in enumerate(self.layers):
+            x, a = layer(i, x, cos, sin, attend, gate, deterministic)
+            aux.append(a)
+        return self.norm(x), aux
+
+
+class CausalLM(nn.Module):
+    """`LlamaForCausalLM` / `Qwen3ForCausalLM`.
+
+    `__call__` returns the final-normed hidden states [batch, length, embed] and the per-layer
+    `aux` of `attend`; `logits(h)` applies the lm_head (or the tied embedding).
+    """
+
+    config: ModelConfig
+    lora: LoRAConfig | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.model = Transformer(self.config, self.lora, self.dtype, self.param_dtype)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = Linear(self.config.vocab_size, ("embed", "vocab"), dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+
+    def __call__(self, tokens, positions=None, attend: Attend | None = None, gate=None,
+                 deterministic: bool = True, embeddings=None) -> tuple[jax.Array, Sequence[Any]]:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed(tokens) if embeddings is None else embeddings
+        x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
+        return self.model(x, positions, attend or causal_attend(), gate, deterministic)
+
+    def embed(self, tokens):
+        return self.model.embed_tokens(tokens)
+
+    def logits(self, hidden):
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.attend(hidden.astype(self.dtype))
+        return self.lm_head(hidden)
+
+    def forward_logits(self, tokens, positions=None, kv_valid=None):
+        """Convenience: base-model logits [batch, length, vocab] with causal attention."""
+        hidden, _ = self(tokens, positions, causal_attend(kv_valid))
+        return self.logits(hidden)

