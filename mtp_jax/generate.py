@@ -1,0 +1,194 @@
+"""KV-cached generation in JAX: batched (left padding), greedy or sampled, stops on EOS.
+
+Serves self-distillation data and is the baseline the speculative decoder is checked against.
+`python -m mtp_jax.generate --model smollm2-135m-instruct --prompt "..."` runs it from the shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.models.llama import CausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+def cache_attend(cache: Sequence[tuple[jax.Array, jax.Array]], index: jax.Array, slot_valid: jax.Array):
+    """Attention over a per-layer KV cache [batch, slots, kv_heads, head_dim].
+
+    The new keys/values are written at slots [index, index + T); query t sits at slot index + t and
+    sees valid slots <= its own. `slot_valid` [batch, slots] hides left padding. aux = the
+    updated (k, v) of the layer.
+    """
+
+    def attend(layer, q, k, v):
+        k_cache, v_cache = cache[layer]
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        slots = jnp.arange(k_cache.shape[1])
+        q_slots = index + jnp.arange(q.shape[1])
+        mask = (slots[None, :] <= q_slots[:, None])[None, None] & slot_valid[:, None, None, :]
+        out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask)
+        return out, (k_cache, v_cache)
+
+    return attend
+
+
+def init_cache(model: CausalLM, batch: int, slots: int):
+    c = model.config
+    shape = (batch, slots, c.num_kv_heads, c.head_dim)
+    return [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(c.num_layers)]
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [batch, vocab] -> token ids [batch]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # smallest logit still inside the nucleus (the top token always is)
+        cutoff_idx = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < sampling.top_p, axis=-1) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[:, None], axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
+def _generate(model: CausalLM, variables: Any, tokens: jax.Array, pad_len: jax.Array, eos_ids: jax.Array,
+              rng: jax.Array, max_new_tokens: int, sampling: Sampling):
+    batch, prompt_len = tokens.shape
+    slots = prompt_len + max_new_tokens
+    slot_valid = jnp.arange(slots)[None, :] >= pad_len[:, None]
+    positions = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad_len[:, None], 0)
+
+    def run(cache, toks, pos, index):
+        hidden, cache = model.apply(variables, toks, pos, cache_attend(cache, index, slot_valid))
+        return model.apply(variables, hidden[:, -1], method=model.logits), cache
+
+    logits, cache = run(init_cache(model, batch, slots), tokens, positions, 0)
+    rng, sub = jax.random.split(rng)
+    first = sample_token(logits, sub, sampling)
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos_ids)
+
+    def cond(state):
+        i, _, _, done, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, out, done, rng = state
+        prev = out[:, i - 1]
+        pos = (prompt_len + i - 1 - pad_len)[:, None]
+        logits, cache = run(cache, prev[:, None], pos, prompt_len + i - 1)
+        rng, sub = jax.random.split(rng)
+        tok = sample_token(logits, sub, sampling)
+        tok = jnp.where(done, eos_ids[0], tok)
+        return i + 1, cache, out.at[:, i].set(tok), done | jnp.isin(tok, eos_ids), rng
+
+    n, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, done, rng))
+    return out, n
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """[batch, length] left-padded ids (length rounded up to limit recompiles) and pad counts."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, length - len(p):] = p
+    return tokens, np.asarray([length - len(p) for p in prompts], np.int32)
+
+
+def generate(model: CausalLM, variables: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0
+             ) -> list[list[int]]:
+    """New tokens for each prompt, each list ending at (and including) its first EOS."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not eos_ids:
+        raise ValueError("generate: eos_ids is empty; pass the tokenizer's EOS id")
+    if "params" not in variables:
+        variables = {"params": variables}
+    tokens, pad_len = left_pad(prompts, pad_id)
+    if tokens.shape[1] + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings ({model.config.max_position_embeddings})")
+    out, n = _generate(model, variables, jnp.asarray(tokens), jnp.asarray(pad_len),
+                       jnp.asarray(list(eos_ids), jnp.int32), jax.random.key(seed), max_new_tokens, sampling)
+    out = np.asarray(out)[:, : int(n)]
+    results = []
+    for row in out:
+        hits = np.nonzero(np.isin(row, eos_ids))[0]
+        results.append(row[: hits[0] + 1].tolist() if len(hits) else row.tolist())
+    return results
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat and tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  return_dict=False))
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def eos_ids_of(tokenizer, config) -> list[int]:
+    ids = list(config.eos_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from mtp_jax.models.loading import load_model, load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m mtp_jax.generate", description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="HF dir, .gguf file or alias")
+    ap.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    args = ap.parse_args(argv)
+    prompts = args.prompt or ["Write a Python function that checks whether a number is prime."]
+    model, params, config = load_model(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    ids = [encode_prompt(tokenizer, p, not args.raw) for p in prompts]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    t0 = time.perf_counter()
+    outs = generate(model, params, ids, args.max_new_tokens, eos_ids_of(tokenizer, config), sampling, args.seed,
+                    pad_id=tokenizer.pad_token_id or 0)
+    elapsed = time.perf_counter() - t0
+    for prompt, out in zip(prompts, outs):
+        print(f">>> {prompt}\n{tokenizer.decode(out, skip_special_tokens=True)}\n")
+    n = sum(len(o) for o in outs)
+    print(f"[{n} tokens in {elapsed:.2f}s incl. compile: {n / elapsed:.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
