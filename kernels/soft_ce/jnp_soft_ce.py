@@ -1,0 +1,71 @@
+"""Pure-jnp soft cross-entropy with the Triton kernels' numerics (CPU / no jax-triton).
+
+The forward streams over the vocabulary in chunks (lax.fori_loop with online
+rescaling), so no [N, V] float32 array is formed; the backward is one fused
+elementwise expression. Same statistics, same conventions: masked rows give 0,
+teacher weights that are 0 in the compute dtype contribute 0, NaN poisons its row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_FLOOR = -3.0e38  # finite floor for running maxima, as in triton_soft_ce.py
+
+
+def _compute_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def soft_ce_fwd(x, t, mask, chunk: int = 4096):
+    """x, t: [N, V]; mask: [N] bool. Returns loss, lse_x, lse_t, each [N] (compute dtype)."""
+    n, v = x.shape
+    cd = _compute_dtype(x.dtype)
+    c = min(chunk, v)
+    n_chunks = -(-v // c)
+    cols = jnp.arange(c)
+
+    def body(i, carry):
+        m_x, d_x, m_t, d_t, s = carry
+        start = i * c
+        # The last chunk is shifted left to stay in bounds; columns an earlier
+        # chunk already covered are masked out.
+        s0 = jnp.minimum(start, v - c)
+        fresh = (s0 + cols) >= start
+        xc = lax.dynamic_slice_in_dim(x, s0, c, axis=1).astype(cd)
+        tc = lax.dynamic_slice_in_dim(t, s0, c, axis=1).astype(cd)
+        xc = jnp.where(fresh, xc, -jnp.inf)
+        tc = jnp.where(fresh, tc, -jnp.inf)
+
+        mx_new = jnp.maximum(m_x, jnp.max(xc, axis=1))
+        d_x = d_x * jnp.exp(m_x - mx_new) + jnp.sum(jnp.exp(xc - mx_new[:, None]), axis=1)
+        mt_new = jnp.maximum(m_t, jnp.max(tc, axis=1))
+        alpha = jnp.exp(m_t - mt_new)
+        e_t = jnp.exp(tc - mt_new[:, None])
+        s = jnp.where(alpha > 0, s * alpha, 0.0) + jnp.sum(jnp.where(e_t > 0, e_t * xc, 0.0), axis=1)
+        d_t = d_t * alpha + jnp.sum(e_t, axis=1)
+        return mx_new, d_x, mt_new, d_t, s
+
+    floor = jnp.full((n,), _FLOOR, cd)
+    zero = jnp.zeros((n,), cd)
+    m_x, d_x, m_t, d_t, s = lax.fori_loop(0, n_chunks, body, (floor, zero, floor, zero, zero))
+    lse_x = m_x + jnp.log(d_x)
+    lse_t = m_t + jnp.log(d_t)
+    loss = lse_x - s / d_t
+    return tuple(jnp.where(mask, a, 0.0) for a in (loss, lse_x, lse_t))
+
+
+def soft_ce_bwd(x, t, g, loss, lse_x, lse_t, grad_t: bool = False):
+    """g: [N] cotangent, already 0 on masked rows. Returns grad_x (and grad_t or None)."""
+    cd = _compute_dtype(x.dtype)
+    live = (g != 0)[:, None]
+    xf = x.astype(cd)
+    p_t = jnp.exp(t.astype(cd) - lse_t[:, None])
+    gx = jnp.where(live, g[:, None] * (jnp.exp(xf - lse_x[:, None]) - p_t), 0.0).astype(x.dtype)
+    if not grad_t:
+        return gx, None
+    gt = jnp.where(live & (p_t > 0), g[:, None] * p_t * (lse_x[:, None] - xf - loss[:, None]), 0.0)
+    return gx, gt.astype(t.dtype)
+

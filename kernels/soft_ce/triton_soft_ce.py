@@ -1,0 +1,114 @@
+"""Triton kernels for soft cross-entropy CE(x, t) = -sum softmax(t) * log_softmax(x).
+
+The one Triton source shared by the PyTorch and the JAX bindings (api.py). The
+forward streams each row once (online rescaling, per-lane running stats, no
+[N, V] probabilities) and keeps lse_x = mx + log(dx), lse_t = mt + log(dt) for
+the backward, which reads x and t once more and writes grad_x (and optionally
+grad_t). Argument order is inputs, scalars, then outputs: jax_triton.triton_call
+appends the output buffers after the inputs.
+"""
+
+import triton
+import triton.language as tl
+
+# A finite floor for the running maxima: -inf - (-inf) would give NaN in the
+# online update, while any finite logit or -inf compares and subtracts cleanly.
+_FLOOR = -3.0e38
+
+
+@triton.jit
+def soft_ce_fwd_kernel(
+    x_ptr, t_ptr, mask_ptr,             # [N, V] logits (row strides below), [N] int32 row mask
+    stride_x, stride_t, V,
+    loss_ptr, lse_x_ptr, lse_t_ptr,     # [N] float32 outputs
+    BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # row * stride exceeds int32 at 32k x 152k
+    end = V
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + row) != 0
+        end = tl.where(valid, V, 0)
+    x_row = x_ptr + row * stride_x
+    t_row = t_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK_V)
+
+    # Each lane keeps its own running max and rescaled sums, so the loop body
+    # has no cross-lane reduction and one exp per tensor and element: with
+    # e = exp(-|v - m|), a new max rescales the old sum by e, else v adds e.
+    m_x = tl.full([BLOCK_V], _FLOOR, tl.float32)
+    d_x = tl.zeros([BLOCK_V], tl.float32)
+    m_t = tl.full([BLOCK_V], _FLOOR, tl.float32)
+    d_t = tl.zeros([BLOCK_V], tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)  # sum exp(t - m_t) * x
+    for start in range(0, end, BLOCK_V):
+        cols = start + offs
+        inb = cols < V
+        x = tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
+
+        e_x = tl.exp(-tl.abs(x - m_x))
+        new_x = x > m_x
+        d_x = tl.where(new_x, d_x * e_x + 1.0, d_x + e_x)
+        m_x = tl.where(new_x, x, m_x)
+
+        e_t = tl.exp(-tl.abs(t - m_t))
+        new_t = t > m_t
+        # A teacher weight that is 0 in float32 contributes 0 (never 0 * -inf).
+        s_old = tl.where(e_t > 0.0, s * e_t, 0.0)
+        s = tl.where(new_t, s_old + x, s + tl.where(e_t > 0.0, e_t * x, 0.0))
+        d_t = tl.where(new_t, d_t * e_t + 1.0, d_t + e_t)
+        m_t = tl.where(new_t, t, m_t)
+
+    mx = tl.max(m_x, axis=0)
+    dx = tl.sum(d_x * tl.exp(m_x - mx), axis=0)
+    mt = tl.max(m_t, axis=0)
+    scale_t = tl.exp(m_t - mt)
+    dt = tl.sum(d_t * scale_t, axis=0)
+    S = tl.sum(tl.where(scale_t > 0.0, s * scale_t, 0.0), axis=0)
+    lse_x = mx + tl.log(dx)
+    lse_t = mt + tl.log(dt)
+    loss = lse_x - S / dt
+    if HAS_MASK:
+        loss = tl.where(valid, loss, 0.0)
+        lse_x = tl.where(valid, lse_x, 0.0)
+        lse_t = tl.where(valid, lse_t, 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_x_ptr + row, lse_x)
+    tl.store(lse_t_ptr + row, lse_t)
+
+
+@triton.jit
+def soft_ce_bwd_kernel(
+    x_ptr, t_ptr, g_ptr,                # [N, V] logits, [N] float32 row cotangent (0 on masked rows)
+    loss_ptr, lse_x_ptr, lse_t_ptr,     # [N] float32 from the forward
+    stride_x, stride_t, stride_g, stride_gx, stride_gt, V,
+    gx_ptr, gt_ptr,                     # [N, V] outputs in the logits' dtype (gt untouched unless GRAD_T)
+    BLOCK_V: tl.constexpr,
+    GRAD_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    inb = cols < V
+    g = tl.load(g_ptr + row * stride_g)
+    live = (tl.zeros([BLOCK_V], tl.float32) + g) != 0.0
+    # Rows with g == 0 (masked) write exact zeros without reading x or t, so
+    # they stay zero even when their logits hold NaN or inf.
+    ld = inb & live
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ld, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + row * stride_t + cols, mask=ld, other=0.0).to(tl.float32)
+    lse_x = tl.load(lse_x_ptr + row)
+    lse_t = tl.load(lse_t_ptr + row)
+    p_t = tl.exp(t - lse_t)
+    gx = tl.where(live, g * (tl.exp(x - lse_x) - p_t), 0.0)
+    tl.store(gx_ptr + row * stride_gx + cols, gx.to(gx_ptr.dtype.element_ty), mask=inb)
+    if GRAD_T:
+        # dCE/dt_v = p_t,v * (lse_x - x_v - CE); zero where p_t underflows.
+        loss = tl.load(loss_ptr + row)
+        gt = tl.where(live & (p_t > 0.0), g * p_t * (lse_x - x - loss), 0.0)
+        tl.store(gt_ptr + row * stride_gt + cols, gt.to(gt_ptr.dtype.element_ty), mask=inb)
+
+
+# True when TRITON_INTERPRET=1 was set as this module was imported: the kernels
+# then run on CPU tensors through Triton's interpreter (tests only).
+INTERPRETED = not isinstance(soft_ce_fwd_kernel, triton.runtime.JITFunction)
