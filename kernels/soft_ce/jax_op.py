@@ -81,7 +81,7 @@ def _triton_fwd(cfg: SoftCEConfig):
         row = jax.ShapeDtypeStruct((n,), jnp.float32)
         return tuple(jt.triton_call(
             x, t, mask_i, v, v, v,
-            kernel=kernels.soft_ce_fwd_kernel, out_shape=(row, row, row), grid=(n,),
+            kernel=kernels.soft_ce_fwd_kernel, out_shape=(row,) * 5, grid=(n,),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             BLOCK_V=cfg.block_v, HAS_MASK=True,
         ))
@@ -95,12 +95,12 @@ def _triton_bwd(cfg: SoftCEConfig, grad_t: bool):
 
     from . import triton_soft_ce as kernels
 
-    def bwd(x, t, g, loss, lse_x, lse_t):
+    def bwd(x, t, g, *stats):
         n, v = x.shape
         gx = jax.ShapeDtypeStruct((n, v), x.dtype)
         gt = jax.ShapeDtypeStruct((n, v) if grad_t else (1,), t.dtype)  # unused stub unless grad_t
         gx, gt = jt.triton_call(
-            x, t, g, loss, lse_x, lse_t, v, v, 1, v, v, v,
+            x, t, g, *stats, v, v, 1, v, v, v,
             kernel=kernels.soft_ce_bwd_kernel, out_shape=(gx, gt),
             grid=(n, -(-v // cfg.bwd_block_v)), num_warps=cfg.bwd_num_warps, num_stages=1,
             BLOCK_V=cfg.bwd_block_v, GRAD_T=grad_t,
@@ -156,20 +156,20 @@ def _soft_ce_rows(x, t, mask, impl, grad_t, cfg):
 
 def _soft_ce_fwd(x, t, mask, impl, grad_t, cfg):
     if impl == "triton":
-        loss, lse_x, lse_t = _triton_fwd(cfg)(x, t, mask.astype(jnp.int32))
+        stats = _triton_fwd(cfg)(x, t, mask.astype(jnp.int32))
     else:
-        loss, lse_x, lse_t = jnp_soft_ce.soft_ce_fwd(x, t, mask, chunk=cfg.block_v)
-    return loss, (x, t, mask, loss, lse_x, lse_t)
+        stats = jnp_soft_ce.soft_ce_fwd(x, t, mask, chunk=cfg.block_v)
+    return stats[0], (x, t, mask, stats)  # stats: loss, mx, log dx, mt, log dt
 
 
 def _soft_ce_bwd(impl, grad_t, cfg, res, g):
-    x, t, mask, loss, lse_x, lse_t = res
-    g = jnp.where(mask, g.astype(loss.dtype), 0.0)  # masked rows: exact zeros, even with NaN logits
+    x, t, mask, stats = res
+    g = jnp.where(mask, g.astype(stats[0].dtype), 0.0)  # masked rows: exact zeros, even with NaN logits
     if impl == "triton":
-        gx, *gt = _triton_bwd(cfg, grad_t)(x, t, g, loss, lse_x, lse_t)
+        gx, *gt = _triton_bwd(cfg, grad_t)(x, t, g, *stats)
         gt = gt[0] if grad_t else None
     else:
-        gx, gt = jnp_soft_ce.soft_ce_bwd(x, t, g, loss, lse_x, lse_t, grad_t)
+        gx, gt = jnp_soft_ce.soft_ce_bwd(x, t, g, stats, grad_t)
     # Without grad_t the teacher is a constant (as under stop_gradient).
     return gx, gt, None
 

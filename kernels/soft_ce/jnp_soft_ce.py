@@ -20,7 +20,7 @@ def _compute_dtype(dtype):
 
 
 def soft_ce_fwd(x, t, mask, chunk: int = 4096):
-    """x, t: [N, V]; mask: [N] bool. Returns loss, lse_x, lse_t, each [N] (compute dtype)."""
+    """x, t: [N, V]; mask: [N] bool. Returns loss, mx, log dx, mt, log dt, each [N] (compute dtype)."""
     n, v = x.shape
     cd = _compute_dtype(x.dtype)
     c = min(chunk, v)
@@ -51,21 +51,21 @@ def soft_ce_fwd(x, t, mask, chunk: int = 4096):
     floor = jnp.full((n,), _FLOOR, cd)
     zero = jnp.zeros((n,), cd)
     m_x, d_x, m_t, d_t, s = lax.fori_loop(0, n_chunks, body, (floor, zero, floor, zero, zero))
-    lse_x = m_x + jnp.log(d_x)
-    lse_t = m_t + jnp.log(d_t)
-    loss = lse_x - s / d_t
-    return tuple(jnp.where(mask, a, 0.0) for a in (loss, lse_x, lse_t))
+    lx, lt = jnp.log(d_x), jnp.log(d_t)
+    loss = (m_x - s / d_t) + lx
+    return tuple(jnp.where(mask, a, 0.0) for a in (loss, m_x, lx, m_t, lt))
 
 
-def soft_ce_bwd(x, t, g, loss, lse_x, lse_t, grad_t: bool = False):
+def soft_ce_bwd(x, t, g, stats, grad_t: bool = False):
     """g: [N] cotangent, already 0 on masked rows. Returns grad_x (and grad_t or None)."""
     cd = _compute_dtype(x.dtype)
+    loss, mx, lx, mt, lt = (a[:, None] for a in stats)
     live = (g != 0)[:, None]
     xf = x.astype(cd)
-    p_t = jnp.exp(t.astype(cd) - lse_t[:, None])
-    gx = jnp.where(live, g[:, None] * (jnp.exp(xf - lse_x[:, None]) - p_t), 0.0).astype(x.dtype)
+    p_t = jnp.exp((t.astype(cd) - mt) - lt)
+    gx = jnp.where(live, g[:, None] * (jnp.exp((xf - mx) - lx) - p_t), 0.0).astype(x.dtype)
     if not grad_t:
         return gx, None
-    gt = jnp.where(live & (p_t > 0), g[:, None] * p_t * (lse_x[:, None] - xf - loss[:, None]), 0.0)
+    gt = jnp.where(live & (p_t > 0), g[:, None] * p_t * ((mx - xf) + lx - loss), 0.0)
     return gx, gt.astype(t.dtype)
 

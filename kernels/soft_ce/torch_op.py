@@ -50,24 +50,24 @@ def _rows(a: torch.Tensor) -> torch.Tensor:
 
 def _fwd(x2, t2, mask, cfg: SoftCEConfig):
     n, v = x2.shape
-    out = [torch.empty(n, device=x2.device, dtype=torch.float32) for _ in range(3)]
+    out = [torch.empty(n, device=x2.device, dtype=torch.float32) for _ in range(5)]
     if n:
         kernels.soft_ce_fwd_kernel[(n,)](
             x2, t2, mask if mask is not None else x2, x2.stride(0), t2.stride(0), v, *out,
             BLOCK_V=cfg.block_v, HAS_MASK=mask is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return out  # loss, lse_x, lse_t
+    return out  # loss, mx, log dx, mt, log dt
 
 
-def _bwd(x2, t2, g, loss, lse_x, lse_t, grad_t: bool, cfg: SoftCEConfig):
+def _bwd(x2, t2, g, stats, grad_t: bool, cfg: SoftCEConfig):
     n, v = x2.shape
     gx = torch.empty((n, v), device=x2.device, dtype=x2.dtype)
     gt = torch.empty((n, v), device=x2.device, dtype=t2.dtype) if grad_t else gx
     if n:
         grid = (n, triton.cdiv(v, cfg.bwd_block_v))
         kernels.soft_ce_bwd_kernel[grid](
-            x2, t2, g, loss, lse_x, lse_t,
+            x2, t2, g, *stats,
             x2.stride(0), t2.stride(0), g.stride(0), gx.stride(0), gt.stride(0), v,
             gx, gt, BLOCK_V=cfg.bwd_block_v, GRAD_T=grad_t, num_warps=cfg.bwd_num_warps,
         )
@@ -96,9 +96,9 @@ def _bench_for(device, dtype, v):
         t = torch.randn(n, v, device=device, dtype=dtype, generator=gen)
         if which == "fwd":
             return do_bench(lambda: _fwd(x, t, None, cfg), warmup=5, rep=20)
-        loss, lse_x, lse_t = _fwd(x, t, None, cfg)
+        stats = _fwd(x, t, None, cfg)
         g = torch.ones(n, device=device)
-        return do_bench(lambda: _bwd(x, t, g, loss, lse_x, lse_t, False, cfg), warmup=5, rep=20)
+        return do_bench(lambda: _bwd(x, t, g, stats, False, cfg), warmup=5, rep=20)
 
     return bench
 
@@ -110,18 +110,18 @@ class SoftCE(torch.autograd.Function):
     def forward(ctx, x2, t2, mask, grad_t, config):
         cfg = _config(x2, config)
         mask_i = None if mask is None else (mask.reshape(-1) != 0).to(torch.int32)
-        loss, lse_x, lse_t = _fwd(x2, t2, mask_i, cfg)
-        ctx.save_for_backward(x2, t2, mask_i, loss, lse_x, lse_t)
+        stats = _fwd(x2, t2, mask_i, cfg)
+        ctx.save_for_backward(x2, t2, mask_i, *stats)
         ctx.grad_t, ctx.cfg = grad_t, cfg
-        return loss
+        return stats[0]
 
     @staticmethod
     def backward(ctx, g):
-        x2, t2, mask_i, loss, lse_x, lse_t = ctx.saved_tensors
+        x2, t2, mask_i, *stats = ctx.saved_tensors
         g = g.float()
         if mask_i is not None:
             g = torch.where(mask_i != 0, g, 0.0)  # masked rows: exact zeros, even with NaN logits
-        gx, gt = _bwd(x2, t2, g, loss, lse_x, lse_t, ctx.grad_t, ctx.cfg)
+        gx, gt = _bwd(x2, t2, g, stats, ctx.grad_t, ctx.cfg)
         return gx, gt, None, None, None
 
 

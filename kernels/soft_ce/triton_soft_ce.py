@@ -2,8 +2,8 @@
 
 The one Triton source shared by the PyTorch and the JAX bindings (api.py). The
 forward streams each row once (online rescaling, per-lane running stats, no
-[N, V] probabilities) and keeps lse_x = mx + log(dx), lse_t = mt + log(dt) for
-the backward, which reads x and t once more and writes grad_x (and optionally
+[N, V] probabilities) and keeps mx, log(dx), mt, log(dt) for the backward
+(separately: x - mx is exact, x - (mx + log dx) would lose bits at |x| ~ 1e4), which reads x and t once more and writes grad_x (and optionally
 grad_t). Argument order is inputs, scalars, then outputs: jax_triton.triton_call
 appends the output buffers after the inputs.
 """
@@ -20,7 +20,7 @@ _FLOOR = -3.0e38
 def soft_ce_fwd_kernel(
     x_ptr, t_ptr, mask_ptr,             # [N, V] logits (row strides below), [N] int32 row mask
     stride_x, stride_t, V,
-    loss_ptr, lse_x_ptr, lse_t_ptr,     # [N] float32 outputs
+    loss_ptr, mx_ptr, lx_ptr, mt_ptr, lt_ptr,  # [N] float32 outputs: loss, mx, log dx, mt, log dt
     BLOCK_V: tl.constexpr,
     HAS_MASK: tl.constexpr,
 ):
@@ -66,22 +66,26 @@ def soft_ce_fwd_kernel(
     scale_t = tl.exp(m_t - mt)
     dt = tl.sum(d_t * scale_t, axis=0)
     S = tl.sum(tl.where(scale_t > 0.0, s * scale_t, 0.0), axis=0)
-    lse_x = mx + tl.log(dx)
-    lse_t = mt + tl.log(dt)
-    loss = lse_x - S / dt
+    lx = tl.log(dx)
+    lt = tl.log(dt)
+    loss = (mx - S / dt) + lx
     if HAS_MASK:
         loss = tl.where(valid, loss, 0.0)
-        lse_x = tl.where(valid, lse_x, 0.0)
-        lse_t = tl.where(valid, lse_t, 0.0)
+        mx = tl.where(valid, mx, 0.0)
+        lx = tl.where(valid, lx, 0.0)
+        mt = tl.where(valid, mt, 0.0)
+        lt = tl.where(valid, lt, 0.0)
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_x_ptr + row, lse_x)
-    tl.store(lse_t_ptr + row, lse_t)
+    tl.store(mx_ptr + row, mx)
+    tl.store(lx_ptr + row, lx)
+    tl.store(mt_ptr + row, mt)
+    tl.store(lt_ptr + row, lt)
 
 
 @triton.jit
 def soft_ce_bwd_kernel(
     x_ptr, t_ptr, g_ptr,                # [N, V] logits, [N] float32 row cotangent (0 on masked rows)
-    loss_ptr, lse_x_ptr, lse_t_ptr,     # [N] float32 from the forward
+    loss_ptr, mx_ptr, lx_ptr, mt_ptr, lt_ptr,  # [N] float32 from the forward
     stride_x, stride_t, stride_g, stride_gx, stride_gt, V,
     gx_ptr, gt_ptr,                     # [N, V] outputs in the logits' dtype (gt untouched unless GRAD_T)
     BLOCK_V: tl.constexpr,
@@ -97,15 +101,17 @@ def soft_ce_bwd_kernel(
     ld = inb & live
     x = tl.load(x_ptr + row * stride_x + cols, mask=ld, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + row * stride_t + cols, mask=ld, other=0.0).to(tl.float32)
-    lse_x = tl.load(lse_x_ptr + row)
-    lse_t = tl.load(lse_t_ptr + row)
-    p_t = tl.exp(t - lse_t)
-    gx = tl.where(live, g * (tl.exp(x - lse_x) - p_t), 0.0)
+    mx = tl.load(mx_ptr + row)
+    lx = tl.load(lx_ptr + row)
+    mt = tl.load(mt_ptr + row)
+    lt = tl.load(lt_ptr + row)
+    p_t = tl.exp((t - mt) - lt)
+    gx = tl.where(live, g * (tl.exp((x - mx) - lx) - p_t), 0.0)
     tl.store(gx_ptr + row * stride_gx + cols, gx.to(gx_ptr.dtype.element_ty), mask=inb)
     if GRAD_T:
-        # dCE/dt_v = p_t,v * (lse_x - x_v - CE); zero where p_t underflows.
+        # dCE/dt_v = p_t,v * (-log p_x,v - CE); zero where p_t underflows.
         loss = tl.load(loss_ptr + row)
-        gt = tl.where(live & (p_t > 0.0), g * p_t * (lse_x - x - loss), 0.0)
+        gt = tl.where(live & (p_t > 0.0), g * p_t * ((mx - x) + lx - loss), 0.0)
         tl.store(gt_ptr + row * stride_gt + cols, gt.to(gt_ptr.dtype.element_ty), mask=inb)
 
 
