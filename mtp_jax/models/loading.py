@@ -210,7 +210,7 @@ def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
 def abstract_params(model: CausalLM) -> Any:
     """The param tree of `model` as boxed ShapeDtypeStructs (logical axes kept), without allocating."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, method=model.forward_logits))["params"]
 
 
 def load_params(model: CausalLM, model_dir: Path, sharding: Callable[[tuple[str, ...], Any], Any] | None = None):
@@ -224,12 +224,13 @@ def load_params(model: CausalLM, model_dir: Path, sharding: Callable[[tuple[str,
         abstract = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
         name, transpose = hf_name(path)
         arr = reader.get(name)
+        expected = tuple(abstract.shape[::-1]) if transpose else tuple(abstract.shape)
+        if tuple(arr.shape) != expected:
+            raise ModelLoadError(
+                f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(arr.shape)}; config.json implies "
+                f"{expected}.")
         if transpose:
             arr = arr.T
-        if arr.shape != abstract.shape:
-            raise ModelLoadError(
-                f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(arr.shape)}; the config implies "
-                f"{tuple(abstract.shape)}{' (transposed)' if transpose else ''}.")
         arr = np.asarray(arr).astype(abstract.dtype)
         target = sharding(path, leaf) if sharding is not None else None
         leaves.append(jax.device_put(arr, target) if target is not None else jnp.asarray(arr))

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random HF checkpoints (Llama, Qwen3) and the real SmolLM2-135M-Instruct."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_LLAMA = dict(
+    vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64},
+)
+TINY_QWEN3 = dict(
+    vocab_size=199, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    rope_theta=1000000.0, bos_token_id=None, eos_token_id=2,
+)
+
+
+def make_hf_model(kind: str, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY_QWEN3))
+    # random norms so a missed RMSNorm weight cannot hide
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_hf(model, path, sharded: bool = False):
+    model.save_pretrained(path, max_shard_size="100KB" if sharded else "10GB")
+    return path
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen3"])
+def tiny_hf(request, tmp_path_factory):
+    """(kind, torch model, HF dir) for a tiny random Llama (GQA, untied, llama3 rope) and Qwen3 (q/k-norm, tied)."""
+    model = make_hf_model(request.param)
+    path = save_hf(model, tmp_path_factory.mktemp(f"tiny_{request.param}"))
+    return request.param, model, path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from mtp_jax.models import resolve_model_dir
+
+    return resolve_model_dir("smollm2-135m-instruct")

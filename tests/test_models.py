@@ -1,0 +1,97 @@
+"""The Flax decoder is transformers' model: logits parity on tiny random configs and on SmolLM2."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_hf_model, save_hf
+from mtp_jax.models import load_model
+from mtp_jax.models.loading import SafetensorsReader
+
+
+def flax_logits(model, params, ids):
+    return np.asarray(model.apply({"params": params}, jnp.asarray(ids), method=model.forward_logits))
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids))).logits.numpy()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_tiny_logits_match_transformers(kind, sharded, tmp_path):
+    hf = make_hf_model(kind, seed=1)
+    path = save_hf(hf, tmp_path / kind, sharded=sharded)
+    if sharded:
+        assert (path / "model.safetensors.index.json").exists(), "expected a sharded checkpoint"
+    model, params, config = load_model(path)
+    assert config.qk_norm == (kind == "qwen3") and config.tie_word_embeddings == (kind == "qwen3")
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 37))
+    diff = np.abs(flax_logits(model, params, ids) - torch_logits(hf, ids)).max()
+    assert diff < 1e-4, f"{kind} ({'sharded' if sharded else 'single'}): max |logit diff| {diff}"
+
+
+def test_llama3_rope_scaling_is_applied(tiny_hf):
+    kind, _, path = tiny_hf
+    model, _, config = load_model(path)
+    if kind == "llama":
+        assert config.rope_llama3 is not None
+        plain = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim))
+        assert not np.allclose(config.rope_inv_freq(), plain), "llama3 scaling left frequencies unchanged"
+    else:
+        assert config.rope_llama3 is None
+
+
+def test_padding_keys_are_hidden(tiny_hf):
+    """A left-padded row gives the same logits as the unpadded row at real positions."""
+    _, _, path = tiny_hf
+    model, params, config = load_model(path)
+    ids = np.random.default_rng(1).integers(3, config.vocab_size, (1, 20))
+    pad = 7
+    padded = np.concatenate([np.zeros((1, pad), np.int64), ids], axis=1)
+    positions = np.maximum(np.arange(padded.shape[1]) - pad, 0)[None]
+    valid = np.arange(padded.shape[1])[None] >= pad
+    out = model.apply({"params": params}, jnp.asarray(padded), jnp.asarray(positions), jnp.asarray(valid),
+                      method=model.forward_logits)
+    ref = flax_logits(model, params, ids)
+    np.testing.assert_allclose(np.asarray(out)[:, pad:], ref, atol=1e-5)
+
+
+def test_bf16_compute_with_fp32_params(tiny_hf):
+    _, hf, path = tiny_hf
+    model, params, _ = load_model(path, dtype="bfloat16", param_dtype="float32")
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, 16))
+    out = flax_logits(model, params, ids).astype(np.float32)
+    ref = torch_logits(hf, ids)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert rel < 3e-2, f"bf16 compute drifted from fp32 reference: rel {rel}"
+
+
+def test_smollm2_chat_prompt_top1_matches_transformers(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Write a Python function that reverses a list."}],
+                                  add_generation_prompt=True, return_dict=False)
+    model, params, _ = load_model(smollm2_dir)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    ours, ref = flax_logits(model, params, [ids]), torch_logits(hf, [ids])
+    mismatch = np.nonzero(ours.argmax(-1) != ref.argmax(-1))[1]
+    assert mismatch.size == 0, f"top-1 differs at positions {mismatch.tolist()}"
+    assert np.abs(ours - ref).max() < 1e-3
+
+
+def test_sharded_reader_reads_every_tensor_once(tmp_path):
+    hf = make_hf_model("llama")
+    path = save_hf(hf, tmp_path / "m", sharded=True)
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1, "checkpoint was not split into several shards"
+    reader = SafetensorsReader(path)
+    for name, tensor in hf.state_dict().items():
+        np.testing.assert_array_equal(reader.get(name), tensor.numpy(), err_msg=name)
