@@ -21,36 +21,39 @@ def _compute_dtype(dtype):
 
 def soft_ce_fwd(x, t, mask, chunk: int = 4096):
     """x, t: [N, V]; mask: [N] bool. Returns loss, mx, log dx, mt, log dt, each [N] (compute dtype)."""
-    n, v = x.shape
+    v = x.shape[1]
     cd = _compute_dtype(x.dtype)
     c = min(chunk, v)
     n_chunks = -(-v // c)
     cols = jnp.arange(c)
 
-    def body(i, carry):
-        m_x, d_x, m_t, d_t, s = carry
+    def chunk_stats(i):
         start = i * c
         # The last chunk is shifted left to stay in bounds; columns an earlier
         # chunk already covered are masked out.
         s0 = jnp.minimum(start, v - c)
         fresh = (s0 + cols) >= start
-        xc = lax.dynamic_slice_in_dim(x, s0, c, axis=1).astype(cd)
-        tc = lax.dynamic_slice_in_dim(t, s0, c, axis=1).astype(cd)
-        xc = jnp.where(fresh, xc, -jnp.inf)
-        tc = jnp.where(fresh, tc, -jnp.inf)
+        xc = jnp.where(fresh, lax.dynamic_slice_in_dim(x, s0, c, axis=1).astype(cd), -jnp.inf)
+        tc = jnp.where(fresh, lax.dynamic_slice_in_dim(t, s0, c, axis=1).astype(cd), -jnp.inf)
+        m_x = jnp.maximum(jnp.max(xc, axis=1), _FLOOR)
+        m_t = jnp.maximum(jnp.max(tc, axis=1), _FLOOR)
+        e_t = jnp.exp(tc - m_t[:, None])
+        return (m_x, jnp.sum(jnp.exp(xc - m_x[:, None]), axis=1),
+                m_t, jnp.sum(e_t, axis=1), jnp.sum(jnp.where(e_t > 0, e_t * xc, 0.0), axis=1))
 
-        mx_new = jnp.maximum(m_x, jnp.max(xc, axis=1))
-        d_x = d_x * jnp.exp(m_x - mx_new) + jnp.sum(jnp.exp(xc - mx_new[:, None]), axis=1)
-        mt_new = jnp.maximum(m_t, jnp.max(tc, axis=1))
-        alpha = jnp.exp(m_t - mt_new)
-        e_t = jnp.exp(tc - mt_new[:, None])
-        s = jnp.where(alpha > 0, s * alpha, 0.0) + jnp.sum(jnp.where(e_t > 0, e_t * xc, 0.0), axis=1)
-        d_t = d_t * alpha + jnp.sum(e_t, axis=1)
-        return mx_new, d_x, mt_new, d_t, s
+    def merge(i, acc):
+        # The carry starts from chunk 0 (not from constants) so that it has the
+        # inputs' sharding type inside shard_map.
+        m_x, d_x, m_t, d_t, s = acc
+        cm_x, cd_x, cm_t, cd_t, cs = chunk_stats(i)
+        mx_new, mt_new = jnp.maximum(m_x, cm_x), jnp.maximum(m_t, cm_t)
+        a_x, b_x = jnp.exp(m_x - mx_new), jnp.exp(cm_x - mx_new)
+        a_t, b_t = jnp.exp(m_t - mt_new), jnp.exp(cm_t - mt_new)
+        # A teacher weight that is 0 in the compute dtype contributes 0 (never 0 * -inf).
+        s = jnp.where(a_t > 0, s * a_t, 0.0) + jnp.where(b_t > 0, cs * b_t, 0.0)
+        return mx_new, d_x * a_x + cd_x * b_x, mt_new, d_t * a_t + cd_t * b_t, s
 
-    floor = jnp.full((n,), _FLOOR, cd)
-    zero = jnp.zeros((n,), cd)
-    m_x, d_x, m_t, d_t, s = lax.fori_loop(0, n_chunks, body, (floor, zero, floor, zero, zero))
+    m_x, d_x, m_t, d_t, s = lax.fori_loop(1, n_chunks, merge, chunk_stats(0))
     lx, lt = jnp.log(d_x), jnp.log(d_t)
     loss = (m_x - s / d_t) + lx
     return tuple(jnp.where(mask, a, 0.0) for a in (loss, m_x, lx, m_t, lt))
