@@ -94,6 +94,7 @@ def torch_worker(shapes, impls):
                     def call():
                         return torch.autograd.grad(f(xg, t).sum(), xg)[0]
                 try:
+                    call(); sync()  # noqa: E702  (autotuning and compiling stay out of the peak)
                     torch.cuda.reset_peak_memory_stats()
                     call(); sync()  # noqa: E702
                     peak = torch.cuda.max_memory_allocated()
@@ -269,6 +270,8 @@ def main():
     info.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                 commit=commit or "unknown", python=platform.python_version())
     copy_bw = info.get("copy_bw") or info.get("copy_bw_jax")
+    if not copy_bw:
+        sys.exit("no worker produced results")
     order = {name: i for i, name in enumerate(IMPLS["jax"][:1] + IMPLS["torch"] + IMPLS["jax"][1:])}
     rows.sort(key=lambda r: (r["N"], r["V"], order[r["impl"]]))
     head = (

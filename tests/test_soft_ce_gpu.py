@@ -16,6 +16,12 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+@pytest.fixture(autouse=True)
+def no_autotune(monkeypatch):
+    """Default blocks (tuning is tested once, below); configs are memoised per process."""
+    monkeypatch.setenv("MTP_SOFT_CE_AUTOTUNE", "0")
+
+
 LOSS_TOL = dict(rtol=2e-6, atol=2e-5)
 GRAD_TOL = {
     torch.float32: dict(rtol=1e-4, atol=2e-7),
@@ -158,3 +164,22 @@ def test_auto_picks_triton_on_gpu():
     from mtp_kernels.soft_ce import jax_op
 
     assert jax_op.resolve_impl("auto") == "triton"
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_autotune_writes_and_reuses_cache(framework, tmp_path, monkeypatch):
+    from mtp_kernels.soft_ce import config
+
+    monkeypatch.setenv("MTP_SOFT_CE_AUTOTUNE", "1")
+    monkeypatch.setenv("MTP_KERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(config, "_MEMO", {})
+    monkeypatch.setattr(config, "FWD_CANDIDATES", config.FWD_CANDIDATES[:2])
+    monkeypatch.setattr(config, "BWD_CANDIDATES", config.BWD_CANDIDATES[:2])
+    x, t = _logits(16, 20000, torch.bfloat16, seed=3)
+    if framework == "torch":
+        loss = _torch_run(x, t)[0]
+    else:
+        loss = _jax_run(x, t)[0]
+    torch.testing.assert_close(loss.cpu().double(), ref.soft_ce(x.cpu(), t.cpu()), **LOSS_TOL)
+    table = (tmp_path / "soft_ce.json").read_text()
+    assert "bfloat16|V=20000" in table, table

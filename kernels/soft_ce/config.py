@@ -43,17 +43,17 @@ class SoftCEConfig:
 
 DEFAULT = SoftCEConfig()
 
+# (block_v, num_warps, num_stages): a short list, so a first tuning costs ~10 s.
 FWD_CANDIDATES = [
     dict(block_v=b, num_warps=w, num_stages=s)
-    for b in (2048, 4096, 8192)
-    for w in (4, 8, 16)
-    for s in (1, 3)
-    if b // (32 * w) >= 4  # at least 4 elements per thread
+    for b, w, s in ((2048, 4, 1), (4096, 4, 1), (4096, 8, 1), (4096, 8, 3),
+                    (8192, 8, 1), (8192, 8, 3), (8192, 16, 1))
 ]
 BWD_CANDIDATES = [
-    dict(bwd_block_v=b, bwd_num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)
-    if b // (32 * w) >= 4
+    dict(bwd_block_v=b, bwd_num_warps=w) for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8))
 ]
+# Below this vocabulary the kernels are launch-bound: no tuning.
+MIN_TUNED_VOCAB = 8192
 
 
 def cache_path() -> Path:
@@ -108,7 +108,7 @@ def get_config(
     hit = _load().get(key)
     if hit is not None:
         cfg = SoftCEConfig(**hit)
-    elif bench is None or os.environ.get("MTP_SOFT_CE_AUTOTUNE", "1") == "0":
+    elif bench is None or vocab < MIN_TUNED_VOCAB or os.environ.get("MTP_SOFT_CE_AUTOTUNE", "1") == "0":
         return DEFAULT.fitted(vocab)
     else:
         cfg = autotune(bench, vocab)
@@ -121,14 +121,16 @@ def autotune(bench: Callable[[SoftCEConfig, str], float], vocab: int) -> SoftCEC
     """Time the forward and the backward candidates separately; keep the fastest of each."""
 
     def best(which, candidates, base):
-        timed = []
+        timed, error = [], None
         for kw in candidates:
             cfg = dataclasses.replace(base, **kw).fitted(vocab)
             try:
                 timed.append((bench(cfg, which), cfg))
-            except Exception:  # a candidate that fails to compile (resources) is skipped
-                continue
-        return min(timed, key=lambda p: p[0])[1] if timed else base
+            except Exception as e:  # a candidate that fails to compile (resources) is skipped
+                error = e
+        if not timed:  # every candidate failed: a real error, not a tuning matter
+            raise RuntimeError(f"soft_ce autotune: every {which} candidate failed") from error
+        return min(timed, key=lambda p: p[0])[1]
 
     fwd = best("fwd", FWD_CANDIDATES, DEFAULT)
     bwd = best("bwd", BWD_CANDIDATES, DEFAULT)

@@ -83,7 +83,7 @@ def _triton_fwd(cfg: SoftCEConfig):
             x, t, mask_i, v, v, v,
             kernel=kernels.soft_ce_fwd_kernel, out_shape=(row,) * 5, grid=(n,),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            BLOCK_V=cfg.block_v, HAS_MASK=True,
+            BLOCK_V=cfg.block_v, HAS_MASK=True, DIV=kernels.divisibility(v),
         ))
 
     return _fold_rows(fwd)
@@ -103,7 +103,7 @@ def _triton_bwd(cfg: SoftCEConfig, grad_t: bool):
             x, t, g, *stats, v, v, 1, v, v, v,
             kernel=kernels.soft_ce_bwd_kernel, out_shape=(gx, gt),
             grid=(n, -(-v // cfg.bwd_block_v)), num_warps=cfg.bwd_num_warps, num_stages=1,
-            BLOCK_V=cfg.bwd_block_v, GRAD_T=grad_t,
+            BLOCK_V=cfg.bwd_block_v, GRAD_T=grad_t, DIV=kernels.divisibility(v),
         )
         return (gx, gt) if grad_t else (gx,)
 

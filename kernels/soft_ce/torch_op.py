@@ -55,6 +55,7 @@ def _fwd(x2, t2, mask, cfg: SoftCEConfig):
         kernels.soft_ce_fwd_kernel[(n,)](
             x2, t2, mask if mask is not None else x2, x2.stride(0), t2.stride(0), v, *out,
             BLOCK_V=cfg.block_v, HAS_MASK=mask is not None,
+            DIV=kernels.divisibility(v, x2.stride(0), t2.stride(0)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out  # loss, mx, log dx, mt, log dt
@@ -70,6 +71,7 @@ def _bwd(x2, t2, g, stats, grad_t: bool, cfg: SoftCEConfig):
             x2, t2, g, *stats,
             x2.stride(0), t2.stride(0), g.stride(0), gx.stride(0), gt.stride(0), v,
             gx, gt, BLOCK_V=cfg.bwd_block_v, GRAD_T=grad_t, num_warps=cfg.bwd_num_warps,
+            DIV=kernels.divisibility(v, x2.stride(0), t2.stride(0), gx.stride(0), gt.stride(0)),
         )
     return gx, (gt if grad_t else None)
 

@@ -13,7 +13,7 @@ import triton.language as tl
 
 # A finite floor for the running maxima: -inf - (-inf) would give NaN in the
 # online update, while any finite logit or -inf compares and subtracts cleanly.
-_FLOOR = -3.0e38
+_FLOOR = tl.constexpr(-3.0e38)
 
 
 @triton.jit
@@ -23,7 +23,15 @@ def soft_ce_fwd_kernel(
     loss_ptr, mx_ptr, lx_ptr, mt_ptr, lt_ptr,  # [N] float32 outputs: loss, mx, log dx, mt, log dt
     BLOCK_V: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    DIV: tl.constexpr,                  # a power of two dividing V and the row strides
 ):
+    # (n // DIV) * DIV == n, but tells the compiler that DIV divides n, which
+    # gives 16-byte loads; jax_triton, unlike a torch launch, does not
+    # specialize integer arguments on divisibility, and tl.multiple_of does not
+    # apply to scalars.
+    V = V // DIV * DIV
+    stride_x = stride_x // DIV * DIV
+    stride_t = stride_t // DIV * DIV
     row = tl.program_id(0).to(tl.int64)  # row * stride exceeds int32 at 32k x 152k
     end = V
     if HAS_MASK:
@@ -90,7 +98,13 @@ def soft_ce_bwd_kernel(
     gx_ptr, gt_ptr,                     # [N, V] outputs in the logits' dtype (gt untouched unless GRAD_T)
     BLOCK_V: tl.constexpr,
     GRAD_T: tl.constexpr,
+    DIV: tl.constexpr,                  # a power of two dividing V and the row strides
 ):
+    V = V // DIV * DIV  # divisibility hints, as in the forward
+    stride_x = stride_x // DIV * DIV
+    stride_t = stride_t // DIV * DIV
+    stride_gx = stride_gx // DIV * DIV
+    stride_gt = stride_gt // DIV * DIV
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     inb = cols < V
@@ -118,3 +132,11 @@ def soft_ce_bwd_kernel(
 # True when TRITON_INTERPRET=1 was set as this module was imported: the kernels
 # then run on CPU tensors through Triton's interpreter (tests only).
 INTERPRETED = not isinstance(soft_ce_fwd_kernel, triton.runtime.JITFunction)
+
+
+def divisibility(*ints: int) -> int:
+    """Largest power of two <= 16 dividing every argument (the kernels' DIV)."""
+    d = 16
+    while d > 1 and any(i % d for i in ints):
+        d //= 2
+    return d
