@@ -81,8 +81,8 @@ def _config(x2: torch.Tensor, config: SoftCEConfig | None) -> SoftCEConfig:
     if config is not None:
         return config.fitted(v)
     if not x2.is_cuda:
-        return get_config("interpreter", str(x2.dtype), v)
-    return get_config(torch.cuda.get_device_name(x2.device), str(x2.dtype), v,
+        return get_config("interpreter", str(x2.dtype).removeprefix("torch."), v)
+    return get_config(torch.cuda.get_device_name(x2.device), str(x2.dtype).removeprefix("torch."), v,
                       bench=_bench_for(x2.device, x2.dtype, v))
 
 
