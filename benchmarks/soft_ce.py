@@ -241,6 +241,7 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
     p.add_argument("--impls", default=None, help="comma list (default: all of the framework)")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = p.parse_args()
     shapes = [tuple(int(s) for s in item.split("x")) for item in args.shapes.split(",")]
 
@@ -266,7 +267,8 @@ def main():
         info.update(res["info"])
         rows += res["rows"]
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True).stdout.strip()
     info.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                 commit=commit or "unknown", python=platform.python_version())
     copy_bw = info.get("copy_bw") or info.get("copy_bw_jax")

@@ -183,3 +183,19 @@ def test_autotune_writes_and_reuses_cache(framework, tmp_path, monkeypatch):
     torch.testing.assert_close(loss.cpu().double(), ref.soft_ce(x.cpu(), t.cpu()), **LOSS_TOL)
     table = (tmp_path / "soft_ce.json").read_text()
     assert "bfloat16|V=20000" in table, table
+
+
+def test_nan_poisons_only_its_row():
+    x, t = _logits(4, 70000, torch.bfloat16, seed=4)
+    x[1, 10] = float("nan")
+    t[2, 69999] = float("nan")
+    for name, run in (("torch", _torch_run), ("jax", _jax_run)):
+        if name == "jax":
+            _jax()
+        loss, gx, _ = run(x, t)
+        for r in (1, 2):
+            assert torch.isnan(loss[r]), f"{name}: row {r} with a NaN logit must have NaN loss"
+            assert torch.isnan(gx[r]).all(), f"{name}: row {r} with a NaN logit must have an all-NaN grad row"
+        rloss, rgx, _ = ref.soft_ce_grads(x[[0, 3]].cpu(), t[[0, 3]].cpu())
+        torch.testing.assert_close(loss[[0, 3]].cpu().double(), rloss, **LOSS_TOL, msg=name)
+        torch.testing.assert_close(gx[[0, 3]].cpu().double(), rgx, **GRAD_TOL[torch.bfloat16], msg=name)

@@ -9,6 +9,7 @@ a GPU or without jax_triton the same custom_vjp runs the jnp path.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 
@@ -25,10 +26,19 @@ _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 @functools.cache
 def has_jax_triton() -> bool:
+    # jax_triton sets TRITON_CACHE_DIR="" on import, which breaks every later
+    # torch-side Triton compile in the process ("Could not create or locate
+    # cache dir"); it compiles through its own path, so put the variable back.
+    saved = os.environ.get("TRITON_CACHE_DIR")
     try:
         import jax_triton  # noqa: F401
     except Exception:  # absent, or built against another jax
         return False
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
     return True
 
 
@@ -54,6 +64,13 @@ def check_inputs(x, t, mask, impl: str) -> None:
         raise ValueError(f"soft_ce: need a non-empty last (vocabulary) axis, got shape {x.shape}")
     if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"soft_ce: mask shape {mask.shape} must equal x.shape[:-1] = {x.shape[:-1]}")
+
+
+def _like(out, ref):
+    """Mark a kernel output as varying over ref's shard_map axes (jax_triton's
+    abstract eval drops them, which custom_vjp then rejects)."""
+    missing = tuple(getattr(jax.typeof(ref), "vma", frozenset()) - getattr(jax.typeof(out), "vma", frozenset()))
+    return jax.lax.pcast(out, missing, to="varying") if missing else out
 
 
 def _fold_rows(fn):
@@ -156,7 +173,7 @@ def _soft_ce_rows(x, t, mask, impl, grad_t, cfg):
 
 def _soft_ce_fwd(x, t, mask, impl, grad_t, cfg):
     if impl == "triton":
-        stats = _triton_fwd(cfg)(x, t, mask.astype(jnp.int32))
+        stats = tuple(_like(a, x) for a in _triton_fwd(cfg)(x, t, mask.astype(jnp.int32)))
     else:
         stats = jnp_soft_ce.soft_ce_fwd(x, t, mask, chunk=cfg.block_v)
     return stats[0], (x, t, mask, stats)  # stats: loss, mx, log dx, mt, log dt
@@ -166,7 +183,7 @@ def _soft_ce_bwd(impl, grad_t, cfg, res, g):
     x, t, mask, stats = res
     g = jnp.where(mask, g.astype(stats[0].dtype), 0.0)  # masked rows: exact zeros, even with NaN logits
     if impl == "triton":
-        gx, *gt = _triton_bwd(cfg, grad_t)(x, t, g, *stats)
+        gx, *gt = (_like(a, x) for a in _triton_bwd(cfg, grad_t)(x, t, g, *stats))
         gt = gt[0] if grad_t else None
     else:
         gx, gt = jnp_soft_ce.soft_ce_bwd(x, t, g, stats, grad_t)

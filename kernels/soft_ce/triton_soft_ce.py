@@ -14,6 +14,7 @@ import triton.language as tl
 # A finite floor for the running maxima: -inf - (-inf) would give NaN in the
 # online update, while any finite logit or -inf compares and subtracts cleanly.
 _FLOOR = tl.constexpr(-3.0e38)
+GROUP = tl.constexpr(4)  # forward: strips per step reduced in registers
 
 
 @triton.jit
@@ -39,34 +40,37 @@ def soft_ce_fwd_kernel(
         end = tl.where(valid, V, 0)
     x_row = x_ptr + row * stride_x
     t_row = t_ptr + row * stride_t
-    offs = tl.arange(0, BLOCK_V)
+    # A step covers BLOCK_V columns as [GROUP, W] (W = BLOCK_V // GROUP): GROUP
+    # contiguous strips of W columns. With W = 8 * 32 * num_warps every thread
+    # owns one 16-byte column slice in each strip, so reducing over the GROUP
+    # axis stays in registers: per column one exp per tensor, and per GROUP
+    # columns one rescale, with no cross-thread work in the loop.
+    W: tl.constexpr = BLOCK_V // GROUP
+    offs = tl.arange(0, GROUP)[:, None] * W + tl.arange(0, W)[None, :]
 
-    # Each lane keeps its own running max and rescaled sums, so the loop body
-    # has no cross-lane reduction and one exp per tensor and element: with
-    # e = exp(-|v - m|), a new max rescales the old sum by e, else v adds e.
-    m_x = tl.full([BLOCK_V], _FLOOR, tl.float32)
-    d_x = tl.zeros([BLOCK_V], tl.float32)
-    m_t = tl.full([BLOCK_V], _FLOOR, tl.float32)
-    d_t = tl.zeros([BLOCK_V], tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)  # sum exp(t - m_t) * x
+    m_x = tl.full([W], _FLOOR, tl.float32)
+    d_x = tl.zeros([W], tl.float32)
+    m_t = tl.full([W], _FLOOR, tl.float32)
+    d_t = tl.zeros([W], tl.float32)
+    s = tl.zeros([W], tl.float32)  # sum exp(t - m_t) * x
     for start in range(0, end, BLOCK_V):
         cols = start + offs
         inb = cols < V
         x = tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
 
-        e_x = tl.exp(-tl.abs(x - m_x))
-        new_x = x > m_x
-        d_x = tl.where(new_x, d_x * e_x + 1.0, d_x + e_x)
-        m_x = tl.where(new_x, x, m_x)
+        mx_new = tl.maximum(m_x, tl.max(x, axis=0))
+        d_x = d_x * tl.exp(m_x - mx_new) + tl.sum(tl.exp(x - mx_new[None, :]), axis=0)
+        m_x = mx_new
 
-        e_t = tl.exp(-tl.abs(t - m_t))
-        new_t = t > m_t
-        # A teacher weight that is 0 in float32 contributes 0 (never 0 * -inf).
-        s_old = tl.where(e_t > 0.0, s * e_t, 0.0)
-        s = tl.where(new_t, s_old + x, s + tl.where(e_t > 0.0, e_t * x, 0.0))
-        d_t = tl.where(new_t, d_t * e_t + 1.0, d_t + e_t)
-        m_t = tl.where(new_t, t, m_t)
+        mt_new = tl.maximum(m_t, tl.max(t, axis=0))
+        a_t = tl.exp(m_t - mt_new)
+        e_t = tl.exp(t - mt_new[None, :])
+        # A teacher weight that is 0 in float32 contributes 0: x is floored so
+        # that 0 * x is never 0 * -inf, and an underflowed rescale drops s.
+        s = tl.where(a_t > 0.0, s * a_t, 0.0) + tl.sum(e_t * tl.maximum(x, _FLOOR), axis=0)
+        d_t = d_t * a_t + tl.sum(e_t, axis=0)
+        m_t = mt_new
 
     mx = tl.max(m_x, axis=0)
     dx = tl.sum(d_x * tl.exp(m_x - mx), axis=0)
