@@ -198,3 +198,56 @@ def test_triton_impl_without_jax_triton_raises():
     x, t = (jnp.asarray(a.numpy()) for a in _logits(2, 16))
     with pytest.raises(ValueError, match="jax_triton"):
         jax_soft_ce(x, t, impl="triton")
+
+
+@pytest.fixture
+def callback_kernels(monkeypatch):
+    """impl='triton' with its kernel calls replaced by pure_callbacks of the jnp
+    path: like jax_triton outputs, their results carry no shard_map axes and
+    have no batching rule, so this checks the binding's plumbing on CPU."""
+    from mtp_kernels.soft_ce import jax_op, jnp_soft_ce
+
+    def as_callback(fn):
+        def call(*args):
+            shapes = jax.eval_shape(fn, *args)
+            return jax.pure_callback(lambda *a: tuple(np.asarray(o) for o in fn(*a)), shapes, *args,
+                                     vmap_method="sequential")
+        return jax_op._fold_rows(call)
+
+    def fwd(cfg, has_mask):
+        return as_callback(lambda x, t, m: jnp_soft_ce.soft_ce_fwd(x, t, (m != 0) if has_mask else None))
+
+    def bwd(cfg, grad_t):
+        return as_callback(lambda x, t, g, *st: tuple(
+            a for a in jnp_soft_ce.soft_ce_bwd(x, t, g, st, grad_t) if a is not None))
+
+    monkeypatch.setattr(jax_op, "has_jax_triton", lambda: True)
+    monkeypatch.setattr(jax_op, "_triton_fwd", fwd)
+    monkeypatch.setattr(jax_op, "_triton_bwd", bwd)
+    monkeypatch.setattr(jax_op, "_config", lambda x, impl, config: jax_op.DEFAULT.fitted(x.shape[-1]))
+
+
+def test_triton_binding_plumbing_jit_vmap_shard_map(callback_kernels):
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    x, t = (jnp.asarray(a.numpy()).reshape(2, 4, 300) for a in _logits(8, 300))
+    mask = jnp.array([[1, 1, 0, 1], [1, 0, 1, 1]], bool)
+    want = jax_soft_ce(x, t, mask, impl="jnp")
+    want_g = jax.grad(lambda x: jnp.sum(jax_soft_ce(x, t, mask, impl="jnp")))(x)
+
+    def op(a, b, m):
+        return jax_soft_ce(a, b, m, impl="triton")
+
+    got = jax.jit(jax.vmap(op))(x, t, mask)
+    got_g = jax.jit(jax.grad(lambda x: jnp.sum(jax.vmap(op)(x, t, mask))))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg="vmap loss")
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-8, err_msg="vmap grad")
+    mesh = Mesh(np.array(jax.devices()[:1]), ("rows",))
+    sm = jax.shard_map(op, mesh=mesh, in_specs=(P(None, "rows"),) * 3, out_specs=P(None, "rows"))
+    np.testing.assert_allclose(jax.jit(sm)(x, t, mask), want, rtol=1e-6, err_msg="shard_map loss")
+    sm_g = jax.jit(jax.grad(lambda x: jnp.sum(sm(x, t, mask))))(x)
+    np.testing.assert_allclose(sm_g, want_g, rtol=1e-5, atol=1e-8, err_msg="shard_map grad")
+    g_t = jax.grad(lambda t: jnp.sum(jax_soft_ce(x, t, impl="triton", grad_t=True)))(t)
+    want_gt = jax.grad(lambda t: jnp.sum(jax_soft_ce(x, t, impl="jnp", grad_t=True)))(t)
+    np.testing.assert_allclose(g_t, want_gt, rtol=1e-5, atol=1e-8, err_msg="grad_t")

@@ -66,10 +66,17 @@ def check_inputs(x, t, mask, impl: str) -> None:
         raise ValueError(f"soft_ce: mask shape {mask.shape} must equal x.shape[:-1] = {x.shape[:-1]}")
 
 
-def _like(out, ref):
-    """Mark a kernel output as varying over ref's shard_map axes (jax_triton's
+def _varying(a) -> frozenset:
+    """The shard_map axes an array varies over (the attribute moved across jax versions)."""
+    aval = jax.typeof(a)
+    axes = getattr(aval, "manual_axis_type", None)
+    return frozenset(axes.varying) if axes is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _like(out, *refs):
+    """Mark a kernel output as varying over the refs' shard_map axes (jax_triton's
     abstract eval drops them, which custom_vjp then rejects)."""
-    missing = tuple(getattr(jax.typeof(ref), "vma", frozenset()) - getattr(jax.typeof(out), "vma", frozenset()))
+    missing = tuple(frozenset().union(*map(_varying, refs)) - _varying(out))
     return jax.lax.pcast(out, missing, to="varying") if missing else out
 
 
@@ -88,7 +95,7 @@ def _fold_rows(fn):
 
 
 @functools.cache
-def _triton_fwd(cfg: SoftCEConfig):
+def _triton_fwd(cfg: SoftCEConfig, has_mask: bool):
     import jax_triton as jt
 
     from . import triton_soft_ce as kernels
@@ -100,7 +107,7 @@ def _triton_fwd(cfg: SoftCEConfig):
             x, t, mask_i, v, v, v,
             kernel=kernels.soft_ce_fwd_kernel, out_shape=(row,) * 5, grid=(n,),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            BLOCK_V=cfg.block_v, HAS_MASK=True, DIV=kernels.divisibility(v),
+            BLOCK_V=cfg.block_v, HAS_MASK=has_mask, DIV=kernels.divisibility(v),
         ))
 
     return _fold_rows(fwd)
@@ -137,7 +144,7 @@ def _bench_for(dtype, v):
             x = jax.random.normal(kx, (n, v), dtype)
             t = jax.random.normal(kt, (n, v), dtype)
             m = jnp.ones((n,), jnp.int32)
-            fwd = jax.jit(_triton_fwd(cfg))
+            fwd = jax.jit(_triton_fwd(cfg, False))
             if which == "fwd":
                 call = lambda: fwd(x, t, m)  # noqa: E731
             else:
@@ -173,7 +180,9 @@ def _soft_ce_rows(x, t, mask, impl, grad_t, cfg):
 
 def _soft_ce_fwd(x, t, mask, impl, grad_t, cfg):
     if impl == "triton":
-        stats = tuple(_like(a, x) for a in _triton_fwd(cfg)(x, t, mask.astype(jnp.int32)))
+        # Without a mask the kernel skips the mask load (a stub stands in).
+        mask_i = jnp.zeros((1,), jnp.int32) if mask is None else mask.astype(jnp.int32)
+        stats = tuple(_like(a, x, t) for a in _triton_fwd(cfg, mask is not None)(x, t, mask_i))
     else:
         stats = jnp_soft_ce.soft_ce_fwd(x, t, mask, chunk=cfg.block_v)
     return stats[0], (x, t, mask, stats)  # stats: loss, mx, log dx, mt, log dt
@@ -181,9 +190,11 @@ def _soft_ce_fwd(x, t, mask, impl, grad_t, cfg):
 
 def _soft_ce_bwd(impl, grad_t, cfg, res, g):
     x, t, mask, stats = res
-    g = jnp.where(mask, g.astype(stats[0].dtype), 0.0)  # masked rows: exact zeros, even with NaN logits
+    g = g.astype(stats[0].dtype)
+    if mask is not None:
+        g = jnp.where(mask, g, 0.0)  # masked rows: exact zeros, even with NaN logits
     if impl == "triton":
-        gx, *gt = (_like(a, x) for a in _triton_bwd(cfg, grad_t)(x, t, g, *stats))
+        gx, *gt = (_like(a, x, t, g) for a in _triton_bwd(cfg, grad_t)(x, t, g, *stats))
         gt = gt[0] if grad_t else None
     else:
         gx, gt = jnp_soft_ce.soft_ce_bwd(x, t, g, stats, grad_t)
@@ -202,6 +213,6 @@ def soft_ce(x, t, mask=None, impl: str = "auto", *, grad_t: bool = False,
     x2, t2 = x.reshape(-1, v), t.reshape(-1, v)
     if not grad_t:
         t2 = jax.lax.stop_gradient(t2)
-    m2 = jnp.ones(x2.shape[:1], bool) if mask is None else (mask.reshape(-1) != 0)
+    m2 = None if mask is None else (mask.reshape(-1) != 0)
     loss = _soft_ce_rows(x2, t2, m2, impl, grad_t, _config(x, impl, config))
     return loss.reshape(lead)

@@ -20,7 +20,7 @@ def _compute_dtype(dtype):
 
 
 def soft_ce_fwd(x, t, mask, chunk: int = 4096):
-    """x, t: [N, V]; mask: [N] bool. Returns loss, mx, log dx, mt, log dt, each [N] (compute dtype)."""
+    """x, t: [N, V]; mask: [N] bool or None. Returns loss, mx, log dx, mt, log dt, each [N] (compute dtype)."""
     v = x.shape[1]
     cd = _compute_dtype(x.dtype)
     c = min(chunk, v)
@@ -56,7 +56,8 @@ def soft_ce_fwd(x, t, mask, chunk: int = 4096):
     m_x, d_x, m_t, d_t, s = lax.fori_loop(1, n_chunks, merge, chunk_stats(0))
     lx, lt = jnp.log(d_x), jnp.log(d_t)
     loss = (m_x - s / d_t) + lx
-    return tuple(jnp.where(mask, a, 0.0) for a in (loss, m_x, lx, m_t, lt))
+    stats = (loss, m_x, lx, m_t, lt)
+    return stats if mask is None else tuple(jnp.where(mask, a, 0.0) for a in stats)
 
 
 def soft_ce_bwd(x, t, g, stats, grad_t: bool = False):

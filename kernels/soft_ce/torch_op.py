@@ -6,6 +6,8 @@ tensors run only when the kernels were imported under TRITON_INTERPRET=1 (tests)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -43,12 +45,20 @@ def check_inputs(x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) ->
         )
 
 
+def _undo_jax_triton_env() -> None:
+    # Importing jax_triton sets TRITON_CACHE_DIR="", after which every Triton
+    # compile in the process fails ("Could not create or locate cache dir").
+    if os.environ.get("TRITON_CACHE_DIR") == "":
+        del os.environ["TRITON_CACHE_DIR"]
+
+
 def _rows(a: torch.Tensor) -> torch.Tensor:
     # A view whenever the leading dims collapse (any row stride); else a copy.
     return a.reshape(-1, a.shape[-1])
 
 
 def _fwd(x2, t2, mask, cfg: SoftCEConfig):
+    _undo_jax_triton_env()
     n, v = x2.shape
     out = [torch.empty(n, device=x2.device, dtype=torch.float32) for _ in range(5)]
     if n:
@@ -62,6 +72,7 @@ def _fwd(x2, t2, mask, cfg: SoftCEConfig):
 
 
 def _bwd(x2, t2, g, stats, grad_t: bool, cfg: SoftCEConfig):
+    _undo_jax_triton_env()
     n, v = x2.shape
     gx = torch.empty((n, v), device=x2.device, dtype=x2.dtype)
     gt = torch.empty((n, v), device=x2.device, dtype=t2.dtype) if grad_t else gx
