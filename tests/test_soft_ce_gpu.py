@@ -28,6 +28,10 @@ GRAD_TOL = {
     torch.bfloat16: dict(rtol=8e-3, atol=2e-7),
     torch.float16: dict(rtol=1e-3, atol=2e-7),
 }
+# grad_t = p_t * (-log p_x - CE) cancels two O(CE) terms: its error is
+# p_t * O(ulp(CE)), so it gets an absolute floor of 2e-6.
+def GRAD_T_TOL(tol):  # noqa: N802
+    return dict(tol, atol=2e-6)
 SHAPES = [(1, 1), (5, 7), (7, 1000), (33, 32769), (3, 151936), (64, 128256)]
 
 
@@ -87,7 +91,7 @@ def test_torch_op_matches_reference(n, v, dtype):
     rloss, rgx, rgt = ref.soft_ce_grads(x.cpu(), t.cpu(), None, g.cpu())
     torch.testing.assert_close(loss.cpu().double(), rloss, **LOSS_TOL, msg=lambda m: f"loss: {m}")
     torch.testing.assert_close(gx.cpu().double(), rgx, **GRAD_TOL[dtype], msg=lambda m: f"grad_x: {m}")
-    torch.testing.assert_close(gt.cpu().double(), rgt, **GRAD_TOL[dtype], msg=lambda m: f"grad_t: {m}")
+    torch.testing.assert_close(gt.cpu().double(), rgt, **GRAD_T_TOL(GRAD_TOL[dtype]), msg=lambda m: f"grad_t: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -135,7 +139,7 @@ def test_jax_triton_op_matches_torch_op_and_reference(n, v, dtype):
     torch.testing.assert_close(jgx, tgx.float(), **GRAD_TOL[dtype], msg=lambda m: f"jax vs torch grad_x: {m}")
     torch.testing.assert_close(jl.cpu().double(), rloss, **LOSS_TOL, msg=lambda m: f"jax loss: {m}")
     torch.testing.assert_close(jgx.cpu().double(), rgx, **GRAD_TOL[dtype], msg=lambda m: f"jax grad_x: {m}")
-    torch.testing.assert_close(jgt.cpu().double(), rgt, **GRAD_TOL[dtype], msg=lambda m: f"jax grad_t: {m}")
+    torch.testing.assert_close(jgt.cpu().double(), rgt, **GRAD_T_TOL(GRAD_TOL[dtype]), msg=lambda m: f"jax grad_t: {m}")
 
 
 def test_jax_triton_op_vmap_and_shard_map():

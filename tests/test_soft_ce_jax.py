@@ -23,6 +23,10 @@ from mtp_kernels.soft_ce import reference as ref
 # in the input dtype (one bf16 rounding).
 LOSS_TOL = dict(rtol=2e-6, atol=2e-5)
 GRAD_TOL = {"float32": dict(rtol=1e-4, atol=2e-7), "bfloat16": dict(rtol=8e-3, atol=2e-7)}
+# grad_t = p_t * (-log p_x - CE) cancels two O(CE) terms: its error is
+# p_t * O(ulp(CE)), so it gets an absolute floor of 2e-6.
+def GRAD_T_TOL(tol):  # noqa: N802
+    return dict(tol, atol=2e-6)
 SHAPES = [(1, 1), (5, 1), (3, 7), (1, 1000), (7, 1000), (3, 32769), (1, 151936)]
 
 
@@ -59,7 +63,7 @@ def _check(x, t, dtype, mask=None, seed=0):
     rloss, rgx, rgt = ref.soft_ce_grads(x, t, mask, g)
     torch.testing.assert_close(_to_torch(loss).double(), rloss, **LOSS_TOL, msg=lambda m: f"loss: {m}")
     torch.testing.assert_close(_to_torch(gx).double(), rgx, **GRAD_TOL[dtype], msg=lambda m: f"grad_x: {m}")
-    torch.testing.assert_close(_to_torch(gt).double(), rgt, **GRAD_TOL[dtype], msg=lambda m: f"grad_t: {m}")
+    torch.testing.assert_close(_to_torch(gt).double(), rgt, **GRAD_T_TOL(GRAD_TOL[dtype]), msg=lambda m: f"grad_t: {m}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -34,10 +34,6 @@ def soft_ce_fwd_kernel(
     stride_x = stride_x // DIV * DIV
     stride_t = stride_t // DIV * DIV
     row = tl.program_id(0).to(tl.int64)  # row * stride exceeds int32 at 32k x 152k
-    end = V
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + row) != 0
-        end = tl.where(valid, V, 0)
     x_row = x_ptr + row * stride_x
     t_row = t_ptr + row * stride_t
     # A step covers BLOCK_V columns as [GROUP, W] (W = BLOCK_V // GROUP): GROUP
@@ -53,7 +49,7 @@ def soft_ce_fwd_kernel(
     m_t = tl.full([W], _FLOOR, tl.float32)
     d_t = tl.zeros([W], tl.float32)
     s = tl.zeros([W], tl.float32)  # sum exp(t - m_t) * x
-    for start in range(0, end, BLOCK_V):
+    for start in range(0, V, BLOCK_V):
         cols = start + offs
         inb = cols < V
         x = tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
@@ -82,6 +78,10 @@ def soft_ce_fwd_kernel(
     lt = tl.log(dt)
     loss = (mx - S / dt) + lx
     if HAS_MASK:
+        # The mask is read after the loop: a loop bound that waited on it put
+        # its load latency in front of every row (forward 86% -> 94% of copy
+        # bandwidth on H100). Masked rows are thus streamed, then zeroed.
+        valid = tl.load(mask_ptr + row) != 0
         loss = tl.where(valid, loss, 0.0)
         mx = tl.where(valid, mx, 0.0)
         lx = tl.where(valid, lx, 0.0)
