@@ -58,6 +58,15 @@ BWD_CANDIDATES = [
 MIN_TUNED_VOCAB = 8192
 
 
+# Winners of the autotuner on an H100 (benchmarks/results/soft_ce_2026-11-23_h100.md),
+# used before tuning, so those keys start fast even with an empty cache.
+TUNED = {
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 32000): SoftCEConfig(4096, 4, 1, 8192, 8),
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 128256): SoftCEConfig(8192, 8, 1, 8192, 8),
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 151936): SoftCEConfig(8192, 8, 3, 2048, 8),
+}
+
+
 def cache_path() -> Path:
     root = os.environ.get("MTP_KERNELS_CACHE_DIR") or Path.home() / ".cache" / "mtp_kernels"
     return Path(root) / _CACHE_FILE
@@ -98,7 +107,7 @@ def get_config(
     vocab: int,
     bench: Callable[[SoftCEConfig, str], float] | None = None,
 ) -> SoftCEConfig:
-    """The tuned config for a key: memo, then disk cache, then `bench` (if given).
+    """The tuned config for a key: memo, disk cache, TUNED, then `bench` (if given).
 
     `bench(cfg, which)` returns milliseconds for `which` in {'fwd', 'bwd'}.
     Autotuning is skipped (defaults used) when bench is None or
@@ -110,6 +119,8 @@ def get_config(
     hit = _load().get(key)
     if hit is not None:
         cfg = SoftCEConfig(**hit)
+    elif (device, dtype, vocab) in TUNED:
+        cfg = TUNED[device, dtype, vocab]
     elif bench is None or vocab < MIN_TUNED_VOCAB or os.environ.get("MTP_SOFT_CE_AUTOTUNE", "1") == "0":
         return DEFAULT.fitted(vocab)
     else:
