@@ -1,11 +1,12 @@
 """Triton kernels for soft cross-entropy CE(x, t) = -sum softmax(t) * log_softmax(x).
 
-The one Triton source shared by the PyTorch and the JAX bindings (api.py). The
-forward streams each row once (online rescaling, per-lane running stats, no
-[N, V] probabilities) and keeps mx, log(dx), mt, log(dt) for the backward
-(separately: x - mx is exact, x - (mx + log dx) would lose bits at |x| ~ 1e4), which reads x and t once more and writes grad_x (and optionally
-grad_t). Argument order is inputs, scalars, then outputs: jax_triton.triton_call
-appends the output buffers after the inputs.
+The one Triton source shared by the PyTorch and the JAX bindings (api.py).
+Forward: one program per row streams x and t once (online rescaling of per-strip
+running stats, no [N, V] probabilities) and writes the loss and mx, log(dx), mt,
+log(dt) (kept apart: x - mx is exact, x - (mx + log dx) loses bits at |x| ~ 1e4).
+Backward: one program per (row, block) reads x and t again and writes grad_x
+(and optionally grad_t); rows with cotangent 0 read nothing. Argument order is
+inputs, scalars, then outputs: jax_triton.triton_call appends the outputs.
 """
 
 import triton
