@@ -1,0 +1,216 @@
+"""Tokenized examples cached as ArrayRecord shards under a content key.
+
+key = sha256(format version, input file fingerprint, tokenizer fingerprint, build parameters incl.
+draft_length). A build writes `<root>/.tmp-<key>-<pid>-*`, then shards, `lengths.npy`,
+`manifest.json` and `_SUCCESS`, and renames the folder to `<root>/<key>`; a killed build leaves
+only a temp folder that nobody reads. Builders of one key serialize on an fcntl lock
+`<root>/<key>.lock`: the first builds, the others wait and reuse its result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+from mtp_jax.data.readers import DataError, ReadStats, read_records, resolve_data_file
+from mtp_jax.data.tokenize import Example, TokenizeParams, tokenize_records, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_HEADER = 2  # int32 record number, int32 prompt_len, then the tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildParams:
+    tokenize: TokenizeParams
+    draft_length: int
+    on_bad_record: Literal["error", "skip"] = "error"
+    examples_per_shard: int = 50_000
+
+    def __post_init__(self):
+        if self.draft_length < 1:
+            raise ValueError(f"draft_length must be >= 1, got {self.draft_length}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedDataset:
+    """A finished cache: shard paths, per-example lengths and the manifest."""
+
+    path: Path
+    shards: tuple[str, ...]
+    lengths: np.ndarray  # int32 [n]: tokens per example
+    prompt_lens: np.ndarray  # int32 [n]
+    manifest: dict
+    built: bool  # this call built it (False: reused)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.manifest["pad_id"])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def encode_example(ex: Example) -> bytes:
+    return np.concatenate([np.asarray([ex.number, ex.prompt_len], np.int32), ex.tokens.astype(np.int32)]).tobytes()
+
+
+def decode_example(data: bytes) -> tuple[np.ndarray, int]:
+    """(tokens int32 [length], prompt_len)."""
+    arr = np.frombuffer(data, np.int32)
+    return arr[_HEADER:], int(arr[1])
+
+
+def file_fingerprint(path: Path) -> dict:
+    """Path, size, mtime and a hash of the first and last MiB: cheap for a 10 GB file, and a rewrite
+    of the same size within the mtime resolution still changes the head or tail hash."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_tail_sha256": h.hexdigest()}
+
+
+def cache_key(source: dict, tokenizer_fp: str, params: BuildParams) -> str:
+    blob = json.dumps({"format_version": FORMAT_VERSION, "source": source, "tokenizer": tokenizer_fp,
+                       "params": dataclasses.asdict(params)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def is_complete(path: Path) -> bool:
+    if not (path / "_SUCCESS").is_file():
+        return False
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def open_cache(path: Path, built: bool = False) -> CachedDataset:
+    if not is_complete(path):
+        raise DataError(f"{path}: not a complete data cache (no _SUCCESS or manifest)")
+    manifest = json.loads((path / "manifest.json").read_text())
+    lengths = np.load(path / "lengths.npy")
+    return CachedDataset(path, tuple(str(path / s["file"]) for s in manifest["shards"]), lengths[:, 0].copy(),
+                         lengths[:, 1].copy(), manifest, built)
+
+
+def build_cache(data_file, tokenizer, params: BuildParams, cache_root, rebuild: bool = False,
+                tokenizer_fp: str | None = None) -> CachedDataset:
+    """The cache of `data_file` tokenized with `params`: reused when complete, else built (once, even
+    when several processes ask at the same time). `rebuild` forces a new build."""
+    source_path = resolve_data_file(data_file)
+    root = Path(cache_root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    source = file_fingerprint(source_path)
+    tokenizer_fp = tokenizer_fp or tokenizer_fingerprint(tokenizer)
+    key = cache_key(source, tokenizer_fp, params)
+    final = root / key
+    if not rebuild and is_complete(final):
+        return open_cache(final)
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not rebuild and is_complete(final):
+            return open_cache(final)  # another process built it while we waited
+        for stale in root.glob(f".tmp-{key}-*"):  # left by a killed builder; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=root))
+        try:
+            _write(tmp, source_path, source, tokenizer, tokenizer_fp, params, key)
+            if final.exists():
+                old = root / f".old-{key}-{os.getpid()}"
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return open_cache(final, built=True)
+
+
+def _chunks(it: Iterator, size: int):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: str, params: BuildParams,
+           key: str) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    t0 = time.perf_counter()
+    stats = ReadStats()
+    tok_params = params.tokenize
+    lengths: list[tuple[int, int]] = []
+    shards: list[dict] = []
+    writer = None
+    counts = {"truncated": 0, "short_responses": 0, "skipped_tokenize": 0}
+    skipped_examples = []
+    records = read_records(source_path, params.on_bad_record, stats)
+    for chunk in _chunks(records, 256):
+        for ex in tokenize_records(tokenizer, chunk, tok_params, str(source_path)):
+            if isinstance(ex, DataError):
+                if params.on_bad_record == "error":
+                    raise ex
+                counts["skipped_tokenize"] += 1
+                if len(skipped_examples) < 5:
+                    skipped_examples.append(str(ex))
+                continue
+            if writer is None or shards[-1]["examples"] == params.examples_per_shard:
+                if writer is not None:
+                    writer.close()
+                name = f"shard-{len(shards):05d}.array_record"
+                writer = ArrayRecordWriter(str(tmp / name), "group_size:1")
+                shards.append({"file": name, "examples": 0})
+            writer.write(encode_example(ex))
+            shards[-1]["examples"] += 1
+            lengths.append((len(ex.tokens), ex.prompt_len))
+            counts["truncated"] += ex.truncated
+            counts["short_responses"] += len(ex.tokens) - ex.prompt_len < params.draft_length
+    if writer is not None:
+        writer.close()
+    skipped = stats.skipped + counts["skipped_tokenize"]
+    if not lengths:
+        raise DataError(f"{source_path}: no usable examples ({skipped} bad records skipped)")
+    np.save(tmp / "lengths.npy", np.asarray(lengths, np.int32))
+    arr = np.asarray(lengths)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    manifest = {
+        "format_version": FORMAT_VERSION, "key": key, "source": source, "tokenizer_fingerprint": tokenizer_fp,
+        "params": dataclasses.asdict(params), "pad_id": int(pad_id), "examples": len(lengths),
+        "tokens": int(arr[:, 0].sum()), "response_tokens": int((arr[:, 0] - arr[:, 1]).sum()),
+        "skipped": skipped, "skipped_examples": (stats.skipped_examples + skipped_examples)[:5],
+        "truncated": counts["truncated"], "short_responses": counts["short_responses"], "shards": shards,
+        "build_seconds": round(time.perf_counter() - t0, 3), "builder_pid": os.getpid(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    with open(tmp / "_SUCCESS", "w") as f:
+        f.flush()
+        os.fsync(f.fileno())
+    msg = f"data cache {key}: {len(lengths)} examples from {source_path}"
+    if skipped:
+        msg += f"; {skipped} bad records skipped (first: {manifest['skipped_examples'][0]})"
+    if counts["short_responses"]:
+        msg += f"; {counts['short_responses']} responses shorter than draft_length {params.draft_length}"
+    log.warning(msg) if skipped else log.info(msg)
