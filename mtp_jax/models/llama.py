@@ -192,6 +192,22 @@ class Transformer(nn.Module):
         return self.norm(x), aux
 
 
+class OutputHead(nn.Module):
+    """The untied lm_head: a [embed, vocab] matrix, exposed for row-chunked losses."""
+
+    hidden_size: int
+    vocab_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                                 (self.hidden_size, self.vocab_size), self.param_dtype)
+
+    def __call__(self, hidden):
+        return hidden.astype(self.dtype) @ self.kernel.astype(self.dtype)
+
+
 class CausalLM(nn.Module):
     """`LlamaForCausalLM` / `Qwen3ForCausalLM`.
 
@@ -207,8 +223,8 @@ class CausalLM(nn.Module):
     def setup(self):
         self.model = Transformer(self.config, self.lora, self.dtype, self.param_dtype)
         if not self.config.tie_word_embeddings:
-            self.lm_head = Linear(self.config.vocab_size, ("embed", "vocab"), dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+            self.lm_head = OutputHead(self.config.hidden_size, self.config.vocab_size, self.dtype,
+                                      self.param_dtype)
 
     def __call__(self, tokens, positions=None, attend: Attend | None = None, gate=None,
                  deterministic: bool = True, embeddings=None) -> tuple[jax.Array, Sequence[Any]]:
@@ -225,6 +241,12 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.attend(hidden.astype(self.dtype))
         return self.lm_head(hidden)
+
+    def output_matrix(self) -> jax.Array:
+        """[embed, vocab]: logits = hidden @ output_matrix()."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.embedding.T
+        return self.lm_head.kernel
 
     def forward_logits(self, tokens, positions=None, kv_valid=None):
         """Convenience: base-model logits [batch, length, vocab] with causal attention."""

@@ -1,0 +1,110 @@
+"""Two-stream attention (SPEC §3).
+
+Regular stream: plain causal attention inside each packed example, keeping every layer's K/V.
+Mask stream: the k masks of anchor a attend to (i) regular K/V at indices <= a, with the k
+queries folded into the head axis so one causal-attention call serves all draft steps, and
+(ii) their own block (k x k, causal); the two parts merge by log-sum-exp in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Impl = Literal["xla", "cudnn"]
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def segment_causal_mask(segment_ids: jax.Array, q_index: jax.Array | None = None) -> jax.Array:
+    """[batch, 1, q, keys] bool: key index <= query index, same nonzero segment.
+
+    `q_index` [q] are the query rows' indices along the key axis (default: all of them).
+    """
+    keys = jnp.arange(segment_ids.shape[1])
+    q_index = keys if q_index is None else q_index
+    q_seg = jnp.take(segment_ids, q_index, axis=1)
+    causal = keys[None, :] <= q_index[:, None]
+    same = (q_seg[:, :, None] == segment_ids[:, None, :]) & (q_seg[:, :, None] > 0)
+    return (causal[None] & same)[:, None]
+
+
+def regular_attend(segment_ids: jax.Array, impl: Impl = "xla"):
+    """Causal attention within packed examples; aux = this layer's (k, v) for the mask stream."""
+    mask = segment_causal_mask(segment_ids)
+
+    def attend(layer, q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        return out, (k, v)
+
+    return attend
+
+
+def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: Impl = "xla"):
+    """q [b, a, k*h, d] against regular k/v [b, s, kv, d] -> (out [b, a, k*h, d], lse [b, a, k*h] fp32)."""
+    if impl == "cudnn":
+        out, lse = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl, return_residual=True)
+        return out, lse.astype(jnp.float32)
+    # XLA path written out: jax's XLA dot_product_attention (0.10) returns the LSE residual
+    # without a gradient, and the merge needs d(lse)/dq.
+    b, a, heads, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, a, kv_heads, heads // kv_heads, d).astype(jnp.float32)
+    scores = jnp.einsum("bacgd,bscd->bcgas", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
+    scores = jnp.where(mask[:, :, None], scores, _NEG)
+    lse = jax.nn.logsumexp(scores, axis=-1)  # [b, kv, g, a]
+    probs = jnp.exp(scores - lse[..., None])
+    out = jnp.einsum("bcgas,bscd->bacgd", probs, v.astype(jnp.float32)).reshape(b, a, heads, d)
+    return out.astype(q.dtype), jnp.moveaxis(lse, -1, 1).reshape(b, a, heads)
+
+
+def block_attention(q: jax.Array, k: jax.Array, v: jax.Array):
+    """Each anchor's masks among themselves: q [b, a, k, h, d], k/v [b, a, k, kv, d], causal over k.
+
+    Returns (out [b, a, k, h, d] fp32, lse [b, a, k, h] fp32).
+    """
+    heads, kv_heads = q.shape[3], k.shape[3]
+    group = heads // kv_heads
+    qg = q.reshape(*q.shape[:3], kv_heads, group, q.shape[-1]).astype(jnp.float32)
+    scores = jnp.einsum("bajcgd,bamcd->bacgjm", qg, k.astype(jnp.float32)) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    steps = q.shape[2]
+    causal = jnp.tril(jnp.ones((steps, steps), bool))
+    scores = jnp.where(causal, scores, _NEG)
+    lse = jax.nn.logsumexp(scores, axis=-1)  # [b, a, kv, g, j]
+    probs = jnp.exp(scores - lse[..., None])
+    out = jnp.einsum("bacgjm,bamcd->bajcgd", probs, v.astype(jnp.float32))
+    out = out.reshape(q.shape)
+    lse = jnp.moveaxis(lse, -1, 2).reshape(q.shape[:4])  # [b, a, j, h]
+    return out, lse
+
+
+def merge(out1, lse1, out2, lse2):
+    """Softmax over the union of two disjoint key sets from each part's output and LSE."""
+    m = jnp.maximum(lse1, lse2)
+    w1, w2 = jnp.exp(lse1 - m), jnp.exp(lse2 - m)
+    return (out1 * w1[..., None] + out2 * w2[..., None]) / (w1 + w2)[..., None]
+
+
+def mask_attend(regular_kv, prefix_mask: jax.Array, steps: int, impl: Impl = "xla"):
+    """Attention for mask tokens laid out as [batch, anchors * k] (anchor-major).
+
+    `regular_kv[layer]` = (k, v) [batch, keys, kv, d] of the regular stream; `prefix_mask`
+    [batch, 1, anchors, keys] says which regular keys each anchor sees.
+    """
+
+    def attend(layer, q, k, v):
+        b, t, h, d = q.shape
+        a = t // steps
+        k_reg, v_reg = regular_kv[layer]
+        q5 = q.reshape(b, a, steps, h, d)
+        # fold draft steps into heads as [h, k] so GQA grouping (head // (h/kv)) stays right
+        q_folded = jnp.swapaxes(q5, 2, 3).reshape(b, a, h * steps, d)
+        out1, lse1 = prefix_attention(q_folded, k_reg.astype(q.dtype), v_reg.astype(q.dtype), prefix_mask, impl)
+        out1 = jnp.swapaxes(out1.reshape(b, a, h, steps, d), 2, 3).astype(jnp.float32)
+        lse1 = jnp.swapaxes(lse1.reshape(b, a, h, steps), 2, 3)
+        out2, lse2 = block_attention(q5, k.reshape(b, a, steps, -1, d), v.reshape(b, a, steps, -1, d))
+        out = merge(out1, lse1, out2, lse2)
+        return out.reshape(b, t, h, d).astype(q.dtype), None
+
+    return attend

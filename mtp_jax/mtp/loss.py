@@ -1,0 +1,55 @@
+"""Draft losses over row chunks (SPEC §5-§6): soft cross-entropy of sampler logits against the
+base model's logits, without ever holding [all mask tokens, vocab] logits at once.
+
+Each row chunk projects student and teacher hidden states through the frozen output matrix,
+runs the soft-CE op (Triton on GPU, chunked jnp on CPU) and is rematerialised in the backward
+pass, so peak memory is O(row_chunk x vocab).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtp_kernels.soft_ce import jax_soft_ce
+
+
+def _pad_rows(x, rows):
+    pad = rows - x.shape[0]
+    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
+
+
+def soft_ce_rows(student_h: jax.Array, teacher_h: jax.Array, valid: jax.Array, out_matrix: jax.Array,
+                 row_chunk: int, impl: str = "auto"):
+    """Per-row soft-CE and argmaxes for hidden rows [n, d] under logits = h @ out_matrix [d, vocab].
+
+    Returns (ce [n] fp32, zero where not valid; student argmax [n]; teacher argmax [n]).
+    Gradients flow to `student_h` (and through it to adapters); the teacher is constant.
+    """
+    n = student_h.shape[0]
+    chunk = max(1, min(row_chunk, n))
+    rows = -(-n // chunk) * chunk
+    s = _pad_rows(student_h, rows).reshape(rows // chunk, chunk, -1)
+    t = _pad_rows(jax.lax.stop_gradient(teacher_h), rows).reshape(rows // chunk, chunk, -1)
+    m = _pad_rows(valid, rows).reshape(rows // chunk, chunk)
+    w = jax.lax.stop_gradient(out_matrix)
+
+    @jax.checkpoint
+    def one(s_c, t_c, m_c):
+        x = s_c @ w.astype(s_c.dtype)
+        teacher = (t_c @ w.astype(t_c.dtype)).astype(x.dtype)
+        ce = jax_soft_ce(x, teacher, m_c, impl=impl)
+        return ce, jnp.argmax(x, -1).astype(jnp.int32), jnp.argmax(teacher, -1).astype(jnp.int32)
+
+    ce, s_arg, t_arg = jax.lax.map(lambda args: one(*args), (s, t, m))
+    return ce.reshape(rows)[:n], s_arg.reshape(rows)[:n], t_arg.reshape(rows)[:n]
+
+
+def argmax_rows(h: jax.Array, out_matrix: jax.Array, row_chunk: int) -> jax.Array:
+    """argmax(h @ out_matrix) for rows [n, d] in row chunks (no gradient)."""
+    n = h.shape[0]
+    chunk = max(1, min(row_chunk, n))
+    rows = -(-n // chunk) * chunk
+    hs = _pad_rows(jax.lax.stop_gradient(h), rows).reshape(rows // chunk, chunk, -1)
+    arg = jax.lax.map(lambda c: jnp.argmax(c @ out_matrix.astype(c.dtype), -1).astype(jnp.int32), hs)
+    return arg.reshape(rows)[:n]

@@ -1,0 +1,125 @@
+"""The MTP model: frozen base decoder with gated LoRA, the sampler head, and the draft losses.
+
+`regular` runs the base model once (gate off) and keeps its K/V and hidden states; `__call__`
+runs the mask stream for one chunk of anchors, drafts k tokens with the sampler head, and sows
+per-step loss sums under `mtp_losses` (reaped by `mtp.objective`).
+
+Variables: {'params': {'base': <HF-named base tree>, 'sampler': ...}, 'lora': {'base': ...}};
+the `<mask>` embedding row is an argument, so it can be frozen or trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.models.config import ModelConfig
+from mtp_jax.models.llama import CausalLM
+from mtp_jax.models.lora import LoRAConfig
+from mtp_jax.models.sampler import SamplerHead
+from mtp_jax.mtp.attention import mask_attend, regular_attend, segment_causal_mask
+from mtp_jax.mtp.loss import argmax_rows, soft_ce_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPConfig:
+    draft_length: int = 4  # k
+    chunk_size: int = 0  # anchors per mask-stream chunk; 0 = all at once
+    row_chunk: int = 1024  # soft-CE rows per chunk
+    step_weights: tuple[float, ...] = ()  # per draft step; empty = all 1
+    teacher_forcing: bool = False  # prev_j = real token x_{a+j} instead of the sampler's own draft
+    lcm_weight: float = 0.0  # latent consistency loss (off by default, as in MTP-GLoRA)
+    train_mask_embedding: bool = False
+    mask_token: str = "<mask>"
+    attention_impl: Literal["xla", "cudnn"] = "xla"
+    soft_ce_impl: Literal["auto", "triton", "jnp"] = "auto"
+
+    def __post_init__(self):
+        if self.draft_length < 1:
+            raise ValueError(f"draft_length (k) must be >= 1, got {self.draft_length}")
+        if self.chunk_size < 0 or self.row_chunk < 1:
+            raise ValueError(f"chunk_size must be >= 0 and row_chunk >= 1 (got {self.chunk_size}, {self.row_chunk})")
+        if self.step_weights and len(self.step_weights) != self.draft_length:
+            raise ValueError(f"step_weights has {len(self.step_weights)} entries; draft_length is {self.draft_length}")
+        if self.lcm_weight < 0:
+            raise ValueError(f"lcm_weight must be >= 0, got {self.lcm_weight}")
+
+    def weight(self, step: int) -> float:
+        return self.step_weights[step - 1] if self.step_weights else 1.0
+
+
+class MTPModel(nn.Module):
+    config: ModelConfig
+    lora: LoRAConfig
+    mtp: MTPConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.base = CausalLM(self.config, self.lora, self.dtype, self.param_dtype)
+        self.sampler = SamplerHead(self.config.hidden_size, self.config.rms_norm_eps, self.dtype, self.param_dtype)
+
+    def regular(self, tokens, positions, segment_ids):
+        """Base model over regular tokens: final hidden [b, l, d] and per-layer (k, v)."""
+        return self.base(tokens, positions, regular_attend(segment_ids, self.mtp.attention_impl))
+
+    def mask_hidden(self, mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic=True):
+        """Mask stream for anchors `anchor_index` [c]: final hidden [b, c, k, d]."""
+        k = self.mtp.draft_length
+        b, c = positions.shape
+        pos = (positions[..., None] + jnp.arange(1, k + 1)).reshape(b, c * k)
+        emb = jnp.broadcast_to(mask_embedding.astype(self.dtype), (b, c * k, self.config.hidden_size))
+        prefix_mask = segment_causal_mask(segment_ids, anchor_index)
+        attend = mask_attend(regular_kv, prefix_mask, k, self.mtp.attention_impl)
+        hidden, _ = self.base(None, pos, attend, gate=1.0, deterministic=deterministic, embeddings=emb)
+        return hidden.reshape(b, c, k, -1)
+
+    def __call__(self, mask_embedding, anchor_index, positions, segment_ids, regular_kv, teacher_hidden,
+                 valid, real_next, deterministic=True):
+        """One chunk of anchors. Returns the weighted sum of losses over its valid pairs.
+
+        anchor_index [c]; positions [b, c] (of the anchors); teacher_hidden [b, c, k+1, d] (base
+        hidden at a+0..a+k); valid [b, c, k]; real_next [b, c, k] (x_{a+1..a+k}: prev_j = x_{a+j} when
+        teacher forcing; otherwise prev_1 = the base argmax at a and prev_j = the sampler's draft j-1).
+        """
+        k = self.mtp.draft_length
+        b, c = positions.shape
+        d = self.config.hidden_size
+        mask_h = self.mask_hidden(mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic)
+        out = self.base.output_matrix()
+        teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+        prev = argmax_rows(teacher_hidden[:, :, 0].reshape(b * c, d), out, self.mtp.row_chunk)
+        total = jnp.float32(0.0)
+        agree_run = jnp.ones((b * c,), bool)
+        accepted = jnp.zeros((b * c,), jnp.float32)
+        for j in range(1, k + 1):
+            if self.mtp.teacher_forcing:
+                prev = real_next[:, :, j - 1].reshape(b * c)  # x_{a+j}
+            h = mask_h[:, :, j - 1].reshape(b * c, d)
+            v = valid[:, :, j - 1].reshape(b * c)
+            s_in = self.sampler(self.base.embed(prev), h)
+            ce, s_arg, t_arg = soft_ce_rows(s_in, teacher_hidden[:, :, j].reshape(b * c, d), v, out,
+                                            self.mtp.row_chunk, self.mtp.soft_ce_impl)
+            agree = (s_arg == t_arg) & v
+            agree_run = agree_run & agree
+            accepted = accepted + agree_run
+            step = {"loss": jnp.sum(ce), "count": jnp.sum(v).astype(jnp.float32),
+                    "agree": jnp.sum(agree).astype(jnp.float32)}
+            total = total + self.mtp.weight(j) * step["loss"]
+            if self.mtp.lcm_weight > 0:
+                target = teacher_hidden[:, :, j].reshape(b * c, d).astype(jnp.float32)
+                dist = jnp.mean((h.astype(jnp.float32) - target) ** 2, axis=-1)
+                step["lcm"] = jnp.sum(jnp.where(v, dist, 0.0))
+                total = total + self.mtp.lcm_weight * step["lcm"]
+            if not self.is_initializing():
+                self.sow("mtp_losses", f"step_{j}", step)
+            prev = s_arg
+        anchors = valid[:, :, 0].reshape(b * c)
+        if not self.is_initializing():
+            self.sow("mtp_losses", "accept", {"accepted": jnp.sum(jnp.where(anchors, accepted, 0.0)),
+                                              "anchors": jnp.sum(anchors).astype(jnp.float32)})
+        return total

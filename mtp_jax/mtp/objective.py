@@ -1,0 +1,139 @@
+"""The MTP objective: regular stream once, mask stream in anchor chunks, exact gradients.
+
+`loss_and_grads(model, trainable, frozen, batch)` equals the unchunked step for any chunk size:
+every valid (anchor, step) pair counts wherever its teacher lies, and the sum is divided by the
+batch's total number of valid pairs (SPEC §6), not averaged per chunk as MTP-GLoRA does.
+Parameters are a flat dict {'base', 'lora', 'sampler', 'mask_embedding'}; `split_params` puts the
+trainable leaves (adapters, sampler, optionally the mask row) on one side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.mtp.layout import pair_valid
+from mtp_jax.mtp.model import MTPModel
+
+Params = dict[str, Any]
+
+
+def trainable_keys(model: MTPModel) -> tuple[str, ...]:
+    keys = ("lora", "sampler")
+    return keys + ("mask_embedding",) if model.mtp.train_mask_embedding else keys
+
+
+def split_params(model: MTPModel, params: Params) -> tuple[Params, Params]:
+    keys = trainable_keys(model)
+    return {k: v for k, v in params.items() if k in keys}, {k: v for k, v in params.items() if k not in keys}
+
+
+def variables(params: Params) -> dict:
+    return {"params": {"base": params["base"], "sampler": params["sampler"]}, "lora": {"base": params["lora"]}}
+
+
+def init_params(model: MTPModel, base_params, mask_row: jax.Array, rng: jax.Array) -> Params:
+    """Fresh adapters (A Kaiming-uniform, B = 0) and sampler beside the given base params.
+
+    The init runs under jit and returns only the small trainable trees, so XLA drops the
+    base-model initialisation (an 8B random init never materialises).
+    """
+    k, d, c = model.mtp.draft_length, model.config.hidden_size, model.config
+    kv = [(jnp.zeros((1, 2, c.num_kv_heads, c.head_dim), model.dtype),) * 2 for _ in range(c.num_layers)]
+    args = (jnp.asarray(mask_row), jnp.arange(2), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), kv,
+            jnp.zeros((1, 2, k + 1, d), model.dtype), jnp.ones((1, 2, k), bool), jnp.zeros((1, 2, k), jnp.int32))
+
+    def init(r):
+        v = nn.unbox(model.init(r, *args))
+        return v["lora"]["base"], v["params"]["sampler"]
+
+    lora, sampler = jax.jit(init)(rng)
+    return {"base": base_params, "lora": lora, "sampler": sampler, "mask_embedding": jnp.asarray(mask_row, jnp.float32)}
+
+
+def regular_stream(model: MTPModel, params: Params, batch: dict):
+    hidden, kv = model.apply(variables(params), batch["tokens"], batch["positions"], batch["segment_ids"],
+                             method=MTPModel.regular)
+    return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(kv)
+
+
+def _chunks(model: MTPModel, batch: dict, hidden: jax.Array):
+    """Anchor-chunked views of the batch: the chunk size, count, and padded per-anchor arrays."""
+    k = model.mtp.draft_length
+    b, length = batch["tokens"].shape
+    c = model.mtp.chunk_size or length
+    c = min(c, length)
+    n = -(-length // c)
+    padded = n * c
+    valid = pair_valid(batch["segment_ids"], batch["response_mask"].astype(bool), k)
+    pad = padded - length
+
+    def pad_len(x, extra, value=0):
+        return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+    tokens_ahead = pad_len(batch["tokens"], pad + k)
+    real_next = jnp.stack([tokens_ahead[:, j: j + padded] for j in range(1, k + 1)], axis=-1)
+    hidden_ahead = pad_len(hidden, pad + k)
+    teacher_hidden = jnp.stack([hidden_ahead[:, j: j + padded] for j in range(0, k + 1)], axis=2)
+    per_anchor = {
+        "positions": pad_len(batch["positions"], pad),
+        "valid": pad_len(valid, pad, False),
+        "real_next": real_next,
+        "teacher_hidden": teacher_hidden,
+    }
+    return c, n, valid, per_anchor
+
+
+def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: dict,
+                   rng: jax.Array | None = None):
+    """(loss, grads wrt `trainable`, sown sums) for one batch, chunked over anchors."""
+    params = {**frozen, **trainable}
+    hidden, kv = regular_stream(model, params, batch)
+    c, n, valid, per_anchor = _chunks(model, batch, hidden)
+    n_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+    deterministic = rng is None or model.lora.dropout == 0.0
+
+    def chunk_loss(train, start, chunk_rng):
+        p = {**frozen, **train}
+        sl = {key: jax.lax.dynamic_slice_in_dim(v, start, c, axis=1) for key, v in per_anchor.items()}
+        rngs = {"dropout": chunk_rng} if not deterministic else {}
+        total, sown = model.apply(
+            variables(p), p["mask_embedding"], start + jnp.arange(c), sl["positions"], batch["segment_ids"], kv,
+            sl["teacher_hidden"], sl["valid"], sl["real_next"], deterministic=deterministic,
+            mutable=["mtp_losses"], rngs=rngs)
+        return total, sown["mtp_losses"]
+
+    grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
+
+    def body(carry, i):
+        loss_sum, grads, sums = carry
+        chunk_rng = jax.random.fold_in(rng, i) if rng is not None else jax.random.key(0)
+        (total, sown), g = grad_fn(trainable, i * c, chunk_rng)
+        sown = {name: jax.tree.map(lambda *xs: sum(xs), *vals) for name, vals in sown.items()}
+        sums = jax.tree.map(jnp.add, sums, sown) if sums is not None else sown
+        return (loss_sum + total, jax.tree.map(jnp.add, grads, g), sums), None
+
+    zero_grads = jax.tree.map(jnp.zeros_like, trainable)
+    sums_shape = jax.eval_shape(lambda: body((jnp.float32(0), zero_grads, None), 0)[0][2])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+    (loss_sum, grads, sums), _ = jax.lax.scan(body, (jnp.float32(0), zero_grads, zero_sums), jnp.arange(n))
+    grads = jax.tree.map(lambda g: g / n_valid, grads)
+    return loss_sum / n_valid, grads, sums
+
+
+def metrics_from_sums(sums: dict, k: int) -> dict[str, jax.Array]:
+    """Flat metrics with stable keys: loss/step_j, acc/step_j, accept_len (tokens per step)."""
+    out = {}
+    for j in range(1, k + 1):
+        s = sums[f"step_{j}"]
+        count = jnp.maximum(s["count"], 1.0)
+        out[f"loss/step_{j}"] = s["loss"] / count
+        out[f"acc/step_{j}"] = s["agree"] / count
+        if "lcm" in s:
+            out[f"lcm/step_{j}"] = s["lcm"] / count
+    acc = sums["accept"]
+    out["accept_len"] = 1.0 + acc["accepted"] / jnp.maximum(acc["anchors"], 1.0)
+    return out

@@ -1,0 +1,189 @@
+"""The two-stream MTP objective is the naive interleaved computation (SPEC §2-§6)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtp_jax.models import LoRAConfig, load_model
+from mtp_jax.models.llama import CausalLM
+from mtp_jax.mtp.mask_token import mask_embedding
+from mtp_jax.mtp.model import MTPConfig, MTPModel
+from mtp_jax.mtp.objective import init_params, loss_and_grads, metrics_from_sums, split_params
+from mtp_oracle import oracle_example
+
+LORA = LoRAConfig(rank=4, alpha=8.0)
+EXAMPLES = [  # (prompt_len, response_len): uneven, one response shorter than k
+    (5, 9), (3, 4), (2, 6), (4, 2),
+]
+
+
+def make_batch(examples, rows, length, seed=0, vocab=150):
+    """Packs examples into `rows` rows of `length` (greedy, in order) with padding; returns batch + tokens."""
+    rng = np.random.default_rng(seed)
+    toks = [rng.integers(3, vocab, p + r) for p, r in examples]
+    batch = {key: np.zeros((rows, length), np.int32) for key in ("tokens", "positions", "segment_ids")}
+    batch["response_mask"] = np.zeros((rows, length), bool)
+    row, col, seg = 0, 0, 0
+    for (p, r), t in zip(examples, toks):
+        if col + len(t) > length:
+            row, col, seg = row + 1, 0, 0
+        seg += 1
+        sl = slice(col, col + len(t))
+        batch["tokens"][row, sl] = t
+        batch["positions"][row, sl] = np.arange(len(t))
+        batch["segment_ids"][row, sl] = seg
+        batch["response_mask"][row, col + p: col + len(t)] = True
+        col += len(t)
+    return {k: jnp.asarray(v) for k, v in batch.items()}, toks
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory):
+    from conftest import make_hf_model, save_hf
+
+    out = {}
+    for kind in ("llama", "qwen3"):
+        path = save_hf(make_hf_model(kind, seed=3), tmp_path_factory.mktemp(kind))
+        _, base, config = load_model(path)
+        out[kind] = (config, base)
+    return out
+
+
+def build(setup, mtp: MTPConfig, lora=LORA, seed=0):
+    config, base = setup
+    model = MTPModel(config, lora, mtp)
+    row = mask_embedding(base["model"]["embed_tokens"]["embedding"], config.vocab_size)
+    params = init_params(model, base, row, jax.random.key(seed))
+    # B = 0 at init would make the adapters invisible: give them values
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
+    params["lora"] = jax.tree.map(lambda x: 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), params["lora"])
+    return model, params
+
+
+def oracle_loss(model, params, toks, examples, k, **kw):
+    lm = CausalLM(model.config, model.lora)
+    from mtp_jax.models.sampler import SamplerHead
+
+    sampler = SamplerHead(model.config.hidden_size, model.config.rms_norm_eps)
+    total, count = 0.0, 0
+    for t, (p, _) in zip(toks, examples):
+        s, c, _ = oracle_example(lm, sampler, params, t, p, k, **kw)
+        total, count = total + s, count + c
+    return total / count
+
+
+def rel(a, b):
+    return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
+
+
+def assert_trees_close(ours, ref, tol, what):
+    flat_o = jax.tree_util.tree_flatten_with_path(ours)[0]
+    flat_r = jax.tree.leaves(ref)
+    for (path, a), b in zip(flat_o, flat_r):
+        r = rel(a, b)
+        assert r < tol, f"{what}: {jax.tree_util.keystr(path)} rel diff {r:.2e}"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_two_stream_equals_interleaved_oracle(setups, kind, k):
+    model, params = build(setups[kind], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
+    batch, toks = make_batch(EXAMPLES, rows=3, length=16)
+    trainable, frozen = split_params(model, params)
+    loss, grads, _ = jax.jit(lambda t: loss_and_grads(model, t, frozen, batch))(trainable)
+    ref_loss, ref_grads = jax.value_and_grad(lambda t: oracle_loss(model, {**frozen, **t}, toks, EXAMPLES, k))(
+        trainable)
+    assert abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)) < 1e-5, (float(loss), float(ref_loss))
+    assert_trees_close(grads, ref_grads, 1e-5, f"{kind} k={k} grads")
+
+
+@pytest.mark.parametrize("option", ["teacher_forcing", "lcm", "train_mask_embedding"])
+def test_options_match_oracle(setups, option):
+    k = 3
+    mtp = MTPConfig(draft_length=k, soft_ce_impl="jnp", teacher_forcing=option == "teacher_forcing",
+                    lcm_weight=0.5 if option == "lcm" else 0.0, train_mask_embedding=option == "train_mask_embedding")
+    model, params = build(setups["llama"], mtp)
+    batch, toks = make_batch(EXAMPLES, rows=3, length=16)
+    trainable, frozen = split_params(model, params)
+    assert ("mask_embedding" in trainable) == (option == "train_mask_embedding")
+    loss, grads, _ = loss_and_grads(model, trainable, frozen, batch)
+    kw = dict(teacher_forcing=mtp.teacher_forcing, lcm_weight=mtp.lcm_weight)
+    ref_loss, ref_grads = jax.value_and_grad(lambda t: oracle_loss(model, {**frozen, **t}, toks, EXAMPLES, k, **kw))(
+        trainable)
+    assert abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)) < 1e-5
+    assert_trees_close(grads, ref_grads, 1e-5, option)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 7, 16])
+def test_chunked_equals_unchunked(setups, chunk):
+    k = 3
+    model, params = build(setups["qwen3"], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
+    chunked = MTPModel(model.config, model.lora, dataclasses.replace(model.mtp, chunk_size=chunk, row_chunk=4))
+    batch, _ = make_batch(EXAMPLES, rows=3, length=16)
+    trainable, frozen = split_params(model, params)
+    loss, grads, sums = loss_and_grads(model, trainable, frozen, batch)
+    loss_c, grads_c, sums_c = loss_and_grads(chunked, trainable, frozen, batch)
+    assert abs(float(loss) - float(loss_c)) < 1e-6 * abs(float(loss))
+    assert_trees_close(grads_c, grads, 1e-5, f"chunk {chunk}")
+    for key in sums:
+        for field in sums[key]:
+            np.testing.assert_allclose(sums_c[key][field], sums[key][field], rtol=1e-5, err_msg=f"{key}/{field}")
+
+
+def test_regular_stream_is_the_base_model_bit_for_bit(setups):
+    config, base = setups["llama"]
+    model, params = build(setups["llama"], MTPConfig(draft_length=2))
+    batch, _ = make_batch(EXAMPLES[:1], rows=1, length=14)
+    from mtp_jax.mtp.objective import regular_stream
+
+    hidden, _ = regular_stream(model, params, batch)
+    plain = CausalLM(config)
+    ref, _ = plain.apply({"params": base}, batch["tokens"], batch["positions"])
+    np.testing.assert_array_equal(np.asarray(hidden), np.asarray(ref))
+
+
+def test_oracle_gate_is_off_on_regular_tokens(setups):
+    """In the interleaved oracle, regular tokens' logits are the base model's despite active adapters."""
+    config, base = setups["qwen3"]
+    model, params = build(setups["qwen3"], MTPConfig(draft_length=3))
+    from mtp_jax.models.sampler import SamplerHead
+
+    toks = np.random.default_rng(5).integers(3, 150, 12)
+    _, _, reg_logits = oracle_example(CausalLM(config, LORA), SamplerHead(config.hidden_size, config.rms_norm_eps),
+                                      params, toks, 4, 3)
+    ref = CausalLM(config).apply({"params": base}, jnp.asarray(toks)[None], method=CausalLM.forward_logits)[0]
+    np.testing.assert_allclose(np.asarray(reg_logits), np.asarray(ref), atol=1e-5)
+
+
+def test_sown_losses_appear_only_when_applied(setups):
+    model, params = build(setups["llama"], MTPConfig(draft_length=2))
+    config = model.config
+    c, k, d = 2, 2, config.hidden_size
+    kv = [(jnp.zeros((1, 2, config.num_kv_heads, config.head_dim)),) * 2 for _ in range(config.num_layers)]
+    args = (params["mask_embedding"], jnp.arange(c), jnp.zeros((1, c), jnp.int32), jnp.ones((1, 2), jnp.int32), kv,
+            jnp.zeros((1, c, k + 1, d)), jnp.ones((1, c, k), bool), jnp.zeros((1, c, k), jnp.int32))
+    variables = model.init(jax.random.key(0), *args)
+    assert "mtp_losses" not in variables, "init must not sow losses"
+    from mtp_jax.mtp.objective import variables as to_vars
+
+    _, state = model.apply(to_vars(params), *args, mutable=["mtp_losses"])
+    assert set(state["mtp_losses"]) == {"step_1", "step_2", "accept"}
+
+
+def test_metrics(setups):
+    model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
+    batch, _ = make_batch(EXAMPLES, rows=3, length=16)
+    trainable, frozen = split_params(model, params)
+    loss, _, sums = loss_and_grads(model, trainable, frozen, batch)
+    m = metrics_from_sums(sums, 3)
+    # valid pairs per step: response tokens with a+j inside the example
+    expected = [sum(max(0, r - j) for _, r in EXAMPLES) for j in (1, 2, 3)]
+    assert [int(sums[f"step_{j}"]["count"]) for j in (1, 2, 3)] == expected
+    total = sum(sums[f"step_{j}"]["loss"] for j in (1, 2, 3)) / sum(expected)
+    np.testing.assert_allclose(float(loss), float(total), rtol=1e-6)
+    assert 1.0 <= float(m["accept_len"]) <= 4.0
+    for j in (1, 2, 3):
+        assert 0.0 <= float(m[f"acc/step_{j}"]) <= 1.0
