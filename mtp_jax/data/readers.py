@@ -183,7 +183,7 @@ class _TextStream:
         self.line = 1  # line number at self.pos
         self.bytes_read = 0
 
-    def more(self, at_least: int = CHUNK_CHARS) -> bool:
+    def more(self, at_least: int = 0) -> bool:
         if self.eof:
             return False
         if self.pos > len(self.buf) // 2:
@@ -228,8 +228,8 @@ def _json_array_objects(path: Path):
             s.advance(s.pos + 1)
             s.skip_ws()
             try:
-                key, end = decoder.raw_decode(s.buf, s.pos)
-            except json.JSONDecodeError:
+                key, end = _decode_one(decoder, s, 0)
+            except DataError:
                 key = None
             if key != "results":
                 raise DataError(f"{path}: expected {{\"results\": [...]}} at line {s.line}")
