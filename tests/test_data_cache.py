@@ -147,3 +147,16 @@ def test_two_concurrent_builders_make_one_cache(tmp_path):
     assert results[0]["path"] == results[1]["path"] and results[0]["pid"] == results[1]["pid"]
     assert is_complete(tmp_path / "cache" / os.path.basename(results[0]["path"]))
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+
+
+def test_cli_reports_skipped_records(tmp_path, capsys):
+    from mtp_jax.data.__main__ import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"input": "q", "output": "a"}) + "\n" + json.dumps({"input": "q", "output": 1}) + "\n")
+    argv = ["--data.train_file", str(data), "--data.eval_file", "null", "--data.cache_dir", str(tmp_path / "c")]
+    with pytest.raises(SystemExit, match=r"record 2 \(line 2\): \"output\" must be a string"):
+        main(argv)
+    main(argv + ["--on_bad_record", "skip"])
+    out = capsys.readouterr().out
+    assert "train: 1 examples" in out and "1 bad records skipped" in out, out
