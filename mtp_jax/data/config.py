@@ -28,7 +28,7 @@ class DataConfig:
     packing: bool = True
     max_tokens_per_row: int = 0
     length_grouping: bool = True
-    group_window: int = 2048  # examples sorted by length together (a window of the shuffled order)
+    group_window: int = 2048  # packing draws each row from one window of this many shuffled examples
     bucket_multiple: int = 64
     bucket_lengths: tuple[int, ...] = ()  # explicit row lengths; empty: multiple * {1, 2, 3, 4, 6, 8, ...}
     shuffle_seed: int = 0

@@ -1,7 +1,7 @@
 """Cached examples -> device-ready numpy batches through grain, deterministic and resumable.
 
 Per epoch a plan is drawn from (seed, epoch): shuffle the examples, sort each window of
-`group_window` of them by length, pack them into rows (several short examples per row, told apart
+`group_window` of them by length and pack it into rows (several short examples per row, told apart
 by segment_ids), group rows of similar length into global batches and shuffle the batch order.
 Every process computes the same plan and takes its slice of the rows of each global batch, so the
 row length L (a bucket) agrees across hosts. The grain iterator's state is the next batch index.
@@ -50,7 +50,7 @@ def plan_epoch(lengths: np.ndarray, *, batch_size: int, capacity: int, buckets: 
             window = window[np.argsort(-lengths[window], kind="stable")]
         rows.extend(_pack(window, lengths, capacity) if packing else [[int(i)] for i in window])
     row_len = np.asarray([sum(int(lengths[i]) for i in r) for r in rows])
-    if length_grouping:  # neighbours in length share a batch; the window above keeps it local
+    if length_grouping:  # rows of similar length from the whole epoch share a batch; batch order is shuffled below
         idx = np.argsort(-row_len, kind="stable")
         rows, row_len = [rows[i] for i in idx], row_len[idx]
     batches = []
