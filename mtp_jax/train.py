@@ -1,0 +1,610 @@
+"""Training CLI: `python -m mtp_jax.train --config configs/smollm2_k4.yaml [--resume] [--dotted.key VALUE ...]`.
+
+Wires the pieces: config -> mesh -> frozen base + fresh adapters -> grain batches -> one jitted
+`train_step(state, frozen, batch) -> (state, metrics)` -> metrics JSONL / tensorboard / orbax
+checkpoints. Without `--config` the embedded default (the defaults below = configs/smollm2_k4.yaml) runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from mtp_jax.config import ConfigError, from_dict, load_config, to_dict
+from mtp_jax.data.config import DataConfig
+from mtp_jax.models.lora import LoRAConfig
+from mtp_jax.mtp.model import MTPConfig
+from mtp_jax.sharding import MeshConfig
+
+
+# ----------------------------------------------------------------------------- configs
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    # HF dir, .gguf or alias; with random_init: a config.json (or a dir holding one) for random weights
+    path: str = "smollm2-135m-instruct"
+    random_init: bool = False
+    config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # HF config keys (random_init)
+    tokenizer: str | None = None  # default: `path` (required with random_init)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str | None = None  # default: dtype
+
+    def __post_init__(self):
+        if self.config_overrides and not self.random_init:
+            raise ValueError("model.config_overrides needs model.random_init: true (real weights fix the shapes)")
+        if self.random_init and not self.tokenizer:
+            raise ValueError("model.random_init needs model.tokenizer (a model dir or alias to take the tokenizer from)")
+        for name in ("dtype", "param_dtype"):
+            v = getattr(self, name)
+            if v is not None and v not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"model.{name} must be float32|bfloat16|float16, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    warmup_steps: int = 10  # linear from 0.01 x lr
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    weight_decay: float = 0.01  # not on RMSNorm weights nor the <mask> row
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_accum < 1 or self.max_grad_norm < 0:
+            raise ValueError("optim: need lr > 0, warmup_steps >= 0, grad_accum >= 1, max_grad_norm >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    save_dir: str = "runs/smollm2_k4"  # run directory: config.yaml, tokenizer/, checkpoints/, tb/, metrics.jsonl
+    max_steps: int = 120  # optimizer steps
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 60  # 0: eval only at the end; eval needs data.eval_file
+    eval_batches: int = 0  # 0: the whole eval file
+    save_steps: int = 60  # 0: only at the end
+    save_limit: int = 2
+    async_checkpointing: bool = True
+    progress: bool = True
+    print_memory: bool = True  # memory_analysis() of each compiled step
+
+    def __post_init__(self):
+        if self.max_steps < 1 or self.log_every < 1 or self.save_limit < 1:
+            raise ValueError("train: need max_steps >= 1, log_every >= 1, save_limit >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    # multi-host: jax.distributed.initialize (on GPU clusters with SLURM/k8s env, `initialize: true` alone)
+    initialize: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+def _default_data() -> DataConfig:
+    return DataConfig(max_prompt_tokens=96, max_total_tokens=192, batch_size=4, packing=True,
+                      bucket_multiple=64, max_tokens_per_row=256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoRAConfig = dataclasses.field(default_factory=lambda: LoRAConfig(rank=16, alpha=32.0))
+    mtp: MTPConfig = dataclasses.field(default_factory=lambda: MTPConfig(draft_length=4, chunk_size=128))
+    data: DataConfig = dataclasses.field(default_factory=_default_data)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+
+# keys that must match when resuming: a checkpoint of one model / k cannot continue as another
+RESUME_KEYS = ("model.path", "model.random_init", "model.config_overrides", "mtp.draft_length", "lora.rank",
+               "lora.targets", "lora.fuse", "lora.bias", "mtp.train_mask_embedding")
+
+
+def _dotted(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+# ----------------------------------------------------------------------------- the step (pure)
+
+def loss_fn(model, trainable, frozen, batch, rng):
+    """(loss, grads wrt trainable, metrics) of one batch; metrics carry loss/step_j, acc/step_j, accept_len."""
+    from mtp_jax.mtp.objective import loss_and_grads, metrics_from_sums
+
+    rng = rng if model.lora.dropout > 0 else None
+    loss, grads, sums = loss_and_grads(model, trainable, frozen, batch, rng)
+    metrics = metrics_from_sums(sums, model.mtp.draft_length)
+    metrics["loss/total"] = loss
+    metrics["pairs"] = sum(sums[f"step_{j}"]["count"] for j in range(1, model.mtp.draft_length + 1))
+    return loss, grads, metrics
+
+
+def train_step(model, tx, schedule, grad_accum, state, frozen, batch):
+    """One micro-step: grads, (accumulated) AdamW update, skip and count when loss or grads are not finite."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    loss, grads, metrics = loss_fn(model, state["trainable"], frozen, batch, rng)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+
+    def keep(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = {
+        "step": state["step"] + 1,
+        "trainable": keep(trainable, state["trainable"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "rng": state["rng"],
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+    }
+    metrics.update(grad_norm=grad_norm, lr=schedule(state["step"] // grad_accum), skipped=new_state["skipped"])
+    return new_state, metrics
+
+
+def eval_step(model, state, frozen, batch):
+    from mtp_jax.mtp.objective import loss_and_grads
+
+    _, _, sums = loss_and_grads(model, state["trainable"], frozen, batch)
+    return sums
+
+
+def decay_mask(trainable):
+    """AdamW decays matrices and LoRA biases, not RMSNorm weights (sampler norm1/norm2) nor the <mask> row."""
+    import jax
+
+    def decays(path, _):
+        keys = [getattr(k, "key", str(k)) for k in path]
+        return not (keys[0] == "mask_embedding" or any("norm" in str(k) for k in keys))
+
+    return jax.tree_util.tree_map_with_path(decays, trainable)
+
+
+def make_optimizer(cfg: OptimConfig, max_steps: int):
+    import optax
+
+    warmup = optax.linear_schedule(0.01 * cfg.lr, cfg.lr, max(cfg.warmup_steps, 1))
+    if cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, max(max_steps - cfg.warmup_steps, 1), alpha=cfg.min_lr_ratio)
+    else:
+        main = optax.constant_schedule(cfg.lr)
+    schedule = optax.join_schedules([warmup, main], [cfg.warmup_steps]) if cfg.warmup_steps else main
+    parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+    parts.append(optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
+    tx = optax.chain(*parts)
+    if cfg.grad_accum > 1:
+        tx = optax.MultiSteps(tx, cfg.grad_accum)
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
+
+
+def device_peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def check_inputs(cfg: Config, resume: bool) -> Path:
+    """Every bad input that can be seen without compute: data files, run dir, resume compatibility."""
+    from mtp_jax.data.readers import DataError, resolve_data_file
+
+    for key in ("train_file", "eval_file"):
+        path = getattr(cfg.data, key)
+        if path is None:
+            continue
+        try:
+            resolve_data_file(path)
+        except (DataError, FileNotFoundError, OSError) as e:
+            raise ConfigError(f"data.{key}: {e}") from None
+    if cfg.model.random_init:
+        _hf_config_file(cfg.model.path)
+    run_dir = Path(cfg.train.save_dir).expanduser()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"train.save_dir: {run_dir} is not writable ({e.strerror or e})") from None
+    ckpt = run_dir / "checkpoints"
+    has_ckpt = ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+    saved = run_dir / "config.yaml"
+    if resume:
+        if not has_ckpt or not saved.is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume from")
+        old = yaml.safe_load(saved.read_text())
+        new = to_dict(cfg)
+        diff = [f"{k}: checkpoint {_dotted(old, k)!r}, now {_dotted(new, k)!r}" for k in RESUME_KEYS
+                if _dotted(old, k) != _dotted(new, k)]
+        if diff:
+            raise ConfigError(f"--resume: {run_dir} was trained with a different setup; " + "; ".join(diff))
+    elif has_ckpt:
+        raise ConfigError(f"train.save_dir: {run_dir} already holds checkpoints; pass --resume to continue "
+                          "or choose a new save_dir")
+    return run_dir
+
+
+def _hf_config_file(path: str) -> Path:
+    """config.json named by `path`: the file itself, a directory holding one, or a model alias."""
+    from mtp_jax.models import resolve_model_dir
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    try:
+        p = resolve_model_dir(path) / "config.json"
+    except Exception as e:
+        raise ConfigError(f"model.path: {path}: not a config.json, model directory or alias ({e})") from None
+    if not p.is_file():
+        raise ConfigError(f"model.path: {p} not found (model.random_init: true needs a HF config.json)")
+    return p
+
+
+def load_base(cfg: Config, mesh, rules):
+    """(ModelConfig, base params placed by the logical rules, tokenizer)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from mtp_jax.models import ModelConfig, load_model, load_tokenizer
+    from mtp_jax.models.llama import CausalLM
+    from mtp_jax.models.loading import abstract_params
+    from mtp_jax.sharding import logical_shardings
+
+    m = cfg.model
+    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype or m.dtype)
+    tokenizer = load_tokenizer(m.tokenizer or m.path)
+    if m.random_init:
+        p = _hf_config_file(m.path)
+        hf = json.loads(p.read_text())
+        hf.update(m.config_overrides)
+        config = ModelConfig.from_hf(hf, source=str(p))
+        lm = CausalLM(config, None, dtype, param_dtype)
+        shardings = logical_shardings(abstract_params(lm), mesh, rules)
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        init = jax.jit(lambda r: nn.unbox(lm.init(r, tokens, method=lm.forward_logits)["params"]),
+                       out_shardings=shardings)
+        return config, init(jax.random.key(cfg.train.seed + 1000)), tokenizer
+
+    def place(path, leaf):
+        names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+        return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
+
+    _, base, config = load_model(m.path, m.dtype, m.param_dtype, sharding=place)
+    return config, base, tokenizer
+
+
+def abstract_trainable(model):
+    """Boxed abstract {'lora', 'sampler'} trees of `model` (logical axes kept)."""
+    import jax
+    import jax.numpy as jnp
+
+    k, d, c = model.mtp.draft_length, model.config.hidden_size, model.config
+    kv = [(jnp.zeros((1, 2, c.num_kv_heads, c.head_dim), model.dtype),) * 2 for _ in range(c.num_layers)]
+    args = (jnp.zeros((d,)), jnp.arange(2), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), kv,
+            jnp.zeros((1, 2, k + 1, d), model.dtype), jnp.ones((1, 2, k), bool), jnp.zeros((1, 2, k), jnp.int32))
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
+    return {"lora": v["lora"]["base"], "sampler": v["params"]["sampler"]}
+
+
+def count_params(tree) -> int:
+    import jax
+
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+class MetricWriter:
+    """metrics.jsonl + tensorboard event file (written with tensorboard's own event writer, no TF/torch)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            self._pb = (event_pb2, summary_pb2)
+            self.tb = EventFileWriter(str(run_dir / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, metrics: dict[str, float], prefix: str = ""):
+        if not self.enabled:
+            return
+        row = {"step": step, **{prefix + k: v for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            event_pb2, summary_pb2 = self._pb
+            values = [summary_pb2.Summary.Value(tag=prefix + k, simple_value=float(v))
+                      for k, v in metrics.items() if v is not None]
+            self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                              summary=summary_pb2.Summary(value=values)))
+            self.tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def log(msg: str):
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def run(cfg: Config, resume: bool = False) -> dict:
+    """Trains per `cfg`; returns {'history': [metrics per logged step], 'eval': last eval, 'run_dir'}."""
+    run_dir = check_inputs(cfg, resume)
+    if cfg.distributed.initialize or cfg.distributed.coordinator_address:
+        import jax
+
+        jax.distributed.initialize(cfg.distributed.coordinator_address, cfg.distributed.num_processes,
+                                   cfg.distributed.process_id)
+    import flax.linen as nn
+    import grain
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from mtp_jax.data import batch_iterator
+    from mtp_jax.mtp.mask_token import add_mask_token, mask_embedding
+    from mtp_jax.mtp.model import MTPModel
+    from mtp_jax.mtp.objective import init_params, trainable_keys
+    from mtp_jax.sharding import batch_sharding, host_to_global, logical_shardings, make_mesh, replicated
+
+    main_process = jax.process_index() == 0
+    mesh = make_mesh(cfg.mesh)
+    rules = cfg.mesh.logical_rules()
+    rows_axis = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % rows_axis:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must divide by mesh data*fsdp ({rows_axis})")
+    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process(es)")
+
+    config, base, tokenizer = load_base(cfg, mesh, rules)
+    text_vocab = len(tokenizer)
+    add_mask_token(tokenizer, config.vocab_size, cfg.mtp.mask_token)
+    if main_process:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+
+    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype or cfg.model.dtype)
+    model = MTPModel(config, cfg.lora, cfg.mtp, dtype, param_dtype)
+    repl = replicated(mesh)
+    table = base["model"]["embed_tokens"]["embedding"]
+    mask_row = jax.jit(lambda t: mask_embedding(t, min(text_vocab, t.shape[0])), out_shardings=repl)(table)
+
+    # shardings: base and adapters by logical rules, the optimizer state like its params, scalars replicated
+    abstract = abstract_trainable(model)
+    train_sh = logical_shardings(abstract, mesh, rules)
+    keys = trainable_keys(model)
+    if "mask_embedding" in keys:
+        train_sh["mask_embedding"] = repl
+    frozen = {"base": base, **({} if "mask_embedding" in keys else {"mask_embedding": mask_row})}
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+
+    def init_trainable(rng, row):
+        p = init_params(model, {}, row, rng)
+        return {k: p[k] for k in keys}
+
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.max_steps)
+    accum = cfg.optim.grad_accum
+    abstract_train = jax.eval_shape(init_trainable, jax.random.key(0), mask_row)
+    abstract_opt = jax.eval_shape(tx.init, abstract_train)
+    opt_sh = __import__("optax").tree_map_params(tx, lambda _, s: s, abstract_opt, train_sh,
+                                                 transform_non_params=lambda _: repl)
+    state_sh = {"step": repl, "trainable": train_sh, "opt_state": opt_sh, "rng": repl, "skipped": repl}
+
+    def init_state(rng, row):
+        trainable = init_trainable(rng, row)
+        return {"step": jnp.int32(0), "trainable": trainable, "opt_state": tx.init(trainable),
+                "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)), "skipped": jnp.int32(0)}
+
+    state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.train.seed), mask_row)
+    n_base, n_train = count_params(base), count_params(state["trainable"])
+    log(f"model {cfg.model.path}: {n_base / 1e6:.1f}M frozen base params, {n_train / 1e6:.2f}M trainable, "
+        f"k={cfg.mtp.draft_length}, <mask> row = mean of {min(text_vocab, config.vocab_size)} embedding rows")
+
+    step_fn = jax.jit(functools.partial(train_step, model, tx, schedule, accum),
+                      in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, repl), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, model), in_shardings=(state_sh, frozen_sh, None),
+                      out_shardings=repl)
+
+    # data
+    pidx, pcount = jax.process_index(), jax.process_count()
+    k = cfg.mtp.draft_length
+    train_iter = batch_iterator(cfg.data, tokenizer, k, split="train", process_index=pidx, process_count=pcount)
+    bsh = batch_sharding(mesh, rules)
+
+    # checkpoints
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.save_limit,
+                                           enable_async_checkpointing=cfg.train.async_checkpointing)
+    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+    if resume:
+        last = manager.latest_step()
+        abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      state, state_sh)
+        restored = manager.restore(last, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(train_iter)))
+        state = restored["state"]
+        log(f"resumed from {run_dir / 'checkpoints' / str(last)} (optimizer step {last})")
+
+    def save(opt_step: int):
+        manager.save(opt_step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter),
+            config=ocp.args.JsonSave(to_dict(cfg))))
+
+    compiled: dict[tuple, Any] = {}
+
+    def step_for(batch):
+        key = tuple(v.shape for v in batch.values())
+        if key not in compiled:
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                t0 = time.time()
+                c = step_fn.lower(state, frozen, batch).compile()
+            msg = f"compiled train_step for batch {key[0]} in {time.time() - t0:.1f}s"
+            mem = c.memory_analysis() if cfg.train.print_memory else None
+            if mem is not None:
+                msg += (f"; memory: args {mem.argument_size_in_bytes / 2**20:.1f} MiB, temp "
+                        f"{mem.temp_size_in_bytes / 2**20:.1f} MiB, out {mem.output_size_in_bytes / 2**20:.1f} MiB, "
+                        f"aliased {mem.alias_size_in_bytes / 2**20:.1f} MiB")
+            log(msg)
+            compiled[key] = c
+        return compiled[key]
+
+    def evaluate() -> dict | None:
+        if cfg.data.eval_file is None:
+            return None
+        it = batch_iterator(cfg.data, tokenizer, k, split="eval", process_index=pidx, process_count=pcount)
+        total = None
+        for i, host in enumerate(it):
+            if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+                break
+            batch = host_to_global(host, bsh)
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                sums = eval_fn(state, frozen, batch)
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        if total is None:
+            return None
+        from mtp_jax.mtp.objective import metrics_from_sums
+
+        out = {key: float(v) for key, v in jax.device_get(metrics_from_sums(total, k)).items()}
+        pairs = sum(float(total[f"step_{j}"]["count"]) for j in range(1, k + 1))
+        out["loss/total"] = sum(float(total[f"step_{j}"]["loss"]) for j in range(1, k + 1)) / max(pairs, 1.0)
+        return out
+
+    writer = MetricWriter(run_dir, main_process)
+    peak = device_peak_flops(jax.devices()[0])
+    start = int(state["step"]) // accum
+    history, last_eval, window, tokens, pairs_host = [], None, [], 0, 0
+    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (cfg.train.progress and main_process),
+               dynamic_ncols=True, desc="train")
+    t_window = time.time()
+    opt_step = start
+    try:
+        while opt_step < cfg.train.max_steps:
+            for _ in range(accum):
+                host = next(train_iter)
+                tokens += int(np.sum(host["segment_ids"] > 0)) * pcount
+                batch = host_to_global(host, bsh)
+                state, metrics = step_for(batch)(state, frozen, batch)
+                window.append(metrics)
+            opt_step += 1
+            bar.update(1)
+            if opt_step % cfg.train.log_every == 0 or opt_step == cfg.train.max_steps:
+                fetched = jax.device_get(window)
+                dt = max(time.time() - t_window, 1e-9)
+                row = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
+                row["skipped"] = float(fetched[-1]["skipped"])
+                row["lr"] = float(fetched[-1]["lr"])
+                pairs = row.pop("pairs") * len(fetched)
+                row["tokens_per_s"] = tokens / dt
+                flops = 2 * n_base * tokens + 4 * n_base * pairs
+                row["mfu"] = flops / (dt * peak * jax.device_count()) if peak else None
+                history.append({"step": opt_step, **row})
+                writer.write(opt_step, row)
+                accept = " ".join(f"{row[f'acc/step_{j}']:.2f}" for j in range(1, k + 1))
+                bar.set_postfix_str(f"loss {row['loss/total']:.3f} acc {accept} len {row['accept_len']:.2f} "
+                                    f"tok/s {row['tokens_per_s']:.0f}")
+                if not cfg.train.progress and main_process:
+                    log(f"step {opt_step}: loss {row['loss/total']:.4f} acc [{accept}] "
+                        f"accept_len {row['accept_len']:.3f} tok/s {row['tokens_per_s']:.0f}")
+                window, tokens, t_window = [], 0, time.time()
+            if cfg.train.eval_every and opt_step % cfg.train.eval_every == 0 and opt_step < cfg.train.max_steps:
+                last_eval = evaluate()
+                if last_eval:
+                    writer.write(opt_step, last_eval, prefix="eval/")
+                    log(f"eval @ {opt_step}: " + json.dumps({kk: round(v, 4) for kk, v in last_eval.items()}))
+                t_window = time.time()
+            if cfg.train.save_steps and opt_step % cfg.train.save_steps == 0 and opt_step < cfg.train.max_steps:
+                save(opt_step)
+        bar.close()
+        if start < cfg.train.max_steps:
+            save(cfg.train.max_steps)
+        manager.wait_until_finished()
+        last_eval = evaluate()
+        if last_eval:
+            writer.write(opt_step, last_eval, prefix="eval/")
+            log(f"eval @ {opt_step}: " + json.dumps({kk: round(v, 4) for kk, v in last_eval.items()}))
+    finally:
+        manager.close()
+        writer.close()
+    return {"history": history, "eval": last_eval, "run_dir": run_dir, "state": state}
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str | None, bool, list[str]]:
+    args = list(argv)
+    config_path, resume, rest = None, False, []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-h", "--help"):
+            print(__doc__)
+            sys.exit(0)
+        if a == "--resume":
+            resume = True
+        elif a == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config: missing the YAML path")
+            config_path = args[i + 1]
+            i += 1
+        elif a.startswith("--config="):
+            config_path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return config_path, resume, rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config_path, resume, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(Config, config_path, overrides)
+        run(cfg, resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
