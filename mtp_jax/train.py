@@ -77,6 +77,7 @@ class TrainConfig:
     eval_batches: int = 0  # 0: the whole eval file
     save_steps: int = 60  # 0: only at the end
     save_limit: int = 2
+    stop_after_steps: int = 0  # >0: stop this invocation after that many optimizer steps (resume later)
     async_checkpointing: bool = True
     progress: bool = True
     print_memory: bool = True  # memory_analysis() of each compiled step
@@ -97,7 +98,7 @@ class DistributedConfig:
 
 def _default_data() -> DataConfig:
     return DataConfig(max_prompt_tokens=96, max_total_tokens=192, batch_size=4, packing=True,
-                      bucket_multiple=64, max_tokens_per_row=256)
+                      bucket_lengths=(256,), max_tokens_per_row=256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,13 +163,6 @@ def train_step(model, tx, schedule, grad_accum, state, frozen, batch):
     }
     metrics.update(grad_norm=grad_norm, lr=schedule(state["step"] // grad_accum), skipped=new_state["skipped"])
     return new_state, metrics
-
-
-def eval_step(model, state, frozen, batch):
-    from mtp_jax.mtp.objective import loss_and_grads
-
-    _, _, sums = loss_and_grads(model, state["trainable"], frozen, batch)
-    return sums
 
 
 def decay_mask(trainable):
@@ -446,9 +440,6 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     step_fn = jax.jit(functools.partial(train_step, model, tx, schedule, accum),
                       in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, repl), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model), in_shardings=(state_sh, frozen_sh, None),
-                      out_shardings=repl)
-
     # data
     pidx, pcount = jax.process_index(), jax.process_count()
     k = cfg.mtp.draft_length
@@ -492,25 +483,27 @@ def run(cfg: Config, resume: bool = False) -> dict:
         return compiled[key]
 
     def evaluate() -> dict | None:
+        """Per-step loss / top-1 agreement / acceptance on the held-out file at the current params.
+
+        Runs the compiled train step on a copy of the state and drops the update: the metrics are
+        taken before the update, and reusing the executable avoids a second compile of the model.
+        """
         if cfg.data.eval_file is None:
             return None
         it = batch_iterator(cfg.data, tokenizer, k, split="eval", process_index=pidx, process_count=pcount)
-        total = None
+        rows = []
         for i, host in enumerate(it):
             if cfg.train.eval_batches and i >= cfg.train.eval_batches:
                 break
             batch = host_to_global(host, bsh)
-            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                sums = eval_fn(state, frozen, batch)
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        if total is None:
+            scratch = jax.tree.map(lambda x: x.copy(), state)
+            _, m = step_for(batch)(scratch, frozen, batch)
+            rows.append(jax.device_get(m))
+        weights = np.asarray([float(m["pairs"]) for m in rows])
+        if not rows or weights.sum() == 0:
             return None
-        from mtp_jax.mtp.objective import metrics_from_sums
-
-        out = {key: float(v) for key, v in jax.device_get(metrics_from_sums(total, k)).items()}
-        pairs = sum(float(total[f"step_{j}"]["count"]) for j in range(1, k + 1))
-        out["loss/total"] = sum(float(total[f"step_{j}"]["loss"]) for j in range(1, k + 1)) / max(pairs, 1.0)
-        return out
+        keys = [key for key in rows[0] if key.startswith(("loss/", "acc/")) or key == "accept_len"]
+        return {key: float(np.average([m[key] for m in rows], weights=weights)) for key in keys}
 
     writer = MetricWriter(run_dir, main_process)
     peak = device_peak_flops(jax.devices()[0])
@@ -520,8 +513,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
                dynamic_ncols=True, desc="train")
     t_window = time.time()
     opt_step = start
+    stop = min(cfg.train.max_steps, start + cfg.train.stop_after_steps) if cfg.train.stop_after_steps \
+        else cfg.train.max_steps
     try:
-        while opt_step < cfg.train.max_steps:
+        while opt_step < stop:
             for _ in range(accum):
                 host = next(train_iter)
                 tokens += int(np.sum(host["segment_ids"] > 0)) * pcount
@@ -530,7 +525,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
                 window.append(metrics)
             opt_step += 1
             bar.update(1)
-            if opt_step % cfg.train.log_every == 0 or opt_step == cfg.train.max_steps:
+            if opt_step % cfg.train.log_every == 0 or opt_step == stop:
                 fetched = jax.device_get(window)
                 dt = max(time.time() - t_window, 1e-9)
                 row = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
@@ -555,11 +550,11 @@ def run(cfg: Config, resume: bool = False) -> dict:
                     writer.write(opt_step, last_eval, prefix="eval/")
                     log(f"eval @ {opt_step}: " + json.dumps({kk: round(v, 4) for kk, v in last_eval.items()}))
                 t_window = time.time()
-            if cfg.train.save_steps and opt_step % cfg.train.save_steps == 0 and opt_step < cfg.train.max_steps:
+            if cfg.train.save_steps and opt_step % cfg.train.save_steps == 0 and opt_step < stop:
                 save(opt_step)
         bar.close()
-        if start < cfg.train.max_steps:
-            save(cfg.train.max_steps)
+        if opt_step > start:
+            save(opt_step)
         manager.wait_until_finished()
         last_eval = evaluate()
         if last_eval:

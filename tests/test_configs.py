@@ -1,0 +1,35 @@
+"""Every YAML in configs/ loads into the training Config; the embedded default is configs/smollm2_k4.yaml."""
+
+from pathlib import Path
+
+import pytest
+
+from mtp_jax.config import load_config, to_dict
+from mtp_jax.train import Config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    for need in ("smollm2_k4.yaml", "qwen3_8b_k4.yaml", "llama31_8b_k4.yaml", "tiny_test.yaml"):
+        assert need in names, f"configs/{need} is missing"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads(path):
+    cfg = load_config(Config, path)
+    assert cfg.mtp.draft_length >= 1
+
+
+def test_embedded_default_is_smollm2_k4():
+    default = to_dict(Config())
+    yaml_cfg = to_dict(load_config(Config, CONFIGS[0].parent / "smollm2_k4.yaml"))
+    diff = {k for k in default if default[k] != yaml_cfg[k]}
+    assert not diff, f"Config() defaults and configs/smollm2_k4.yaml differ in {sorted(diff)}"
+
+
+def test_reference_configs_are_mtp_glora_settings():
+    for name in ("qwen3_8b_k4.yaml", "llama31_8b_k4.yaml"):
+        cfg = load_config(Config, CONFIGS[0].parent / name)
+        assert (cfg.mtp.draft_length, cfg.mtp.chunk_size, cfg.lora.rank, cfg.optim.lr) == (4, 5120, 32, 2e-4), name
