@@ -354,6 +354,14 @@ class MetricWriter:
                 self.tb.close()
 
 
+def to_host(tree):
+    """Replicated (or single-process) arrays -> numpy; works where other processes hold devices too."""
+    import jax
+    import numpy as np
+
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
 def log(msg: str):
     import jax
 
@@ -498,7 +506,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
             batch = host_to_global(host, bsh)
             scratch = jax.tree.map(lambda x: x.copy(), state)
             _, m = step_for(batch)(scratch, frozen, batch)
-            rows.append(jax.device_get(m))
+            rows.append(to_host(m))
         weights = np.asarray([float(m["pairs"]) for m in rows])
         if not rows or weights.sum() == 0:
             return None
@@ -507,7 +515,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     writer = MetricWriter(run_dir, main_process)
     peak = device_peak_flops(jax.devices()[0])
-    start = int(state["step"]) // accum
+    start = int(to_host(state["step"])) // accum
     history, last_eval, window, tokens, pairs_host = [], None, [], 0, 0
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (cfg.train.progress and main_process),
                dynamic_ncols=True, desc="train")
@@ -526,7 +534,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
             opt_step += 1
             bar.update(1)
             if opt_step % cfg.train.log_every == 0 or opt_step == stop:
-                fetched = jax.device_get(window)
+                fetched = to_host(window)
                 dt = max(time.time() - t_window, 1e-9)
                 row = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
                 row["skipped"] = float(fetched[-1]["skipped"])
