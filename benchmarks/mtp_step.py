@@ -1,0 +1,153 @@
+"""Peak memory and time of one MTP loss+grad step at 8B shapes (random init), two-stream vs a
+straightforward interleaved baseline (dense mask over the interleaved sequence, XLA softmax CE).
+
+    python benchmarks/mtp_step.py --model configs/models/qwen3-8b.json --lengths 2048 8192 --out results.json
+
+Prints a table with each figure beside the baseline from the same run; an OOM is reported, not
+raised. GPU only (an 8B model needs ~16 GB in bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.models import LoRAConfig, ModelConfig
+from mtp_jax.models.llama import CausalLM
+from mtp_jax.models.loading import abstract_params
+from mtp_jax.mtp.layout import pair_valid
+from mtp_jax.mtp.model import MTPConfig, MTPModel
+from mtp_jax.mtp.objective import init_params, loss_and_grads, split_params
+
+
+def random_base(model: CausalLM, seed: int = 0):
+    """Random base params at the model's real shapes, made on the device in one jitted call."""
+    shapes = jax.tree.map(lambda b: b.value if hasattr(b, "value") else b, abstract_params(model),
+                          is_leaf=lambda b: hasattr(b, "value"))
+    leaves, treedef = jax.tree.flatten(shapes)
+
+    @jax.jit
+    def init(key):
+        keys = jax.random.split(key, len(leaves))
+        return [(0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)]
+
+    return jax.tree.unflatten(treedef, init(jax.random.key(seed)))
+
+
+def make_batch(prompt: int, response: int):
+    length = prompt + response
+    rng = np.random.default_rng(0)
+    return {"tokens": jnp.asarray(rng.integers(0, 1000, (1, length)), jnp.int32),
+            "positions": jnp.arange(length, dtype=jnp.int32)[None],
+            "segment_ids": jnp.ones((1, length), jnp.int32),
+            "response_mask": jnp.asarray((np.arange(length) >= prompt)[None])}
+
+
+def interleaved_loss(model: MTPModel, trainable, frozen, batch):
+    """Baseline: the whole interleaved sequence through the decoder with a dense mask."""
+    k = model.mtp.draft_length
+    p = {**frozen, **trainable}
+    batch = jax.tree.map(np.asarray, batch)  # host arrays: the layout is static
+    tokens = jnp.asarray(batch["tokens"][0])
+    length = tokens.shape[0]
+    prompt = int(np.argmax(np.asarray(batch["response_mask"][0])))
+    reg_index = np.concatenate([np.arange(prompt)] + [np.full(k + 1, a) for a in range(prompt, length)])
+    step = np.concatenate([np.zeros(prompt, int)] + [np.arange(k + 1) for _ in range(prompt, length)])
+    is_mask = step > 0
+    ids = jnp.where(jnp.asarray(is_mask), 0, tokens[reg_index])
+    pos = jnp.asarray(reg_index + step)
+    q_reg, k_reg = jnp.asarray(reg_index)[:, None], jnp.asarray(reg_index)[None, :]
+    m = jnp.asarray(is_mask)
+    s = jnp.asarray(step)
+    mask = (~m[None, :] & (k_reg <= q_reg)) | (m[:, None] & m[None, :] & (k_reg == q_reg) & (s[None] <= s[:, None]))
+    lm = CausalLM(model.config, model.lora, model.dtype, model.param_dtype)
+    v = {"params": p["base"], "lora": p["lora"]}
+    emb = lm.apply(v, ids[None], method=lm.embed)
+    emb = jnp.where(m[None, :, None], p["mask_embedding"].astype(emb.dtype), emb)
+
+    def attend(layer, q, kk, vv):
+        return jax.nn.dot_product_attention(q, kk, vv, mask=mask[None, None]), None
+
+    hidden, _ = lm.apply(v, None, pos[None], attend, gate=m[None].astype(model.dtype), embeddings=emb)
+    logits = lm.apply(v, hidden[0], method=lm.logits).astype(jnp.float32)
+    reg_rows = np.nonzero(~is_mask)[0]
+    teacher = jax.lax.stop_gradient(logits[reg_rows])
+    mask_rows = np.nonzero(is_mask)[0]
+    a, j = reg_index[mask_rows], step[mask_rows]
+    valid = jnp.asarray(a + j < length)
+    t = teacher[np.minimum(a + j, length - 1)]
+    ce = -jnp.sum(jax.nn.softmax(t) * jax.nn.log_softmax(logits[mask_rows]), -1)
+    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.sum(valid)
+
+
+def measure(fn, *args, reps=3):
+    try:
+        compiled = jax.jit(fn).lower(*args).compile()
+        mem = compiled.memory_analysis()
+        jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t0)
+        peak = None
+        if mem is not None:
+            peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**30
+        return {"time_s": float(np.median(times)), "peak_gib": peak}
+    except Exception as e:  # XLA reports OOM as a runtime error
+        msg = str(e).splitlines()[0][:160]
+        return {"time_s": None, "peak_gib": None, "error": ("OOM: " if "memory" in msg.lower() else "") + msg}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="configs/models/qwen3-8b.json")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--baseline_max", type=int, default=4096, help="skip the baseline above this regular length")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    config = ModelConfig.from_file(args.model)
+    lora = LoRAConfig(rank=16, alpha=32.0)
+    mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=2048,
+                    attention_impl="xla", soft_ce_impl="auto")
+    model = MTPModel(config, lora, mtp, jnp.bfloat16, jnp.bfloat16)
+    base = random_base(CausalLM(config, None, jnp.bfloat16, jnp.bfloat16))
+    mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
+    params = init_params(model, base, mask_row, jax.random.key(1))
+    trainable, frozen = split_params(model, params)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rows = []
+    for total in args.lengths:
+        batch = make_batch(args.prompt, total - args.prompt)
+        ours = measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen, batch)
+        naive = jax.value_and_grad(lambda t, f: interleaved_loss(model, t, f, batch))
+        base_r = (measure(naive, trainable, frozen) if total <= args.baseline_max
+                  else {"time_s": None, "peak_gib": None, "error": "skipped (too large)"})
+        rows.append({"regular_tokens": total, "two_stream": ours, "interleaved": base_r})
+        print(json.dumps(rows[-1]), flush=True)
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
+              "date": time.strftime("%Y-%m-%d"), "model": args.model, "k": args.k, "chunk": args.chunk, "rows": rows}
+    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  {args.model}  k={args.k} chunk={args.chunk}")
+    print(f"{'regular':>8} | {'two-stream s':>12} {'GiB':>7} | {'interleaved s':>13} {'GiB':>7} | speedup")
+    for r in rows:
+        o, b = r["two_stream"], r["interleaved"]
+        sp = f"{b['time_s'] / o['time_s']:.2f}x" if o["time_s"] and b["time_s"] else "-"
+        fmt = lambda x, f: f"{x:{f}}" if x is not None else "-"
+        print(f"{r['regular_tokens']:>8} | {fmt(o['time_s'], '12.3f')} {fmt(o['peak_gib'], '7.1f')} | "
+              f"{fmt(b['time_s'], '13.3f')} {fmt(b['peak_gib'], '7.1f')} | {sp}  {o.get('error', '')}{b.get('error', '')}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""On a GPU: the cuDNN prefix attention and the Triton soft-CE give the XLA/jnp objective's
+loss and gradients (bf16 kernels against the fp32 XLA path)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from test_mtp import EXAMPLES, build, make_batch, rel, setups  # noqa: F401 (fixture)
+from mtp_jax.mtp.model import MTPConfig, MTPModel
+from mtp_jax.mtp.objective import loss_and_grads, split_params
+
+gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention_impl,soft_ce_impl", [("xla", "triton"), ("cudnn", "jnp"), ("cudnn", "triton")])
+def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl):
+    ref_model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
+    batch, _ = make_batch(EXAMPLES, rows=3, length=16)
+    trainable, frozen = split_params(ref_model, params)
+    loss_ref, grads_ref, _ = jax.jit(lambda t: loss_and_grads(ref_model, t, frozen, batch))(trainable)
+    cfg = dataclasses.replace(ref_model.mtp, attention_impl=attention_impl, soft_ce_impl=soft_ce_impl)
+    dtype = jnp.bfloat16 if attention_impl == "cudnn" else jnp.float32
+    model = MTPModel(ref_model.config, ref_model.lora, cfg, dtype, jnp.float32)
+    loss, grads, _ = jax.jit(lambda t: loss_and_grads(model, t, frozen, batch))(trainable)
+    tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
+    assert abs(float(loss) - float(loss_ref)) / float(loss_ref) < tol
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_ref)):
+        assert rel(g, r) < 10 * tol, f"{jax.tree_util.keystr(path)}: rel {rel(g, r):.2e}"
