@@ -146,3 +146,22 @@ def test_config_validation():
 
     with pytest.raises(ConfigError, match="prompt_format"):
         from_dict(DataConfig, {"prompt_format": "markdown"})
+
+
+def test_builtin_default_data_builds(tmp_path, tok):
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    train, evaluation = prepare(cfg, tok, 4, "train"), prepare(cfg, tok, 4, "eval")
+    assert len(train) >= 300 and len(evaluation) >= 20
+    batch = next(iter(make_batches(train, cfg)))
+    assert batch["response_mask"].any()
+
+
+def test_heldout_prompts_never_in_training_data():
+    from mtp_jax.data.readers import read_records
+
+    held = {r.input for r in read_records("builtin:heldout_prompts.jsonl", require_output=False)}
+    train_prompts = {r.input for r in read_records("builtin:train_prompts.jsonl", require_output=False)}
+    distilled = {r.input for r in read_records("builtin:smollm2_distill_train.jsonl")}
+    assert not held & train_prompts and not held & distilled
+    assert distilled == train_prompts, "the distilled set does not cover the training prompts"
+    assert {r.input for r in read_records("builtin:smollm2_distill_eval.jsonl")} <= held
