@@ -106,6 +106,7 @@ print("LOSSES" + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_sharded_meshes_match_one_device(tmp_path, data_file):
     """8 CPU devices as 8x1x1, 2x4x1, 2x2x2 (data, fsdp, tensor): the 5-step losses of 1 device within 1e-5."""
     one = losses(run(tiny(tmp_path, data_file)))
@@ -134,6 +135,7 @@ print("LOSSES" + json.dumps([r["loss/total"] for r in out["history"]]))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_jax_distributed(tmp_path, data_file):
     """Two CPU processes joined by jax.distributed (localhost coordinator) train 3 steps on a 2-device mesh."""
     import socket
