@@ -51,8 +51,8 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
-    warmup_steps: int = 10  # linear from 0.01 x lr
+    lr: float = 2e-3
+    warmup_steps: int = 5  # linear from 0.01 x lr
     schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     weight_decay: float = 0.01  # not on RMSNorm weights nor the <mask> row
@@ -70,12 +70,12 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     save_dir: str = "runs/smollm2_k4"  # run directory: config.yaml, tokenizer/, checkpoints/, tb/, metrics.jsonl
-    max_steps: int = 120  # optimizer steps
+    max_steps: int = 60  # optimizer steps
     seed: int = 0
-    log_every: int = 10
-    eval_every: int = 60  # 0: eval only at the end; eval needs data.eval_file
-    eval_batches: int = 0  # 0: the whole eval file
-    save_steps: int = 60  # 0: only at the end
+    log_every: int = 5
+    eval_every: int = 30  # 0: eval only at the end; eval needs data.eval_file
+    eval_batches: int = 4  # 0: the whole eval file
+    save_steps: int = 30  # 0: only at the end
     save_limit: int = 2
     stop_after_steps: int = 0  # >0: stop this invocation after that many optimizer steps (resume later)
     async_checkpointing: bool = True
@@ -97,8 +97,8 @@ class DistributedConfig:
 
 
 def _default_data() -> DataConfig:
-    return DataConfig(max_prompt_tokens=96, max_total_tokens=192, batch_size=4, packing=True,
-                      bucket_lengths=(256,), max_tokens_per_row=256)
+    return DataConfig(max_prompt_tokens=64, max_total_tokens=128, batch_size=2, packing=True,
+                      bucket_lengths=(128,), max_tokens_per_row=128)
 
 
 @dataclasses.dataclass(frozen=True)
