@@ -1,6 +1,7 @@
 """The two-stream MTP objective is the naive interleaved computation (SPEC §2-§6)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -89,9 +90,9 @@ def test_two_stream_equals_interleaved_oracle(setups, kind, k):
     model, params = build(setups[kind], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
     batch, toks = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(model, params)
-    loss, grads, _ = jax.jit(lambda t: loss_and_grads(model, t, frozen, batch))(trainable)
+    loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(
-        lambda t: oracle_loss(model, {**frozen, **t}, toks, EXAMPLES, k)))(trainable)
+        lambda t, f: oracle_loss(model, {**f, **t}, toks, EXAMPLES, k)))(trainable, frozen)
     assert abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)) < 1e-5, (float(loss), float(ref_loss))
     assert_trees_close(grads, ref_grads, 1e-5, f"{kind} k={k} grads")
 
@@ -105,10 +106,10 @@ def test_options_match_oracle(setups, option):
     batch, toks = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(model, params)
     assert ("mask_embedding" in trainable) == (option == "train_mask_embedding")
-    loss, grads, _ = jax.jit(lambda t: loss_and_grads(model, t, frozen, batch))(trainable)
+    loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
     kw = dict(teacher_forcing=mtp.teacher_forcing, lcm_weight=mtp.lcm_weight)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(
-        lambda t: oracle_loss(model, {**frozen, **t}, toks, EXAMPLES, k, **kw)))(trainable)
+        lambda t, f: oracle_loss(model, {**f, **t}, toks, EXAMPLES, k, **kw)))(trainable, frozen)
     assert abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)) < 1e-5
     assert_trees_close(grads, ref_grads, 1e-5, option)
 
@@ -120,8 +121,8 @@ def test_chunked_equals_unchunked(setups, chunk):
     chunked = MTPModel(model.config, model.lora, dataclasses.replace(model.mtp, chunk_size=chunk, row_chunk=4))
     batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(model, params)
-    loss, grads, sums = jax.jit(lambda t: loss_and_grads(model, t, frozen, batch))(trainable)
-    loss_c, grads_c, sums_c = jax.jit(lambda t: loss_and_grads(chunked, t, frozen, batch))(trainable)
+    loss, grads, sums = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
+    loss_c, grads_c, sums_c = jax.jit(functools.partial(loss_and_grads, chunked))(trainable, frozen, batch)
     assert abs(float(loss) - float(loss_c)) < 1e-6 * abs(float(loss))
     assert_trees_close(grads_c, grads, 1e-5, f"chunk {chunk}")
     for key in sums:

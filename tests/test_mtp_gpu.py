@@ -2,6 +2,7 @@
 loss and gradients (bf16 kernels against the fp32 XLA path)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +22,11 @@ def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl):
     ref_model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
     batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(ref_model, params)
-    loss_ref, grads_ref, _ = jax.jit(lambda t: loss_and_grads(ref_model, t, frozen, batch))(trainable)
+    loss_ref, grads_ref, _ = jax.jit(functools.partial(loss_and_grads, ref_model))(trainable, frozen, batch)
     cfg = dataclasses.replace(ref_model.mtp, attention_impl=attention_impl, soft_ce_impl=soft_ce_impl)
     dtype = jnp.bfloat16 if attention_impl == "cudnn" else jnp.float32
     model = MTPModel(ref_model.config, ref_model.lora, cfg, dtype, jnp.float32)
-    loss, grads, _ = jax.jit(lambda t: loss_and_grads(model, t, frozen, batch))(trainable)
+    loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
     tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
     assert abs(float(loss) - float(loss_ref)) / float(loss_ref) < tol
     for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_ref)):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from mtp_jax.generate import encode_prompt, eos_ids_of, generate
 from mtp_jax.models import LoRAConfig, load_model, load_tokenizer
@@ -17,6 +18,7 @@ PROMPTS = ["Write a Python function that returns the sum of a list.",
            "Write a Python function that counts vowels in a string."]
 
 
+@pytest.mark.slow
 def test_fifty_steps_learn_every_draft_step(smollm2_dir):
     k = 3
     tok = load_tokenizer(smollm2_dir)
@@ -41,17 +43,17 @@ def test_fifty_steps_learn_every_draft_step(smollm2_dir):
     opt = optax.adamw(2e-3, weight_decay=0.01)
     opt_state = opt.init(trainable)
 
-    @jax.jit
-    def step(trainable, opt_state):
+    @jax.jit  # base params and batch as arguments: closed-over constants would be folded at compile time
+    def step(trainable, opt_state, frozen, batch):
         loss, grads, sums = loss_and_grads(model, trainable, frozen, batch)
         updates, opt_state = opt.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, metrics_from_sums(sums, k)
 
     first = None
     for _ in range(50):
-        trainable, opt_state, metrics = step(trainable, opt_state)
+        trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch)
         first = first or jax.device_get(metrics)
-    _, _, last = step(trainable, opt_state)
+    _, _, last = step(trainable, opt_state, frozen, batch)
     last = jax.device_get(last)
     for j in range(1, k + 1):
         assert last[f"loss/step_{j}"] < first[f"loss/step_{j}"], (j, first, last)
