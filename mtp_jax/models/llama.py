@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.models.config import ModelConfig
-from mtp_jax.models.lora import FusedLoRA, Linear, LoRAConfig
+from mtp_jax.models.lora import FusedLoRA, Linear, LoRAConfig, projection_lora
 
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
@@ -71,17 +71,15 @@ class Attention(nn.Module):
 
     def setup(self):
         c, lora = self.config, self.lora
-        fuse = lora is not None and lora.fuse and lora.rank > 0
 
         def proj(name, features, axes, target, bias):
-            use_lora = lora if (lora is not None and lora.active(target) and not (fuse and target != "o")) else None
-            return Linear(features, axes, bias, use_lora, self.dtype, self.param_dtype, name=name)
+            return Linear(features, axes, bias, projection_lora(lora, target), self.dtype, self.param_dtype, name=name)
 
         self.q_proj = proj("q_proj", c.q_features, ("embed", "q_heads"), "q", c.attention_bias)
         self.k_proj = proj("k_proj", c.kv_features, ("embed", "kv_heads"), "k", c.attention_bias)
         self.v_proj = proj("v_proj", c.kv_features, ("embed", "kv_heads"), "v", c.attention_bias)
         self.o_proj = proj("o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
-        self.fused_targets = tuple(t for t in ("q", "k", "v") if fuse and lora.active(t))
+        self.fused_targets = tuple(t for t in ("q", "k", "v") if lora is not None and lora.fused(t))
         if self.fused_targets:
             sizes = {"q": c.q_features, "k": c.kv_features, "v": c.kv_features}
             self.qkv_proj = FusedLoRA(tuple(sizes[t] for t in self.fused_targets), ("embed", "q_heads"),
@@ -122,16 +120,15 @@ class MLP(nn.Module):
 
     def setup(self):
         c, lora = self.config, self.lora
-        fuse = lora is not None and lora.fuse and lora.rank > 0
 
         def proj(name, features, axes, target):
-            use_lora = lora if (lora is not None and lora.active(target) and not (fuse and target != "down")) else None
-            return Linear(features, axes, c.mlp_bias, use_lora, self.dtype, self.param_dtype, name=name)
+            return Linear(features, axes, c.mlp_bias, projection_lora(lora, target), self.dtype, self.param_dtype,
+                          name=name)
 
         self.gate_proj = proj("gate_proj", c.intermediate_size, ("embed", "mlp"), "gate")
         self.up_proj = proj("up_proj", c.intermediate_size, ("embed", "mlp"), "up")
         self.down_proj = proj("down_proj", c.hidden_size, ("mlp", "embed"), "down")
-        self.fused_targets = tuple(t for t in ("gate", "up") if fuse and lora.active(t))
+        self.fused_targets = tuple(t for t in ("gate", "up") if lora is not None and lora.fused(t))
         if self.fused_targets:
             self.gate_up_proj = FusedLoRA((c.intermediate_size,) * len(self.fused_targets), ("embed", "mlp"),
                                           lora, self.dtype, self.param_dtype)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 LORA_COLLECTION = "lora"
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+FUSED_GROUPS = (("q", "k", "v"), ("gate", "up"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,17 @@ class LoRAConfig:
 
     def active(self, target: str) -> bool:
         return self.rank > 0 and target in self.targets
+
+    def fused(self, target: str) -> bool:
+        """Whether `target` is served by a fused adapter (q|k|v or gate|up) rather than its own."""
+        return self.fuse and self.active(target) and any(target in g for g in FUSED_GROUPS)
+
+
+def projection_lora(lora: LoRAConfig | None, target: str) -> LoRAConfig | None:
+    """The adapter a single projection carries itself: None where off or folded into a fused one."""
+    if lora is None or not lora.active(target) or lora.fused(target):
+        return None
+    return lora
 
 
 def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
