@@ -22,16 +22,7 @@ def no_autotune(monkeypatch):
     monkeypatch.setenv("MTP_SOFT_CE_AUTOTUNE", "0")
 
 
-LOSS_TOL = dict(rtol=2e-6, atol=2e-5)
-GRAD_TOL = {
-    torch.float32: dict(rtol=1e-4, atol=2e-7),
-    torch.bfloat16: dict(rtol=8e-3, atol=2e-7),
-    torch.float16: dict(rtol=1e-3, atol=2e-7),
-}
-# grad_t = p_t * (-log p_x - CE) cancels two O(CE) terms: its error is
-# p_t * O(ulp(CE)), so it gets an absolute floor of 2e-6.
-def GRAD_T_TOL(tol):  # noqa: N802
-    return dict(tol, atol=2e-6)
+from soft_ce_tol import GRAD_T_TOL, GRAD_TOL, LOSS_TOL  # noqa: E402
 SHAPES = [(1, 1), (5, 7), (7, 1000), (33, 32769), (3, 151936), (64, 128256)]
 
 
