@@ -114,11 +114,13 @@ def test_options_match_oracle(setups, option):
     assert_trees_close(grads, ref_grads, 1e-5, option)
 
 
-@pytest.mark.parametrize("chunk", [1, 5])
-def test_chunked_equals_unchunked(setups, chunk):
+@pytest.mark.parametrize("chunk,remat", [(1, "dots"), (5, "full")])
+def test_chunked_equals_unchunked(setups, chunk, remat):
+    """Anchor chunks (C = 1, and 5 not dividing 16) and per-layer remat change nothing."""
     k = 3
     model, params = build(setups["qwen3"], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
-    chunked = MTPModel(model.config, model.lora, dataclasses.replace(model.mtp, chunk_size=chunk, row_chunk=4))
+    chunked = MTPModel(model.config, model.lora,
+                       dataclasses.replace(model.mtp, chunk_size=chunk, row_chunk=4, remat=remat))
     batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(model, params)
     loss, grads, sums = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)

@@ -164,6 +164,14 @@ class DecoderLayer(nn.Module):
         return constrain(x, ("batch", "length", "embed")), aux
 
 
+# activation checkpointing per decoder layer (`jax.checkpoint` policies by name); "none" keeps everything
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
 class Transformer(nn.Module):
     """transformers' `LlamaModel` / `Qwen3Model`: embeddings, layers, final norm."""
 
@@ -171,13 +179,19 @@ class Transformer(nn.Module):
     lora: LoRAConfig | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # a key of REMAT_POLICIES
 
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-        self.layers = [DecoderLayer(c, self.lora, self.dtype, self.param_dtype) for _ in range(c.num_layers)]
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        layer = DecoderLayer
+        if self.remat != "none":  # static: layer index, attend callable, deterministic
+            layer = nn.remat(DecoderLayer, static_argnums=(1, 5, 7), policy=REMAT_POLICIES[self.remat])
+        self.layers = [layer(c, self.lora, self.dtype, self.param_dtype) for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
     def __call__(self, x, positions, attend, gate=None, deterministic=True):
@@ -216,9 +230,10 @@ class CausalLM(nn.Module):
     lora: LoRAConfig | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self):
-        self.model = Transformer(self.config, self.lora, self.dtype, self.param_dtype)
+        self.model = Transformer(self.config, self.lora, self.dtype, self.param_dtype, self.remat)
         if not self.config.tie_word_embeddings:
             self.lm_head = OutputHead(self.config.hidden_size, self.config.vocab_size, self.dtype,
                                       self.param_dtype)

@@ -37,6 +37,7 @@ class MTPConfig:
     mask_token: str = "<mask>"
     attention_impl: Literal["xla", "cudnn"] = "xla"
     soft_ce_impl: Literal["auto", "triton", "jnp"] = "auto"
+    remat: Literal["none", "full", "dots"] = "none"  # per-layer activation checkpointing of the mask stream
 
     def __post_init__(self):
         if self.draft_length < 1:
@@ -60,7 +61,7 @@ class MTPModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        self.base = CausalLM(self.config, self.lora, self.dtype, self.param_dtype)
+        self.base = CausalLM(self.config, self.lora, self.dtype, self.param_dtype, self.mtp.remat)
         self.sampler = SamplerHead(self.config.hidden_size, self.config.rms_norm_eps, self.dtype, self.param_dtype)
 
     def regular(self, tokens, positions, segment_ids):
