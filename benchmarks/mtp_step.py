@@ -10,6 +10,7 @@ raised. GPU only (an 8B model needs ~16 GB in bf16).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import time
@@ -49,48 +50,55 @@ def make_batch(prompt: int, response: int):
             "response_mask": jnp.asarray((np.arange(length) >= prompt)[None])}
 
 
-def interleaved_loss(model: MTPModel, trainable, frozen, batch):
-    """Baseline: the whole interleaved sequence through the decoder with a dense mask."""
-    k = model.mtp.draft_length
-    p = {**frozen, **trainable}
-    batch = jax.tree.map(np.asarray, batch)  # host arrays: the layout is static
-    tokens = jnp.asarray(batch["tokens"][0])
-    length = tokens.shape[0]
+def interleaved_layout(batch, k: int) -> dict:
+    """Host-side index arrays of the interleaved sequence (SPEC §2) for one row: prompt, then
+    each response token followed by its k masks. Passed to the jitted loss as arguments, so XLA
+    builds the [L, L] mask on the device instead of folding it as a compile-time constant."""
+    length = batch["tokens"].shape[1]
     prompt = int(np.argmax(np.asarray(batch["response_mask"][0])))
     reg_index = np.concatenate([np.arange(prompt)] + [np.full(k + 1, a) for a in range(prompt, length)])
     step = np.concatenate([np.zeros(prompt, int)] + [np.arange(k + 1) for _ in range(prompt, length)])
     is_mask = step > 0
-    ids = jnp.where(jnp.asarray(is_mask), 0, tokens[reg_index])
-    pos = jnp.asarray(reg_index + step)
-    q_reg, k_reg = jnp.asarray(reg_index)[:, None], jnp.asarray(reg_index)[None, :]
-    m = jnp.asarray(is_mask)
-    s = jnp.asarray(step)
-    mask = (~m[None, :] & (k_reg <= q_reg)) | (m[:, None] & m[None, :] & (k_reg == q_reg) & (s[None] <= s[:, None]))
-    lm = CausalLM(model.config, model.lora, model.dtype, model.param_dtype)
+    mask_rows = np.nonzero(is_mask)[0]
+    a, j = reg_index[mask_rows], step[mask_rows]
+    return {"reg_index": jnp.asarray(reg_index, jnp.int32), "step": jnp.asarray(step, jnp.int32),
+            "reg_rows": jnp.asarray(np.nonzero(~is_mask)[0], jnp.int32), "mask_rows": jnp.asarray(mask_rows, jnp.int32),
+            "target": jnp.asarray(np.minimum(a + j, length - 1), jnp.int32), "valid": jnp.asarray(a + j < length)}
+
+
+def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
+    """Baseline: the whole interleaved sequence through the decoder with a dense [L, L] mask
+    (cuDNN fused attention where available), then XLA softmax cross-entropy over all rows."""
+    p = {**frozen, **trainable}
+    reg_index, step = lay["reg_index"], lay["step"]
+    m = step > 0
+    ids = jnp.where(m, 0, tokens[0][reg_index])
+    q_reg, k_reg = reg_index[:, None], reg_index[None, :]
+    mask = (~m[None, :] & (k_reg <= q_reg)) | (m[:, None] & m[None, :] & (k_reg == q_reg) & (step[None] <= step[:, None]))
+    lm = CausalLM(model.config, model.lora, model.dtype, model.param_dtype, model.mtp.remat)
     v = {"params": p["base"], "lora": p["lora"]}
     emb = lm.apply(v, ids[None], method=lm.embed)
     emb = jnp.where(m[None, :, None], p["mask_embedding"].astype(emb.dtype), emb)
 
     def attend(layer, q, kk, vv):
-        return jax.nn.dot_product_attention(q, kk, vv, mask=mask[None, None]), None
+        return jax.nn.dot_product_attention(q, kk, vv, mask=mask[None, None],
+                                            implementation=model.mtp.attention_impl), None
 
-    hidden, _ = lm.apply(v, None, pos[None], attend, gate=m[None].astype(model.dtype), embeddings=emb)
+    hidden, _ = lm.apply(v, None, (reg_index + step)[None], attend, gate=m[None].astype(model.dtype), embeddings=emb)
     logits = lm.apply(v, hidden[0], method=lm.logits).astype(jnp.float32)
-    reg_rows = np.nonzero(~is_mask)[0]
-    teacher = jax.lax.stop_gradient(logits[reg_rows])
-    mask_rows = np.nonzero(is_mask)[0]
-    a, j = reg_index[mask_rows], step[mask_rows]
-    valid = jnp.asarray(a + j < length)
-    t = teacher[np.minimum(a + j, length - 1)]
-    ce = -jnp.sum(jax.nn.softmax(t) * jax.nn.log_softmax(logits[mask_rows]), -1)
-    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.sum(valid)
+    teacher = jax.lax.stop_gradient(logits[lay["reg_rows"]])
+    t = teacher[lay["target"]]
+    ce = -jnp.sum(jax.nn.softmax(t) * jax.nn.log_softmax(logits[lay["mask_rows"]]), -1)
+    return jnp.sum(jnp.where(lay["valid"], ce, 0.0)) / jnp.sum(lay["valid"])
 
 
 def measure(fn, *args, reps=3):
     try:
+        t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
+        compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
-        jax.block_until_ready(compiled(*args))
+        loss = float(jax.tree.leaves(jax.block_until_ready(compiled(*args)))[0])
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -99,7 +107,7 @@ def measure(fn, *args, reps=3):
         peak = None
         if mem is not None:
             peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**30
-        return {"time_s": float(np.median(times)), "peak_gib": peak}
+        return {"time_s": float(np.median(times)), "peak_gib": peak, "compile_s": compile_s, "loss": loss}
     except Exception as e:  # XLA reports OOM as a runtime error
         msg = str(e).splitlines()[0][:160]
         return {"time_s": None, "peak_gib": None, "error": ("OOM: " if "memory" in msg.lower() else "") + msg}
@@ -108,17 +116,19 @@ def measure(fn, *args, reps=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="configs/models/qwen3-8b.json")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--baseline_max", type=int, default=4096, help="skip the baseline above this regular length")
+    ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")
+    ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"], help="attention (both variants)")
+    ap.add_argument("--remat", default="full", choices=["none", "full", "dots"], help="per-layer remat (both)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     config = ModelConfig.from_file(args.model)
     lora = LoRAConfig(rank=16, alpha=32.0)
     mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=2048,
-                    attention_impl="xla", soft_ce_impl="auto")
+                    attention_impl=args.impl, soft_ce_impl="auto", remat=args.remat)
     model = MTPModel(config, lora, mtp, jnp.bfloat16, jnp.bfloat16)
     base = random_base(CausalLM(config, None, jnp.bfloat16, jnp.bfloat16))
     mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
@@ -129,13 +139,15 @@ def main():
     for total in args.lengths:
         batch = make_batch(args.prompt, total - args.prompt)
         ours = measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen, batch)
-        naive = jax.value_and_grad(lambda t, f: interleaved_loss(model, t, f, batch))
-        base_r = (measure(naive, trainable, frozen) if total <= args.baseline_max
+        naive = jax.value_and_grad(functools.partial(interleaved_loss, model))
+        base_r = (measure(naive, trainable, frozen, batch["tokens"], interleaved_layout(batch, args.k))
+                  if total <= args.baseline_max
                   else {"time_s": None, "peak_gib": None, "error": "skipped (too large)"})
         rows.append({"regular_tokens": total, "two_stream": ours, "interleaved": base_r})
         print(json.dumps(rows[-1]), flush=True)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "model": args.model, "k": args.k, "chunk": args.chunk, "rows": rows}
+              "date": time.strftime("%Y-%m-%d"), "model": args.model, "k": args.k, "chunk": args.chunk,
+              "attention": args.impl, "remat": args.remat, "rows": rows}
     print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  {args.model}  k={args.k} chunk={args.chunk}")
     print(f"{'regular':>8} | {'two-stream s':>12} {'GiB':>7} | {'interleaved s':>13} {'GiB':>7} | speedup")
     for r in rows:
