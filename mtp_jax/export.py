@@ -45,6 +45,16 @@ class ExportError(ValueError):
     """An export that cannot run as asked; nothing has been written or removed."""
 
 
+def peak_rss_mib() -> float:
+    """Peak resident set of this process. It counts the pages of the mmapped source safetensors that
+    were read (page cache the kernel drops under memory pressure), so it overstates what export needs."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def log(msg: str):
+    print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------- safetensors, streamed
 
 @dataclasses.dataclass(frozen=True)
@@ -130,21 +140,24 @@ def base_specs(config, rows: int) -> list[TensorSpec]:
     return specs
 
 
-def base_tensor_reader(reader, mask_id: int, mask_row: np.ndarray, rows: int) -> Callable[[str], np.ndarray]:
-    """`fetch(name)` for the base tensors: read from the base model, with the `<mask>` row in place.
+def base_tensor_reader(reader, dtype: str, mask_id: int, mask_row: np.ndarray, rows: int
+                       ) -> Callable[[str], np.ndarray]:
+    """`fetch(name)` for the base tensors: read from the base model, cast, with the `<mask>` row in place.
 
     embed_tokens gets the `<mask>` embedding at `mask_id` (appended when the table had no free
     row); an untied lm_head gets a zero row there, so `<mask>` scores 0 and generation_config
-    suppresses it besides.
+    suppresses it besides. Casting first keeps the extra copy of a table in the output dtype.
     """
+    np_dtype = DTYPES[dtype][0]
+
     def fetch(name: str) -> np.ndarray:
-        arr = reader.get(name)
+        arr = reader.get(name).astype(np_dtype)
         if name not in ("model.embed_tokens.weight", "lm_head.weight"):
             return arr
-        table = np.zeros((rows, arr.shape[1]), arr.dtype)
-        table[:arr.shape[0]] = arr
-        table[mask_id] = mask_row.astype(arr.dtype) if name == "model.embed_tokens.weight" else 0
-        return table
+        if rows > arr.shape[0]:
+            arr = np.concatenate([arr, np.zeros((rows - arr.shape[0], arr.shape[1]), np_dtype)])
+        arr[mask_id] = mask_row.astype(np_dtype) if name == "model.embed_tokens.weight" else 0
+        return arr
 
     return fetch
 
@@ -299,8 +312,11 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
     try:
         reader = SafetensorsReader(src_dir)
-        fetch = base_tensor_reader(reader, run.mask_id, np.asarray(run.params["mask_embedding"]), rows)
-        write_model_weights(tmp, base_specs(config, rows), dtype, fetch, max_shard_bytes)
+        fetch = base_tensor_reader(reader, dtype, run.mask_id, np.asarray(run.params["mask_embedding"]), rows)
+        specs = base_specs(config, rows)
+        write_model_weights(tmp, specs, dtype, fetch, max_shard_bytes)
+        size = sum(s.nbytes(DTYPES[dtype][0]) for s in specs)
+        log(f"streamed {len(specs)} base tensors ({size / 2**20:.0f} MiB {dtype}) from {src_dir}")
         src_config = json.loads((src_dir / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps(hf_config(src_config, rows, dtype), indent=2))
         run.tokenizer.save_pretrained(tmp)
@@ -317,8 +333,6 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
     return out
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExportError, CheckpointError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[export] wrote {out} (peak host RSS {peak_rss_mib():.0f} MiB)", file=sys.stderr)
+    log(f"wrote {out} (peak host RSS {peak_rss_mib():.0f} MiB)")
     return 0
 
 

@@ -107,9 +107,8 @@ def jax_drafts(model: MTPModel, mask_id: int, params, tokens, anchors):
     return base_logits, jnp.stack(steps, 1), jnp.stack(drafts, 1)
 
 
-def sample_tokens(ex, tokenizer) -> np.ndarray:
-    text = " ".join(ex.texts[:4])
-    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"][:24], np.int32)
+def sample_tokens(texts, tokenizer, n: int = 24) -> np.ndarray:
+    return np.asarray(tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"][:n], np.int32)
 
 
 def real_columns(vocab: int, mask_id: int) -> np.ndarray:
@@ -117,9 +116,36 @@ def real_columns(vocab: int, mask_id: int) -> np.ndarray:
     return np.asarray([i for i in range(vocab) if i != mask_id])
 
 
-def test_hf_model_loads_clean_and_equals_jax_base(exported):
-    """from_pretrained: no missing/unexpected keys and no warnings; regular logits == JAX base (fp32)."""
-    from transformers import AutoModelForCausalLM
+def parity(r, ref: torch_reference.MTPReference, tokens: np.ndarray) -> dict[str, float]:
+    """Max |JAX - torch| of regular-token logits and of draft logits (fp32, columns both share), whether
+    the draft tokens agree, and how far the drafts move without the adapters (the test's power)."""
+    anchors = np.arange(len(tokens), dtype=np.int32)  # every position, first and last included
+    fn = jax.jit(functools.partial(jax_drafts, r.model, r.mask_id))
+    base, drafts, draft_tokens = (np.asarray(x) for x in fn(r.params, tokens, anchors))
+    got = ref.draft_logits(tokens, anchors)
+    regular = ref.base_logits(torch.as_tensor(tokens[None], dtype=torch.long))[0].numpy()
+    cols = real_columns(r.model.config.vocab_size, r.mask_id)
+    no_lora = {**r.params, "lora": jax.tree.map(jnp.zeros_like, r.params["lora"])}
+    return {"regular": float(np.abs(base[:, cols] - regular[:, cols]).max()),
+            "draft": float(np.abs(drafts[..., cols] - got.logits.numpy()[..., cols]).max()),
+            "same_drafts": bool(np.array_equal(got.tokens.numpy(), draft_tokens)),
+            "lora_effect": float(np.abs(np.asarray(fn(no_lora, tokens, anchors)[1]) - drafts).max())}
+
+
+def check_parity(r, out: Path, tokens: np.ndarray, what: str):
+    d = parity(r, torch_reference.load(out), tokens)
+    print(f"{what}: max |JAX - torch| regular {d['regular']:.2e}, draft {d['draft']:.2e}; "
+          f"LoRA moves drafts by {d['lora_effect']:.2e}")
+    assert d["regular"] < TOL, f"{what}: regular-token logits differ from JAX by {d['regular']:.2e}"
+    assert d["draft"] < TOL, f"{what}: draft logits differ from JAX by {d['draft']:.2e}"
+    assert d["same_drafts"], f"{what}: draft tokens differ from JAX"
+    assert d["lora_effect"] > 100 * TOL, \
+        f"{what}: LoRA moves the drafts by only {d['lora_effect']:.2e}; the comparison could not see a bad adapter"
+
+
+def test_hf_dir_loads_clean(exported):
+    """from_pretrained: no missing/unexpected keys, no warnings; <mask> in the table, tokenizer, generation config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     records = []
     handler = logging.Handler()
@@ -127,57 +153,31 @@ def test_hf_model_loads_clean_and_equals_jax_base(exported):
     logger = logging.getLogger("transformers")
     logger.addHandler(handler)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(exported.out, dtype=torch.float32,
-                                                           output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(exported.out, output_loading_info=True)
     finally:
         logger.removeHandler(handler)
     assert not any(info.values()), f"loading info not clean: {info}"
-    assert not [r for r in records if r.levelno >= logging.WARNING], \
-        f"transformers warned: {[r.getMessage() for r in records]}"
+    assert not [x for x in records if x.levelno >= logging.WARNING], \
+        f"transformers warned: {[x.getMessage() for x in records]}"
 
     r = exported.run
     assert model.config.vocab_size == max(r.model.config.vocab_size, r.mask_id + 1), "config.json vocab_size"
-    tokens = sample_tokens(exported, r.tokenizer)
-    ours = np.asarray(jax.jit(lambda p, t: r.model.apply(
-        variables(p), t, method=lambda m, t: m.base.forward_logits(t)))(r.params, tokens[None]))[0]
-    with torch.no_grad():
-        theirs = model(torch.as_tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
-    cols = real_columns(r.model.config.vocab_size, r.mask_id)
-    diff = np.abs(ours[:, cols] - theirs[:, cols]).max()
-    assert diff < TOL, f"{exported.kind}: regular-token logits differ from JAX by {diff:.2e}"
-
     table = model.get_input_embeddings().weight.detach().numpy()
     np.testing.assert_array_equal(table[r.mask_id], np.asarray(r.params["mask_embedding"]),
                                   err_msg="<mask> embedding row is not the run's mask row")
     if not model.config.tie_word_embeddings:
         assert not model.get_output_embeddings().weight[r.mask_id].any(), "untied lm_head <mask> row is not zero"
-    from transformers import AutoTokenizer
-
-    hf_tok = AutoTokenizer.from_pretrained(exported.out)
-    assert hf_tok.convert_tokens_to_ids("<mask>") == r.mask_id, "tokenizer: <mask> id"
-    assert "<mask>" in hf_tok.all_special_tokens, "tokenizer: <mask> is not a special token"
+    tokenizer = AutoTokenizer.from_pretrained(exported.out)
+    assert tokenizer.convert_tokens_to_ids("<mask>") == r.mask_id, "tokenizer: <mask> id"
+    assert "<mask>" in tokenizer.all_special_tokens, "tokenizer: <mask> is not a special token"
     gen = json.loads((exported.out / "generation_config.json").read_text())
     assert r.mask_id in gen["suppress_tokens"], "generation_config does not suppress <mask>"
 
 
-def test_torch_reference_drafts_equal_jax(exported):
-    """Draft logits of torch_reference (interleaved sequence, dense 4D mask, LoRA hooks) == JAX two-stream."""
-    r = exported.run
-    ref = torch_reference.load(exported.out)
-    tokens = sample_tokens(exported, r.tokenizer)
-    anchors = np.arange(len(tokens), dtype=np.int32)  # every position, first and last included
-    fn = jax.jit(functools.partial(jax_drafts, r.model, r.mask_id))
-    _, ours, our_drafts = (np.asarray(x) for x in fn(r.params, tokens, anchors))
-    got = ref.draft_logits(tokens, anchors)
-    cols = real_columns(r.model.config.vocab_size, r.mask_id)
-    diff = np.abs(ours[..., cols] - got.logits.numpy()[..., cols]).max()
-    assert diff < TOL, f"{exported.kind}: draft logits differ from JAX by {diff:.2e}"
-    np.testing.assert_array_equal(got.tokens.numpy(), our_drafts, err_msg="draft tokens differ")
-
-    # the comparison can fail: without the trained adapters the drafts move by far more than TOL
-    no_lora = {**r.params, "lora": jax.tree.map(jnp.zeros_like, r.params["lora"])}
-    moved = np.abs(np.asarray(fn(no_lora, tokens, anchors)[1]) - ours).max()
-    assert moved > 100 * TOL, f"LoRA changes the drafts by only {moved:.2e}: the test could not see a bad export"
+def test_exported_model_equals_jax(exported):
+    """transformers' regular logits == JAX base; torch_reference drafts (interleaved sequence, dense 4D mask,
+    LoRA hooks) == JAX two-stream mask stream + sampler head; fp32, < 1e-4."""
+    check_parity(exported.run, exported.out, sample_tokens(exported.texts, exported.run.tokenizer), exported.kind)
 
 
 def test_adapter_is_unfused_peft_layout(exported):
@@ -285,3 +285,51 @@ def test_bad_input_is_refused_and_nothing_written(exported, tmp_path, capsys):
 
     export(run_dir, busy, overwrite=True)  # --overwrite replaces the directory whole
     assert not (busy / "keep.txt").exists() and (busy / "config.json").is_file()
+
+
+# runs the export CLI, sampling the process's anonymous resident memory (RssAnon: what it needs; its RSS
+# also counts the mmapped source pages it read, which are page cache) from after the imports to the end
+RSS_SCRIPT = r"""
+import re, sys, threading, time
+import jax, orbax.checkpoint, torch, transformers, mtp_jax.checkpoints, mtp_jax.models
+from mtp_jax.export import main
+
+def anon():
+    return int(re.search(r"RssAnon:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+peak, start = [0.0], anon()
+
+def sample():
+    while True:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+
+threading.Thread(target=sample, daemon=True).start()
+rc = main(sys.argv[1:])
+print(f"ANON {start:.0f} {max(peak[0], anon()):.0f}")
+sys.exit(rc)
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_default_run(tmp_path):
+    """The embedded default (SmolLM2-135M-Instruct, k=4) after 3 steps: fp32 export equals JAX; the bf16
+    CLI export streams: its anonymous memory grows by less than the model's size while exporting."""
+    jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
+    cfg = load_config(Config, ROOT / "configs" / "smollm2_k4.yaml", [
+        "--train.save_dir", str(tmp_path / "run"), "--train.max_steps", "3", "--optim.warmup_steps", "0",
+        "--data.eval_file", "null", "--data.cache_dir", str(tmp_path / "cache"), "--train.progress", "false"])
+    run_dir = run(cfg)["run_dir"]
+    r = load_run(run_dir)
+    out = export(run_dir, tmp_path / "fp32", dtype="float32")
+    text = "Write a Python function that returns the sum of a list of numbers, and explain it briefly."
+    check_parity(r, out, sample_tokens([text], r.tokenizer, 32), "smollm2")
+
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, "--run_dir", str(run_dir), "--out",
+                           str(tmp_path / "bf16")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start, peak = (float(x) for x in proc.stdout.split("ANON")[-1].split())
+    model_mib = (out / "model.safetensors").stat().st_size / 2**20
+    print(f"bf16 export of a {model_mib:.0f} MiB fp32 model: anonymous memory {start:.0f} -> peak {peak:.0f} MiB; "
+          + proc.stderr.strip().splitlines()[-1])
+    assert peak - start < model_mib, f"export took {peak - start:.0f} MiB for a {model_mib:.0f} MiB model"
