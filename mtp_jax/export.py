@@ -5,8 +5,8 @@
 out_dir/ holds the base model with the `<mask>` row (config.json, model.safetensors or shards + index,
 tokenizer with `<mask>`, generation_config.json) and, beside it, mtp_adapter.safetensors (the gated
 LoRA, unfused, PEFT layout, and the sampler head) and mtp_config.json. Base tensors stream one at a
-time from the base model's safetensors straight into the output files (peak host RAM ~ the largest
-tensor, not the model); the directory is built beside out_dir and renamed into place.
+time from the base model's safetensors straight into the output files (host RAM holds a tensor or
+two, never the model); the directory is built beside out_dir and renamed into place.
 """
 
 from __future__ import annotations
@@ -331,8 +331,6 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import make_hf_model, save_hf
 from mtp_jax import torch_reference
@@ -28,6 +29,7 @@ from mtp_jax.checkpoints import CheckpointError, load_run
 from mtp_jax.config import load_config
 from mtp_jax.export import ADAPTER_FILE, MTP_CONFIG_FILE, ExportError, export, main
 from mtp_jax.models import load_model
+from mtp_jax.models.loading import ModelLoadError
 from mtp_jax.mtp.model import MTPModel
 from mtp_jax.mtp.objective import variables
 from mtp_jax.train import Config, run
@@ -282,6 +284,23 @@ def test_bad_input_is_refused_and_nothing_written(exported, tmp_path, capsys):
     assert main(["--run_dir", str(run_dir), "--out", str(busy)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     refused(run_dir, "would replace", run_dir)
+
+    # a base model that breaks mid-export (a tensor missing): --overwrite leaves the old out_dir whole
+    from safetensors.numpy import load_file, save_file
+
+    broken_base, broken_run = tmp_path / "broken_base", tmp_path / "broken_run"
+    shutil.copytree(exported.base, broken_base)
+    tensors = load_file(str(broken_base / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(broken_base / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(run_dir, broken_run)
+    saved = yaml.safe_load((broken_run / "config.yaml").read_text())
+    saved["model"]["path"] = str(broken_base)
+    (broken_run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ModelLoadError, match="model.norm.weight"):
+        export(broken_run, busy, overwrite=True)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"], "a failed --overwrite export destroyed out_dir"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".busy.")], "temp dir left behind"
 
     export(run_dir, busy, overwrite=True)  # --overwrite replaces the directory whole
     assert not (busy / "keep.txt").exists() and (busy / "config.json").is_file()
