@@ -58,22 +58,28 @@ def init_cache(model: CausalLM, batch: int, slots: int):
     return [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(c.num_layers)]
 
 
-def sample_token(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
-    """logits [batch, vocab] -> token ids [batch]."""
-    if sampling.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """Float32 logits [..., vocab] of the distribution `sampling` draws from: scaled by the
+    temperature, with tokens outside top-k / the top-p nucleus at -inf (temperature > 0 only)."""
     logits = logits.astype(jnp.float32) / sampling.temperature
     if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
         # smallest logit still inside the nucleus (the top token always is)
         cutoff_idx = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < sampling.top_p, axis=-1) - 1
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[:, None], axis=-1)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[..., None], axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [..., vocab] -> token ids [...]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
