@@ -47,8 +47,13 @@ class ExportError(ValueError):
 
 def peak_rss_mib() -> float:
     """Peak resident set of this process. It counts the pages of the mmapped source safetensors that
-    were read (page cache the kernel drops under memory pressure), so it overstates what export needs."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    were read (page cache the kernel drops under memory pressure), so it overstates what export needs.
+    Linux: VmHWM, since ru_maxrss carries a parent's peak across exec."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def log(msg: str):
