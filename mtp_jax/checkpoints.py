@@ -1,0 +1,136 @@
+"""Reading a training run back: `load_run(run_dir, step)` for export, decoding and evaluation.
+
+A run directory (written by `mtp_jax.train`) holds config.yaml, tokenizer/ (with `<mask>`) and
+checkpoints/<step>/ (orbax; item `state` = {step, trainable, opt_state, rng, skipped}). The frozen
+base model is not in the checkpoint: it is read again from `model.path`, and the `<mask>` row, when
+it was not trained, is recomputed exactly as training computed it (mean of the real rows).
+
+Only committed steps count: orbax writes a step into a temporary directory and renames it when
+the save is complete, so an interrupted save never shows up as a step here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class CheckpointError(Exception):
+    """A run directory or checkpoint that cannot be read as asked."""
+
+
+@dataclasses.dataclass
+class Run:
+    run_dir: Path
+    step: int  # optimizer step of the restored checkpoint
+    config: Any  # mtp_jax.train.Config, as saved by the run
+    model: Any  # MTPModel built from that config
+    params: dict  # flat {'base', 'lora', 'sampler', 'mask_embedding'}; base is None with load_base=False
+    tokenizer: Any  # with `<mask>` registered
+    mask_id: int
+    text_vocab: int  # tokens before `<mask>` was added
+
+
+def committed_steps(run_dir: str | Path) -> list[int]:
+    """Steps whose save completed, ascending."""
+    from orbax.checkpoint import utils
+
+    ckpt = Path(run_dir) / "checkpoints"
+    if not ckpt.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpt.iterdir()
+                  if p.is_dir() and p.name.isdigit() and utils.is_checkpoint_finalized(p))
+
+
+def _saved_config(run_dir: Path):
+    from mtp_jax.config import ConfigError, from_dict
+    from mtp_jax.train import Config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a training run directory (no config.yaml); "
+                              "pass the save_dir of a `python -m mtp_jax.train` run")
+    try:
+        return from_dict(Config, yaml.safe_load(path.read_text()))
+    except (ConfigError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: unreadable run config ({e})") from None
+
+
+def restore_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """(step, trainable tree as numpy arrays) of a committed checkpoint; the latest by default."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    run_dir = Path(run_dir)
+    steps = committed_steps(run_dir)
+    if not steps:
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: no committed checkpoint (was the run saved? "
+                              "an interrupted first save leaves none)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint for step {step}; saved steps: {steps}")
+    path = run_dir / "checkpoints" / str(step) / "state"
+    try:
+        logging.getLogger("absl").setLevel(logging.ERROR)  # item dirs have no step-level metadata file
+        meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+        tree = {"trainable": meta["trainable"]}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(
+            __import__("jax").tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
+        restore_args = __import__("jax").tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), restore_args,
+                                                  is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
+        with ocp.PyTreeCheckpointer() as ckptr:
+            state = ckptr.restore(path, args=ocp.args.PyTreeRestore(tree, restore_args=restore_args,
+                                                                    partial_restore=True))
+    except Exception as e:  # orbax raises many types for missing/garbled files
+        raise CheckpointError(f"{path}: checkpoint of step {step} is torn or unreadable "
+                              f"({type(e).__name__}: {e}); committed steps: {steps}") from None
+    return step, state["trainable"]
+
+
+def load_run(run_dir: str | Path, step: int | None = None, load_base: bool = True, dtype: str | None = None) -> Run:
+    """The model, params and tokenizer of a run at `step` (default: the latest committed one)."""
+    import jax.numpy as jnp
+
+    from transformers import AutoTokenizer
+
+    from mtp_jax.models import ModelConfig, load_model
+    from mtp_jax.models.loading import SafetensorsReader, resolve_model_dir
+    from mtp_jax.mtp.mask_token import mask_embedding
+    from mtp_jax.mtp.model import MTPModel
+
+    run_dir = Path(run_dir)
+    cfg = _saved_config(run_dir)
+    if cfg.model.random_init:
+        raise CheckpointError(f"{run_dir}: trained on a randomly initialised base (model.random_init); "
+                              "its adapters only fit those random weights")
+    step, trainable = restore_trainable(run_dir, step)
+    tok_dir = run_dir / "tokenizer"
+    if not tok_dir.is_dir():
+        raise CheckpointError(f"{tok_dir}: missing (the run saves its tokenizer with <mask> there)")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    mask_id = tokenizer.convert_tokens_to_ids(cfg.mtp.mask_token)
+    if mask_id is None or mask_id == tokenizer.unk_token_id:
+        raise CheckpointError(f"{tok_dir}: tokenizer has no {cfg.mtp.mask_token!r} token")
+    text_vocab = mask_id  # add_mask_token appends <mask> right after the vocabulary
+
+    compute = jnp.dtype(dtype or cfg.model.dtype)
+    params_dtype = jnp.dtype(cfg.model.param_dtype or cfg.model.dtype) if dtype is None else compute
+    model_dir = resolve_model_dir(cfg.model.path)
+    if load_base:
+        _, base, config = load_model(model_dir, str(compute), str(params_dtype))
+    else:
+        base, config = None, ModelConfig.from_file(model_dir / "config.json")
+    if "mask_embedding" in trainable:
+        row = jnp.asarray(trainable["mask_embedding"], jnp.float32)
+    else:  # as training computed it: the table in the run's param dtype, averaged in float32
+        table = SafetensorsReader(model_dir).get("model.embed_tokens.weight")
+        train_dtype = jnp.dtype(cfg.model.param_dtype or cfg.model.dtype)
+        row = mask_embedding(jnp.asarray(table, train_dtype), min(text_vocab, table.shape[0]))
+    model = MTPModel(config, cfg.lora, cfg.mtp, compute, params_dtype)
+    params = {"base": base, "lora": trainable["lora"], "sampler": trainable["sampler"], "mask_embedding": row}
+    return Run(run_dir, step, cfg, model, params, tokenizer, mask_id, text_vocab)
