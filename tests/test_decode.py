@@ -4,15 +4,17 @@ drafts predict. Tiny random models with a small vocabulary, so random adapters g
 
 import functools
 import itertools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax.decode import speculative_generate, speculative_stream
-from mtp_jax.generate import Sampling, generate
-from mtp_jax.models import LoRAConfig, load_model
+from mtp_jax.decode import (AdapterMismatchError, check_architecture, check_vocabulary, load_adapter,
+                            speculative_generate, speculative_stream)
+from mtp_jax.generate import Sampling, encode_prompt, eos_ids_of, generate, main
+from mtp_jax.models import LoRAConfig, ModelConfig, load_model, load_tokenizer
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.mask_token import mask_embedding
 from mtp_jax.mtp.model import MTPConfig, MTPModel
@@ -197,3 +199,57 @@ def test_bad_inputs(setups, case, match):
                "base model": dict(model=lm)}[case]
     with pytest.raises((ValueError, TypeError), match=match):
         speculative_generate(**kwargs)
+
+
+def test_adapter_for_another_model_or_vocabulary(smollm2_dir):
+    from conftest import TINY_LLAMA, TINY_QWEN3
+
+    llama = ModelConfig.from_hf({**TINY_LLAMA, "model_type": "llama"})
+    check_architecture(llama, llama, "same")
+    with pytest.raises(AdapterMismatchError, match="another model.*model_type llama vs qwen3"):
+        check_architecture(llama, ModelConfig.from_hf({**TINY_QWEN3, "model_type": "qwen3"}), "qwen3")
+    trained = load_tokenizer(smollm2_dir)
+    trained.add_special_tokens({"additional_special_tokens": ["<mask>"]})
+    base = load_tokenizer(smollm2_dir)
+    check_vocabulary(trained, "<mask>", base, "same")
+    base.add_tokens(["<extra>"])
+    with pytest.raises(AdapterMismatchError, match="another vocabulary"):
+        check_vocabulary(trained, "<mask>", base, "extra token")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--adapter", "{tmp}", "--prompt", "hi"], "not a training run directory"),
+    (["--adapter", "{tmp}", "--prompt", " "], "empty"),
+    (["--draft_length", "2", "--prompt", "hi"], "need --adapter"),
+])
+def test_cli_bad_input(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert match in str(exit_.value.code) + capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_trained_adapter(tmp_path, capsys):
+    """SmolLM2-135M with adapters from a short run of the default config: speculative greedy equals
+    plain greedy (batch of 3); the CLI streams and reports; another model is refused."""
+    from conftest import make_hf_model, save_hf
+    from mtp_jax.config import load_config
+    from mtp_jax.train import Config, run
+
+    cfg = load_config(Config, Path(__file__).parents[1] / "configs" / "smollm2_k4.yaml", [
+        "--train.save_dir", str(tmp_path / "run"), "--train.max_steps", "4", "--optim.warmup_steps", "0",
+        "--data.eval_file", "null", "--data.cache_dir", str(tmp_path / "cache"), "--train.progress", "false"])
+    run_dir = str(run(cfg)["run_dir"])
+    model, params, tok = load_adapter(run_dir)
+    texts = ["Write a Python function that returns the sum of a list.", "What is 15 + 27?",
+             "Explain what a hash map is in one paragraph."]
+    prompts = [encode_prompt(tok, t, chat=True) for t in texts]
+    eos = eos_ids_of(tok, model.config)
+    res = speculative_generate(model, params, prompts, 48, eos)
+    assert res.tokens == generate(CausalLM(model.config), params["base"], prompts, 48, eos)
+    main(["--adapter", run_dir, "--prompt", texts[0], "--max_new_tokens", "16"])
+    out = capsys.readouterr()
+    assert texts[0] in out.out and "tokens/step" in out.err
+    other = save_hf(make_hf_model("llama"), tmp_path / "tiny_llama")
+    with pytest.raises(SystemExit, match="another model"):
+        main(["--adapter", run_dir, "--model", str(other), "--prompt", "hi"])
