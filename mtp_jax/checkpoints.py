@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,20 @@ def committed_steps(run_dir: str | Path) -> list[int]:
         return []
     return sorted(int(p.name) for p in ckpt.iterdir()
                   if p.is_dir() and p.name.isdigit() and utils.is_checkpoint_finalized(p))
+
+
+def set_aside(run_dir: str | Path, step: int) -> Path:
+    """Moves committed step `step`, found torn on resume, out of checkpoints/ into torn_checkpoints/ (kept
+    for inspection, never restored); returns its new path. Resuming rewrites the step from the one before."""
+    run_dir = Path(run_dir)
+    target = run_dir / "torn_checkpoints" / str(step)
+    n = 1
+    while target.exists():
+        target = run_dir / "torn_checkpoints" / f"{step}.{n}"
+        n += 1
+    target.parent.mkdir(exist_ok=True)
+    os.replace(run_dir / "checkpoints" / str(step), target)
+    return target
 
 
 def _saved_config(run_dir: Path):

@@ -81,10 +81,14 @@ class TrainConfig:
     async_checkpointing: bool = True
     progress: bool = True
     print_memory: bool = True  # memory_analysis() of each compiled step
+    # stop when this many micro-steps in a row had a non-finite loss or update (0: never stop);
+    # checked every log_every steps, where metrics come to the host
+    max_consecutive_nonfinite: int = 10
 
     def __post_init__(self):
-        if self.max_steps < 1 or self.log_every < 1 or self.save_limit < 1:
-            raise ValueError("train: need max_steps >= 1, log_every >= 1, save_limit >= 1")
+        if self.max_steps < 1 or self.log_every < 1 or self.save_limit < 1 or self.max_consecutive_nonfinite < 0:
+            raise ValueError("train: need max_steps >= 1, log_every >= 1, save_limit >= 1, "
+                             "max_consecutive_nonfinite >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +118,9 @@ class Config:
 
 
 # keys that must match when resuming: a checkpoint of one model / k cannot continue as another
+# (grad_accum too: the step counter counts micro-steps, and accumulation adds a state entry)
 RESUME_KEYS = ("model.path", "model.random_init", "model.config_overrides", "mtp.draft_length", "lora.rank",
-               "lora.targets", "lora.fuse", "lora.bias", "mtp.train_mask_embedding")
+               "lora.targets", "lora.fuse", "lora.bias", "mtp.train_mask_embedding", "optim.grad_accum")
 
 
 def _dotted(d: dict, key: str):
@@ -139,7 +144,14 @@ def loss_fn(model, trainable, frozen, batch, rng):
 
 
 def train_step(model, tx, schedule, grad_accum, state, frozen, batch):
-    """One micro-step: grads, (accumulated) AdamW update, skip and count when loss or grads are not finite."""
+    """One micro-step: grads of this micro-batch; on the last micro-step of an optimizer step, the AdamW
+    update of the pair-weighted mean over its micro-batches (SPEC §5: sum over all valid pairs / their
+    number, so grad_accum=n over n micro-batches is the step of one batch holding them all).
+
+    Non-finite: a micro-batch whose loss or gradient is not finite adds nothing, and an update that
+    would make a param non-finite is dropped (params and optimizer state stay as they were); both
+    count in `skipped` and set the `nonfinite` metric, so no NaN ever enters the state.
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -148,21 +160,53 @@ def train_step(model, tx, schedule, grad_accum, state, frozen, batch):
     loss, grads, metrics = loss_fn(model, state["trainable"], frozen, batch, rng)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = {"step": state["step"] + 1, "rng": state["rng"]}
+    if grad_accum > 1:
+        acc = state["accum"]
+        weight = jnp.where(finite, metrics["pairs"].astype(jnp.float32), 0.0)
+        summed = jax.tree.map(lambda a, g: a + jnp.where(finite, g * weight, 0.0), acc["grads"], grads)
+        pairs, count = acc["pairs"] + weight, acc["count"] + finite.astype(jnp.int32)
+        last = new_state["step"] % grad_accum == 0
+        grads = jax.tree.map(lambda x: x / jnp.maximum(pairs, 1.0), summed)
+        apply = last & (count > 0)
+        new_state["accum"] = {"grads": jax.tree.map(lambda x: jnp.where(last, jnp.zeros_like(x), x), summed),
+                              "pairs": jnp.where(last, 0.0, pairs), "count": jnp.where(last, 0, count)}
+    else:
+        apply = finite
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
+    overflow = apply & ~all_finite(trainable)
+    apply = apply & ~overflow
 
     def keep(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
 
-    new_state = {
-        "step": state["step"] + 1,
-        "trainable": keep(trainable, state["trainable"]),
-        "opt_state": keep(opt_state, state["opt_state"]),
-        "rng": state["rng"],
-        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
-    }
-    metrics.update(grad_norm=grad_norm, lr=schedule(state["step"] // grad_accum), skipped=new_state["skipped"])
+    nonfinite = ~finite | overflow
+    new_state.update(trainable=keep(trainable, state["trainable"]), opt_state=keep(opt_state, state["opt_state"]),
+                     skipped=state["skipped"] + nonfinite.astype(jnp.int32))
+    metrics.update(grad_norm=grad_norm, lr=schedule(state["step"] // grad_accum), skipped=new_state["skipped"],
+                   nonfinite=nonfinite)
     return new_state, metrics
+
+
+def all_finite(tree):
+    """Scalar bool: every float leaf of `tree` is finite."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def nonfinite_leaves(tree) -> list[str]:
+    """Paths of the float leaves of `tree` holding a NaN or Inf (checked before every save and after restore)."""
+    import jax
+    import jax.numpy as jnp
+
+    flat = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+    ok = to_host([jnp.all(jnp.isfinite(x)) for _, x in flat])
+    return [jax.tree_util.keystr(path) for (path, _), good in zip(flat, ok) if not good]
 
 
 def decay_mask(trainable):
@@ -187,10 +231,7 @@ def make_optimizer(cfg: OptimConfig, max_steps: int):
     schedule = optax.join_schedules([warmup, main], [cfg.warmup_steps]) if cfg.warmup_steps else main
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
     parts.append(optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
-    tx = optax.chain(*parts)
-    if cfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, cfg.grad_accum)
-    return tx, schedule
+    return optax.chain(*parts), schedule
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -207,7 +248,12 @@ def device_peak_flops(device) -> float | None:
 
 
 def check_inputs(cfg: Config, resume: bool) -> Path:
-    """Every bad input that can be seen without compute: data files, run dir, resume compatibility."""
+    """Every bad input that can be seen without compute: data files, model path, run dir, resume compatibility.
+
+    Creates the run directory if missing and writes nothing in it (a probe file, removed): a refused
+    run leaves an existing run directory as it was.
+    """
+    from mtp_jax.checkpoints import committed_steps
     from mtp_jax.data.readers import DataError, resolve_data_file
 
     for key in ("train_file", "eval_file"):
@@ -218,8 +264,7 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
             resolve_data_file(path)
         except (DataError, FileNotFoundError, OSError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
-    if cfg.model.random_init:
-        _hf_config_file(cfg.model.path)
+    model_config(cfg)
     run_dir = Path(cfg.train.save_dir).expanduser()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,19 +272,21 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"train.save_dir: {run_dir} is not writable ({e.strerror or e})") from None
-    ckpt = run_dir / "checkpoints"
-    has_ckpt = ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+        raise ConfigError(f"train.save_dir: {run_dir} is not writable ({e.strerror or e}); "
+                          "choose a directory you can write") from None
+    has_ckpt = bool(committed_steps(run_dir))
     saved = run_dir / "config.yaml"
     if resume:
-        if not has_ckpt or not saved.is_file():
-            raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume from")
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume from (no run was started there); "
+                              "drop --resume to start a new run")
         old = yaml.safe_load(saved.read_text())
         new = to_dict(cfg)
         diff = [f"{k}: checkpoint {_dotted(old, k)!r}, now {_dotted(new, k)!r}" for k in RESUME_KEYS
                 if _dotted(old, k) != _dotted(new, k)]
         if diff:
-            raise ConfigError(f"--resume: {run_dir} was trained with a different setup; " + "; ".join(diff))
+            raise ConfigError(f"--resume: {run_dir} was trained with a different setup; " + "; ".join(diff)
+                              + "; resume with the saved config (config.yaml there) or choose a new save_dir")
     elif has_ckpt:
         raise ConfigError(f"train.save_dir: {run_dir} already holds checkpoints; pass --resume to continue "
                           "or choose a new save_dir")
@@ -262,39 +309,47 @@ def _hf_config_file(path: str) -> Path:
     return p
 
 
-def load_base(cfg: Config, mesh, rules):
-    """(ModelConfig, base params placed by the logical rules, tokenizer)."""
+def model_config(cfg: Config):
+    """The base model's ModelConfig from its config.json (with random_init, plus config_overrides): no weights read."""
+    from mtp_jax.models import ModelConfig, resolve_model_dir
+
+    m = cfg.model
+    if m.random_init:
+        p = _hf_config_file(m.path)
+        try:
+            hf = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model.path: {p}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return ModelConfig.from_hf({**hf, **m.config_overrides}, source=str(p))
+    return ModelConfig.from_file(resolve_model_dir(m.path) / "config.json")
+
+
+def load_base(cfg: Config, config, mesh, rules):
+    """Base params placed by the logical rules: random for model.random_init, else read from model.path."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from mtp_jax.models import ModelConfig, load_model, load_tokenizer
+    from mtp_jax.models import load_model
     from mtp_jax.models.llama import CausalLM
     from mtp_jax.models.loading import abstract_params
     from mtp_jax.sharding import logical_shardings
 
     m = cfg.model
-    dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype or m.dtype)
-    tokenizer = load_tokenizer(m.tokenizer or m.path)
     if m.random_init:
-        p = _hf_config_file(m.path)
-        hf = json.loads(p.read_text())
-        hf.update(m.config_overrides)
-        config = ModelConfig.from_hf(hf, source=str(p))
-        lm = CausalLM(config, None, dtype, param_dtype)
+        lm = CausalLM(config, None, jnp.dtype(m.dtype), jnp.dtype(m.param_dtype or m.dtype))
         shardings = logical_shardings(abstract_params(lm), mesh, rules)
         tokens = jnp.zeros((1, 1), jnp.int32)
         init = jax.jit(lambda r: nn.unbox(lm.init(r, tokens, method=lm.forward_logits)["params"]),
                        out_shardings=shardings)
-        return config, init(jax.random.key(cfg.train.seed + 1000)), tokenizer
+        return init(jax.random.key(cfg.train.seed + 1000))
 
     def place(path, leaf):
         names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
         return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
 
-    _, base, config = load_model(m.path, m.dtype, m.param_dtype, sharding=place)
-    return config, base, tokenizer
+    return load_model(m.path, m.dtype, m.param_dtype, sharding=place)[1]
 
 
 def abstract_trainable(model):
@@ -317,12 +372,19 @@ def count_params(tree) -> int:
 
 
 class MetricWriter:
-    """metrics.jsonl + tensorboard event file (written with tensorboard's own event writer, no TF/torch)."""
+    """metrics.jsonl + tensorboard event file (written with tensorboard's own event writer, no TF/torch).
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    metrics.jsonl is the trajectory of the run as it stands: opening it for a run that starts at
+    optimizer step `start` drops the rows of later steps (written by an invocation that was killed
+    after its last checkpoint; the resumed run writes them again) and a line torn by a kill, so each
+    step has one row. The rewrite goes through a temp file and a rename. Tensorboard keeps both copies.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, start: int = 0):
         self.enabled = enabled
         if not enabled:
             return
+        trim_metrics(run_dir / "metrics.jsonl", start)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         try:
             from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -354,6 +416,23 @@ class MetricWriter:
                 self.tb.close()
 
 
+def trim_metrics(path: Path, through_step: int) -> None:
+    """Keeps the whole rows of steps <= through_step in the JSONL file `path` (atomic rewrite)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # torn by a kill mid-write
+        if line.endswith("\n") and isinstance(row, dict) and row.get("step", 0) <= through_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def to_host(tree):
     """Replicated (or single-process) arrays -> numpy; works where other processes hold devices too."""
     import jax
@@ -371,8 +450,24 @@ def log(msg: str):
 
 # ----------------------------------------------------------------------------- the loop
 
+class RunStopped(RuntimeError):
+    """The run stopped part-way on purpose (non-finite streak, failed save or write); the message says
+    why and which checkpoint is good."""
+
+
+# (step setup, batch shapes) -> compiled train_step: later runs in the same process (tests, sweeps) skip
+# tracing and compiling; the key holds every config section the step function depends on
+_COMPILED: dict[tuple, Any] = {}
+
+
 def run(cfg: Config, resume: bool = False) -> dict:
-    """Trains per `cfg`; returns {'history': [metrics per logged step], 'eval': last eval, 'run_dir'}."""
+    """Trains per `cfg`; returns {'history': [metrics per logged step], 'eval': last eval, 'run_dir', 'state'}.
+
+    Order: checks without compute, then the model config, tokenizer and data cache, then the base
+    weights; the run directory is written only once all of them loaded. `resume` restores the newest
+    committed checkpoint that restores cleanly (a torn newer one is set aside and the user told);
+    without a committed checkpoint (killed before the first save) it starts from step 0.
+    """
     run_dir = check_inputs(cfg, resume)
     if cfg.distributed.initialize or cfg.distributed.coordinator_address:
         import jax
@@ -385,9 +480,12 @@ def run(cfg: Config, resume: bool = False) -> dict:
     import jax.numpy as jnp
     import numpy as np
     import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
     from tqdm import tqdm
 
-    from mtp_jax.data import batch_iterator
+    from mtp_jax.checkpoints import CheckpointError, committed_steps, set_aside
+    from mtp_jax.data import batch_iterator, prepare
+    from mtp_jax.models import load_tokenizer
     from mtp_jax.mtp.mask_token import add_mask_token, mask_embedding
     from mtp_jax.mtp.model import MTPModel
     from mtp_jax.mtp.objective import init_params, trainable_keys
@@ -402,12 +500,20 @@ def run(cfg: Config, resume: bool = False) -> dict:
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{jax.process_count()} process(es)")
 
-    config, base, tokenizer = load_base(cfg, mesh, rules)
+    config = model_config(cfg)
+    tokenizer_path = cfg.model.tokenizer or cfg.model.path
+    tokenizer = load_tokenizer(tokenizer_path)
     text_vocab = len(tokenizer)
+    if text_vocab > config.vocab_size:
+        raise ConfigError(f"model.tokenizer: {tokenizer_path} has {text_vocab} tokens but the model's embedding "
+                          f"table has {config.vocab_size} rows; use the base model's own tokenizer")
     add_mask_token(tokenizer, config.vocab_size, cfg.mtp.mask_token)
-    if main_process:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+    pidx, pcount = jax.process_index(), jax.process_count()
+    k = cfg.mtp.draft_length
+    train_iter = batch_iterator(cfg.data, tokenizer, k, split="train", process_index=pidx, process_count=pcount)
+    if cfg.data.eval_file is not None:
+        prepare(cfg.data, tokenizer, k, split="eval")  # a bad eval file fails now, not after training
+    base = load_base(cfg, config, mesh, rules)
 
     dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype or cfg.model.dtype)
     model = MTPModel(config, cfg.lora, cfg.mtp, dtype, param_dtype)
@@ -435,11 +541,17 @@ def run(cfg: Config, resume: bool = False) -> dict:
     opt_sh = __import__("optax").tree_map_params(tx, lambda _, s: s, abstract_opt, train_sh,
                                                  transform_non_params=lambda _: repl)
     state_sh = {"step": repl, "trainable": train_sh, "opt_state": opt_sh, "rng": repl, "skipped": repl}
+    if accum > 1:
+        state_sh["accum"] = {"grads": train_sh, "pairs": repl, "count": repl}
 
     def init_state(rng, row):
         trainable = init_trainable(rng, row)
-        return {"step": jnp.int32(0), "trainable": trainable, "opt_state": tx.init(trainable),
-                "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)), "skipped": jnp.int32(0)}
+        state = {"step": jnp.int32(0), "trainable": trainable, "opt_state": tx.init(trainable),
+                 "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)), "skipped": jnp.int32(0)}
+        if accum > 1:
+            state["accum"] = {"grads": jax.tree.map(jnp.zeros_like, trainable), "pairs": jnp.float32(0),
+                              "count": jnp.int32(0)}
+        return state
 
     state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.train.seed), mask_row)
     n_base, n_train = count_params(base), count_params(state["trainable"])
@@ -448,47 +560,101 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     step_fn = jax.jit(functools.partial(train_step, model, tx, schedule, accum),
                       in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, repl), donate_argnums=0)
-    # data
-    pidx, pcount = jax.process_index(), jax.process_count()
-    k = cfg.mtp.draft_length
-    train_iter = batch_iterator(cfg.data, tokenizer, k, split="train", process_index=pidx, process_count=pcount)
+    plain = to_dict(cfg)
+    step_setup = (json.dumps({**{s: plain[s] for s in ("model", "lora", "mtp", "optim", "mesh")},
+                              "max_steps": cfg.train.max_steps}, sort_keys=True),
+                  tuple(d.id for d in mesh.devices.flat), pcount)
     bsh = batch_sharding(mesh, rules)
 
     # checkpoints
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.save_limit,
+    ckpt_dir = run_dir / "checkpoints"
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.save_limit, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=cfg.train.async_checkpointing)
-    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
-    if resume:
-        last = manager.latest_step()
-        abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                      state, state_sh)
-        restored = manager.restore(last, args=ocp.args.Composite(
+
+    def open_manager():
+        return ocp.CheckpointManager(ckpt_dir.absolute(), options=options)
+
+    def last_good() -> str:
+        steps = committed_steps(run_dir)
+        return f"last good checkpoint: step {steps[-1]} ({ckpt_dir / str(steps[-1])})" if steps \
+            else "no checkpoint was committed"
+
+    manager = open_manager()
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+
+    def restore(step: int):
+        out = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(train_iter)))
-        state = restored["state"]
-        log(f"resumed from {run_dir / 'checkpoints' / str(last)} (optimizer step {last})")
+        bad = nonfinite_leaves(out["state"])
+        if bad:
+            raise CheckpointError(f"non-finite values in {', '.join(bad[:3])}")
+        return out["state"]
 
-    def save(opt_step: int):
-        manager.save(opt_step, args=ocp.args.Composite(
+    steps = committed_steps(run_dir) if resume else []
+    if resume and not steps:
+        log(f"--resume: {ckpt_dir} holds no committed checkpoint (stopped before its first save); starting at step 0")
+    failed = []
+    for step in reversed(steps):  # newest first; a torn step is never restored
+        try:
+            state = restore(step)
+        except Exception as e:  # orbax/tensorstore raise many types for missing or garbled files
+            failed.append(step)
+            log(f"checkpoint step {step} ({ckpt_dir / str(step)}) is torn or unreadable: "
+                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            continue
+        if failed:  # the newer steps are damaged, not the config: set them aside so they are rewritten
+            manager.close()
+            if main_process:
+                moved = [set_aside(run_dir, s) for s in failed]
+            multihost_utils.sync_global_devices("mtp_jax set aside torn checkpoints")
+            manager = open_manager()
+            log(f"resuming from checkpoint step {step} instead of step {failed[0]}, which is torn"
+                + (f"; moved to {', '.join(map(str, moved))}" if main_process else ""))
+        log(f"resumed from {ckpt_dir / str(step)} (optimizer step {step})")
+        break
+    else:
+        if steps:
+            manager.close()
+            raise CheckpointError(f"--resume: none of the committed checkpoints {steps} in {ckpt_dir} restores "
+                                  "(errors above); if the config changed since they were written, resume with the "
+                                  "saved config.yaml, else start a new save_dir")
+
+    if main_process:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+
+    def checked(what: str, fn, *args):
+        """fn(*args); a failure to write (disk full, permissions: orbax raises OSError or tensorstore's
+        ValueError, an async save's at the next call) stops the run with the last good checkpoint named."""
+        try:
+            return fn(*args)
+        except (OSError, ValueError) as e:
+            raise RunStopped(f"{what} failed at step {opt_step} ({type(e).__name__}: {str(e)[:500]}); {last_good()}. "
+                             f"Free space or fix permissions under {run_dir}, then rerun with --resume") from e
+
+    def save(step: int):
+        bad = nonfinite_leaves(state)
+        if bad:  # train_step never lets one in; refuse rather than write it
+            raise RunStopped(f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}; {last_good()}")
+        checked(f"saving checkpoint step {step}", lambda: manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter),
-            config=ocp.args.JsonSave(to_dict(cfg))))
-
-    compiled: dict[tuple, Any] = {}
+            config=ocp.args.JsonSave(to_dict(cfg)))))
 
     def step_for(batch):
-        key = tuple(v.shape for v in batch.values())
-        if key not in compiled:
+        key = (step_setup, tuple(v.shape for v in batch.values()))
+        if key not in _COMPILED:
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 t0 = time.time()
                 c = step_fn.lower(state, frozen, batch).compile()
-            msg = f"compiled train_step for batch {key[0]} in {time.time() - t0:.1f}s"
+            msg = f"compiled train_step for batch {key[1][0]} in {time.time() - t0:.1f}s"
             mem = c.memory_analysis() if cfg.train.print_memory else None
             if mem is not None:
                 msg += (f"; memory: args {mem.argument_size_in_bytes / 2**20:.1f} MiB, temp "
                         f"{mem.temp_size_in_bytes / 2**20:.1f} MiB, out {mem.output_size_in_bytes / 2**20:.1f} MiB, "
                         f"aliased {mem.alias_size_in_bytes / 2**20:.1f} MiB")
             log(msg)
-            compiled[key] = c
-        return compiled[key]
+            _COMPILED[key] = c
+        return _COMPILED[key]
 
     def evaluate() -> dict | None:
         """Per-step loss / top-1 agreement / acceptance on the held-out file at the current params.
@@ -513,49 +679,72 @@ def run(cfg: Config, resume: bool = False) -> dict:
         keys = [key for key in rows[0] if key.startswith(("loss/", "acc/")) or key == "accept_len"]
         return {key: float(np.average([m[key] for m in rows], weights=weights)) for key in keys}
 
-    writer = MetricWriter(run_dir, main_process)
     peak = device_peak_flops(jax.devices()[0])
     start = int(to_host(state["step"])) // accum
-    history, last_eval, window, tokens, pairs_host = [], None, [], 0, 0
+    writer = MetricWriter(run_dir, main_process, start)
+    history, last_eval, window, sources, tokens = [], None, [], [], 0
+    streak, max_streak = 0, cfg.train.max_consecutive_nonfinite
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (cfg.train.progress and main_process),
                dynamic_ncols=True, desc="train")
     t_window = time.time()
     opt_step = start
     stop = min(cfg.train.max_steps, start + cfg.train.stop_after_steps) if cfg.train.stop_after_steps \
         else cfg.train.max_steps
+    finished = False
     try:
         while opt_step < stop:
-            for _ in range(accum):
+            for micro in range(accum):
+                position = train_iter.get_state()  # where this batch lies in the data order, for error messages
                 host = next(train_iter)
                 tokens += int(np.sum(host["segment_ids"] > 0)) * pcount
                 batch = host_to_global(host, bsh)
                 state, metrics = step_for(batch)(state, frozen, batch)
                 window.append(metrics)
+                name = f"step {opt_step + 1}" + (f" (micro-batch {micro + 1}/{accum})" if accum > 1 else "")
+                sources.append((name, position, host["tokens"][0, :24].copy()))
             opt_step += 1
             bar.update(1)
+            checked("a checkpoint save", manager.check_for_errors)
             if opt_step % cfg.train.log_every == 0 or opt_step == stop:
                 fetched = to_host(window)
-                dt = max(time.time() - t_window, 1e-9)
-                row = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
+                too_many = None
+                for m, (name, position, head) in zip(fetched, sources):
+                    streak = streak + 1 if m["nonfinite"] else 0
+                    if not m["nonfinite"]:
+                        continue
+                    log(f"{name}: non-finite loss {m['loss/total']:.4g} or update (grad norm {m['grad_norm']:.4g}); "
+                        f"update skipped, {int(m['skipped'])} skipped so far")
+                    if max_streak and streak >= max_streak and too_many is None:
+                        too_many = (f"{name}: {streak} non-finite steps in a row (train.max_consecutive_nonfinite = "
+                                    f"{max_streak}); the last batch is at data position {position}, its first row "
+                                    f"starts {tokenizer.decode(head)!r}. Params and optimizer state are as after the "
+                                    f"last finite update; {last_good()}. Lower optim.lr, check that data, or raise "
+                                    "train.max_consecutive_nonfinite")
+                good = [m for m in fetched if not m["nonfinite"]] or fetched  # window means over finite steps
+                row = {key: float(np.mean([m[key] for m in good])) for key in fetched[0]}
+                row["nonfinite"] = float(sum(bool(m["nonfinite"]) for m in fetched))
                 row["skipped"] = float(fetched[-1]["skipped"])
                 row["lr"] = float(fetched[-1]["lr"])
                 pairs = row.pop("pairs") * len(fetched)
+                dt = max(time.time() - t_window, 1e-9)
                 row["tokens_per_s"] = tokens / dt
                 flops = 2 * n_base * tokens + 4 * n_base * pairs
                 row["mfu"] = flops / (dt * peak * jax.device_count()) if peak else None
                 history.append({"step": opt_step, **row})
-                writer.write(opt_step, row)
+                checked("writing metrics", writer.write, opt_step, row)
                 accept = " ".join(f"{row[f'acc/step_{j}']:.2f}" for j in range(1, k + 1))
                 bar.set_postfix_str(f"loss {row['loss/total']:.3f} acc {accept} len {row['accept_len']:.2f} "
                                     f"tok/s {row['tokens_per_s']:.0f}")
                 if not cfg.train.progress and main_process:
                     log(f"step {opt_step}: loss {row['loss/total']:.4f} acc [{accept}] "
                         f"accept_len {row['accept_len']:.3f} tok/s {row['tokens_per_s']:.0f}")
-                window, tokens, t_window = [], 0, time.time()
+                if too_many:
+                    raise RunStopped(too_many)
+                window, sources, tokens, t_window = [], [], 0, time.time()
             if cfg.train.eval_every and opt_step % cfg.train.eval_every == 0 and opt_step < cfg.train.max_steps:
                 last_eval = evaluate()
                 if last_eval:
-                    writer.write(opt_step, last_eval, prefix="eval/")
+                    checked("writing metrics", writer.write, opt_step, last_eval, "eval/")
                     log(f"eval @ {opt_step}: " + json.dumps({kk: round(v, 4) for kk, v in last_eval.items()}))
                 t_window = time.time()
             if cfg.train.save_steps and opt_step % cfg.train.save_steps == 0 and opt_step < stop:
@@ -563,13 +752,21 @@ def run(cfg: Config, resume: bool = False) -> dict:
         bar.close()
         if opt_step > start:
             save(opt_step)
-        manager.wait_until_finished()
+        checked("a checkpoint save", manager.wait_until_finished)
         last_eval = evaluate()
         if last_eval:
-            writer.write(opt_step, last_eval, prefix="eval/")
+            checked("writing metrics", writer.write, opt_step, last_eval, "eval/")
             log(f"eval @ {opt_step}: " + json.dumps({kk: round(v, 4) for kk, v in last_eval.items()}))
+        finished = True
     finally:
-        manager.close()
+        bar.close()
+        if finished:
+            checked("a checkpoint save", manager.close)
+        else:
+            try:
+                manager.close()
+            except Exception:  # the failure that stopped the run, raised again by the pending save
+                pass
         writer.close()
     return {"history": history, "eval": last_eval, "run_dir": run_dir, "state": state}
 
@@ -599,13 +796,24 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, bool, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0: done; 2: bad input (config, data, model, checkpoint), refused before training;
+    1: the run stopped part-way (RunStopped: non-finite streak, failed save), last good checkpoint named."""
+    from mtp_jax.checkpoints import CheckpointError
+    from mtp_jax.data.readers import DataError
+    from mtp_jax.models.config import UnsupportedModelError
+    from mtp_jax.models.loading import ModelLoadError
+    from mtp_jax.mtp.mask_token import MaskTokenError
+
     try:
         config_path, resume, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(Config, config_path, overrides)
         run(cfg, resume)
-    except ConfigError as e:
+    except (ConfigError, DataError, ModelLoadError, UnsupportedModelError, CheckpointError, MaskTokenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
