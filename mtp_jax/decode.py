@@ -28,7 +28,8 @@ beyond L, hidden by the causal rule and overwritten by the next step's write. Ma
 written. Greedy output equals plain greedy decoding token for token (up to float reduction order:
 the tests check fp32); sampling uses standard speculative rejection sampling (accept d_i with
 probability min(1, p/q), else draw from max(0, p - q)), which preserves the base distribution
-under the same temperature / top-k / top-p filter as `mtp_jax.generate`.
+under the same temperature / top-k / top-p filter as `mtp_jax.generate`. One option gives that up:
+`lossy=p` (ConfAdapt-style, off by default) also accepts drafts the sampler is at least p sure of.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class DecodeState(NamedTuple):
     pending: jax.Array  # [b] t_0: emitted, not yet in the cache
     drafts: jax.Array  # [b, k] proposals for the tokens after t_0
     n_drafts: jax.Array  # [b] how many of `drafts` are real (k unless fewer mask blocks)
-    q: jax.Array | None  # [b, k, vocab] draft distributions (sampling only)
+    q: jax.Array | None  # [b, k, vocab] draft distributions (sampling, or the lossy option)
     out: jax.Array  # [b, max_new + k + 1] emitted tokens
     n_out: jax.Array  # [b]
     done: jax.Array  # [b]
@@ -146,7 +147,7 @@ def _forward(model: MTPModel, params: Params, cache, length, pad_len, slot_valid
     return model.apply(variables(params), tokens, params["mask_embedding"], method=run)
 
 
-def _draft(model: MTPModel, params: Params, hidden, known, n_known, sampling: Sampling, rng):
+def _draft(model: MTPModel, params: Params, hidden, known, n_known, sampling: Sampling, rng, keep_q: bool):
     """Sampler chain over one mask block (SPEC §4) -> the drafts ahead of the emitted text.
 
     hidden [b, k, d]: the block's mask states; known [b, k]: the emitted token at each mask's own
@@ -162,8 +163,9 @@ def _draft(model: MTPModel, params: Params, hidden, known, n_known, sampling: Sa
         rng, sub = jax.random.split(rng)
         tok = sample_token(logits, sub, sampling)
         drafts.append(tok)
-        if sampling.temperature > 0:
-            qs.append(jax.nn.softmax(filter_logits(logits, sampling), axis=-1))
+        if keep_q:
+            qs.append(jax.nn.softmax(filter_logits(logits, sampling) if sampling.temperature > 0
+                                     else logits.astype(jnp.float32), axis=-1))
         if j + 1 < k:
             prev = jnp.where(j + 1 < n_known, known[:, j + 1], tok)
     shift = jnp.clip(n_known[:, None] - 1 + jnp.arange(k), 0, k - 1)
@@ -172,17 +174,24 @@ def _draft(model: MTPModel, params: Params, hidden, known, n_known, sampling: Sa
     return drafts, q, k + 1 - n_known
 
 
-def _verify(base_logits, drafts, n_drafts, q, sampling: Sampling, rng):
+def _verify(base_logits, drafts, n_drafts, q, sampling: Sampling, rng, lossy: float | None):
     """base_logits [b, k+1, V] at t_0, d_1..d_k -> (n accepted [b], emitted [b, k+1]: d_1..d_n, then
-    the correction/bonus token at index n; entries after n are unused)."""
+    the correction/bonus token at index n; entries after n are unused).
+
+    `lossy` (greedy only; LOSSY, ConfAdapt-style): a draft whose sampler probability is >= lossy is
+    accepted even where the base model disagrees, so the output is no longer the base's greedy text.
+    """
     b, k = drafts.shape
     idx = jnp.arange(k + 1)
     in_range = jnp.arange(k)[None] < n_drafts[:, None]
     if sampling.temperature == 0.0:
         y = jnp.argmax(base_logits, axis=-1).astype(jnp.int32)
-        ok = (drafts == y[:, :k]) & in_range
-        n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
-        return n, y  # accepted drafts equal y, so y[:n+1] is the emitted text
+        ok = drafts == y[:, :k]
+        if lossy is not None:
+            ok = ok | (jnp.take_along_axis(q, drafts[..., None], -1)[..., 0] >= lossy)
+        n = jnp.sum(jnp.cumprod((ok & in_range).astype(jnp.int32), axis=1), axis=1)
+        bonus = jnp.take_along_axis(y, n[:, None], axis=1)
+        return n, jnp.where(idx[None] < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus)
     p = jax.nn.softmax(filter_logits(base_logits, sampling), axis=-1)  # [b, k+1, V]
     p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], -1)[..., 0]
     q_d = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
@@ -198,7 +207,7 @@ def _verify(base_logits, drafts, n_drafts, q, sampling: Sampling, rng):
     return n, emitted
 
 
-def _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k):
+def _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k, lossy):
     """Prompt call: fills the cache, emits the first token, drafts k from a mask block after the prompt."""
     b, t = tokens.shape
     slots = t + max_new_tokens + k
@@ -209,7 +218,8 @@ def _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampl
     rng, r_first, r_draft = jax.random.split(rng, 3)
     first = sample_token(last, r_first, sampling)
     known = jnp.zeros((b, k), jnp.int32).at[:, 0].set(first)
-    drafts, q, n_drafts = _draft(model, params, hidden[:, 0], known, jnp.ones((b,), jnp.int32), sampling, r_draft)
+    drafts, q, n_drafts = _draft(model, params, hidden[:, 0], known, jnp.ones((b,), jnp.int32), sampling, r_draft,
+                                 sampling.temperature > 0 or lossy is not None)
     out = jnp.zeros((b, max_new_tokens + k + 1), jnp.int32).at[:, 0].set(first)
     zeros_k = jnp.zeros((b, k), jnp.int32)
     return DecodeState(cache, length + t, first, drafts, n_drafts, q, out, jnp.ones((b,), jnp.int32),
@@ -217,20 +227,21 @@ def _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampl
                        zeros_k, rng), slot_valid
 
 
-def _step(model, params, state: DecodeState, pad_len, slot_valid, eos_ids, max_new_tokens, sampling, k, anchors):
+def _step(model, params, state: DecodeState, pad_len, slot_valid, eos_ids, max_new_tokens, sampling, k, anchors,
+          lossy):
     """One verify-and-draft call for every row; finished rows keep their state."""
     tokens = jnp.concatenate([state.pending[:, None], state.drafts], axis=1)  # [b, k+1]
     base_logits, mask_hidden, cache = _forward(model, params, state.cache, state.length, pad_len, slot_valid,
                                                tokens, anchors, k)
     rng, r_verify, r_draft = jax.random.split(state.rng, 3)
-    n, emitted = _verify(base_logits, state.drafts, state.n_drafts, state.q, sampling, r_verify)
+    n, emitted = _verify(base_logits, state.drafts, state.n_drafts, state.q, sampling, r_verify, lossy)
     # drafts from the block with the largest anchor offset s <= n
     anchor_arr = jnp.asarray(anchors)
     block = jnp.sum(anchor_arr[None] <= n[:, None], axis=1) - 1
     s = anchor_arr[block]
     hidden = jnp.take_along_axis(mask_hidden, block[:, None, None, None], axis=1)[:, 0]
     known = jnp.take_along_axis(emitted, jnp.clip(s[:, None] + jnp.arange(k), 0, k), axis=1)
-    drafts, q, n_drafts = _draft(model, params, hidden, known, n + 1 - s, sampling, r_draft)
+    drafts, q, n_drafts = _draft(model, params, hidden, known, n + 1 - s, sampling, r_draft, state.q is not None)
 
     live = ~state.done
     idx = jnp.arange(k + 1)[None]
@@ -261,21 +272,22 @@ def _step(model, params, state: DecodeState, pad_len, slot_valid, eos_ids, max_n
     )
 
 
-_STATIC = ("model", "max_new_tokens", "sampling", "k", "anchors")
+_STATIC = ("model", "max_new_tokens", "sampling", "k", "anchors", "lossy")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _decode(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k, anchors):
-    state, slot_valid = _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k)
-    body = lambda s: _step(model, params, s, pad_len, slot_valid, eos_ids, max_new_tokens, sampling, k, anchors)
+def _decode(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k, anchors, lossy):
+    state, slot_valid = _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k, lossy)
+    body = lambda s: _step(model, params, s, pad_len, slot_valid, eos_ids, max_new_tokens, sampling, k, anchors,
+                           lossy)
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_new_tokens", "sampling", "k"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_new_tokens", "sampling", "k", "lossy"))
 _step_jit = jax.jit(_step, static_argnames=_STATIC, donate_argnames=("state",))
 
 
-def _inputs(model, params, prompts, max_new_tokens, eos_ids, pad_id, draft_length, anchors):
+def _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id, draft_length, anchors, lossy):
     if not isinstance(model, MTPModel):
         raise TypeError(f"speculative decoding needs an MTPModel (base + adapters), got {type(model).__name__}")
     missing = {"base", "lora", "sampler", "mask_embedding"} - set(params)
@@ -287,6 +299,8 @@ def _inputs(model, params, prompts, max_new_tokens, eos_ids, pad_id, draft_lengt
     if not eos_ids:
         raise ValueError("speculative_generate: eos_ids is empty; pass the tokenizer's EOS id")
     k, anchors = check_layout(model, draft_length, anchors)
+    if lossy is not None and (sampling.temperature > 0 or not 0.0 <= lossy <= 1.0):
+        raise ValueError(f"lossy threshold {lossy}: needs greedy decoding and a probability in [0, 1]")
     tokens, pad_len = left_pad(prompts, pad_id)
     if tokens.shape[1] + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -302,28 +316,31 @@ def _result(state: DecodeState) -> DecodeResult:
 
 def speculative_generate(model: MTPModel, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                          eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0,
-                         draft_length: int | None = None, anchors: Sequence[int] | None = None) -> DecodeResult:
+                         draft_length: int | None = None, anchors: Sequence[int] | None = None,
+                         lossy: float | None = None) -> DecodeResult:
     """New tokens for each prompt (as `generate.generate`, same distribution), decoded with drafts.
 
     params: the flat dict {base, lora, sampler, mask_embedding}. draft_length: k to use (<= the
-    adapter's). anchors: mask-block offsets (module docstring); default all of 0..k.
+    adapter's). anchors: mask-block offsets (module docstring); default all of 0..k. lossy: LOSSY
+    option, off by default: also accept drafts with sampler probability >= lossy (`_verify`).
     """
-    tokens, pad_len, eos, k, anchors = _inputs(model, params, prompts, max_new_tokens, eos_ids, pad_id,
-                                               draft_length, anchors)
-    state = _decode(model, params, tokens, pad_len, eos, jax.random.key(seed), max_new_tokens, sampling, k, anchors)
+    tokens, pad_len, eos, k, anchors = _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id,
+                                               draft_length, anchors, lossy)
+    state = _decode(model, params, tokens, pad_len, eos, jax.random.key(seed), max_new_tokens, sampling, k, anchors,
+                    lossy)
     return _result(state)
 
 
 def speculative_stream(model: MTPModel, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                        eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0,
-                       draft_length: int | None = None, anchors: Sequence[int] | None = None
-                       ) -> Iterator[tuple[list[list[int]], DecodeResult | None]]:
+                       draft_length: int | None = None, anchors: Sequence[int] | None = None,
+                       lossy: float | None = None) -> Iterator[tuple[list[list[int]], DecodeResult | None]]:
     """Same tokens as `speculative_generate`, one model call at a time: yields the tokens each row
     gained in the call (and, with the last, the DecodeResult)."""
-    tokens, pad_len, eos, k, anchors = _inputs(model, params, prompts, max_new_tokens, eos_ids, pad_id,
-                                               draft_length, anchors)
+    tokens, pad_len, eos, k, anchors = _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id,
+                                               draft_length, anchors, lossy)
     state, slot_valid = _prefill_jit(model, params, tokens, pad_len, eos, jax.random.key(seed), max_new_tokens,
-                                     sampling, k)
+                                     sampling, k, lossy)
     seen = np.zeros(len(prompts), np.int64)
     while True:
         n_out, done = np.asarray(state.n_out), np.asarray(state.done)
@@ -332,7 +349,8 @@ def speculative_stream(model: MTPModel, params: Params, prompts: Sequence[Sequen
         if done.all():
             return
         seen = n_out
-        state = _step_jit(model, params, state, pad_len, slot_valid, eos, max_new_tokens, sampling, k, anchors)
+        state = _step_jit(model, params, state, pad_len, slot_valid, eos, max_new_tokens, sampling, k, anchors,
+                          lossy)
 
 
 class AdapterMismatchError(ValueError):

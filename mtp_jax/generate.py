@@ -216,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of --adapter (default: latest)")
     ap.add_argument("--draft_length", type=int, default=None, help="drafts per step (default: the run's k)")
     ap.add_argument("--anchors", default=None, help="mask-block offsets, e.g. '0' (default: all of 0..k)")
+    ap.add_argument("--lossy", type=float, default=None,
+                    help="LOSSY, ConfAdapt-style: also accept drafts whose sampler probability is >= this where the "
+                         "base model disagrees; the output is then NOT the model's greedy output (greedy only)")
     ap.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     ap.add_argument("--prompts", help='JSON/JSONL file of {"input": ...} records (builtin:NAME for shipped ones)')
     ap.add_argument("--batch_size", type=int, default=1, help="prompts decoded together (1: streamed)")
@@ -227,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--dtype", default=None, help="compute dtype (default float32, or the run's)")
     ap.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     args = ap.parse_args(argv)
-    if args.adapter is None and (args.step, args.draft_length, args.anchors) != (None, None, None):
-        ap.error("--step, --draft_length and --anchors need --adapter")
+    if args.adapter is None and (args.step, args.draft_length, args.anchors, args.lossy) != (None,) * 4:
+        ap.error("--step, --draft_length, --anchors and --lossy need --adapter")
     if args.batch_size < 1:
         ap.error("--batch_size must be >= 1")
     try:
@@ -253,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         eos = eos_ids_of(tokenizer, config)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         anchors = None if args.anchors is None else [int(a) for a in args.anchors.split(",")]
-        spec = dict(draft_length=args.draft_length, anchors=anchors)
+        spec = dict(draft_length=args.draft_length, anchors=anchors, lossy=args.lossy)
         n_tokens, steps, accepted, offered = 0, 0, 0, 0
         t0 = time.perf_counter()
         with compile_seconds() as compiling:

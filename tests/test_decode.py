@@ -134,6 +134,16 @@ def test_fewer_mask_blocks_and_smaller_k_stay_exact(setups, draft_length, anchor
     assert res.accepted.sum() > 0
 
 
+def test_lossy_option_accepts_confident_drafts(setups):
+    """lossy = 0: every draft is 'confident', so each call emits k + 1 tokens (the drafts and y_k)."""
+    model, params, _ = setups["llama"]
+    prompts = prompts_for(16)
+    res = speculative_generate(model, params, prompts, NEW, NEVER, lossy=0.0)
+    np.testing.assert_array_equal(res.steps, 1 + -(-(NEW - 1) // (K + 1)))
+    np.testing.assert_array_equal(res.accepted, res.offered)
+    assert all(len(t) == NEW for t in res.tokens)
+
+
 def test_stream_yields_the_same_tokens(setups):
     model, params, _ = setups["llama"]
     prompts = prompts_for(16)[:2]
@@ -190,13 +200,14 @@ def test_sampling_matches_base_distribution(tmp_path):
     ("anchors without 0", "including 0"),
     ("no adapters", "lack"),
     ("base model", "needs an MTPModel"),
+    ("lossy sampling", "needs greedy"),
 ])
 def test_bad_inputs(setups, case, match):
     model, params, lm = setups["llama"]
     kwargs = dict(model=model, params=params, prompts=[[3, 4]], max_new_tokens=4, eos_ids=[2])
     kwargs |= {"empty prompt": dict(prompts=[[3, 4], []]), "k above the adapter's": dict(draft_length=K + 1),
                "anchors without 0": dict(anchors=(1, 2)), "no adapters": dict(params={"base": params["base"]}),
-               "base model": dict(model=lm)}[case]
+               "base model": dict(model=lm), "lossy sampling": dict(lossy=0.9, sampling=Sampling(1.0))}[case]
     with pytest.raises((ValueError, TypeError), match=match):
         speculative_generate(**kwargs)
 
