@@ -123,6 +123,7 @@ def main():
     ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")
     ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"], help="attention (both variants)")
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"], help="per-layer remat (both)")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     config = ModelConfig.from_file(args.model)
@@ -138,9 +139,9 @@ def main():
     rows = []
     for total in args.lengths:
         batch = make_batch(args.prompt, total - args.prompt)
-        ours = measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen, batch)
+        ours = measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen, batch, reps=args.reps)
         naive = jax.value_and_grad(functools.partial(interleaved_loss, model))
-        base_r = (measure(naive, trainable, frozen, batch["tokens"], interleaved_layout(batch, args.k))
+        base_r = (measure(naive, trainable, frozen, batch["tokens"], interleaved_layout(batch, args.k), reps=args.reps)
                   if total <= args.baseline_max
                   else {"time_s": None, "peak_gib": None, "error": "skipped (too large)"})
         rows.append({"regular_tokens": total, "two_stream": ours, "interleaved": base_r})
