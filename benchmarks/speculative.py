@@ -142,19 +142,14 @@ def main(argv=None):
     for b in batch_sizes:
         for domain in domains:
             rows = ids[domain]
-            batches = [rows[i:i + b] for i in range(0, len(rows), b)]
-            plain, plain_out = Measured(), []
-            for batch in batches:
+            plain, specs = Measured(), {layout: Measured() for layout in layouts}
+            # each batch runs plain and then every layout, so a change of machine load hits all alike
+            for batch in (rows[i:i + b] for i in range(0, len(rows), b)):
                 out, s, c = timed(lambda: generate(lm, params["base"], batch, n, eos, pad_id=pad_id))
-                plain.tokens += sum(map(len, out))
+                plain.tokens, plain.steps = plain.tokens + sum(map(len, out)), plain.steps + sum(map(len, out))
                 plain.seconds, plain.compile_s = plain.seconds + s, plain.compile_s + c
-                plain.steps += sum(map(len, out))
                 plain.calls += max(map(len, out))
-                plain_out += out
-            results.append({"batch": b, "method": "plain", "domain": domain, **_row(plain)})
-            for layout in layouts:
-                spec = Measured()
-                for i, batch in enumerate(batches):
+                for layout, spec in specs.items():
                     res, s, c = timed(lambda: speculative_generate(model, params, batch, n, eos, pad_id=pad_id,
                                                                    anchors=parse_layout(layout)))
                     spec.tokens += sum(map(len, res.tokens))
@@ -162,17 +157,20 @@ def main(argv=None):
                     spec.steps += int(res.steps.sum())
                     spec.calls += int(res.steps.max())
                     spec.add_counts(res.accepted.sum(0), res.offered.sum(0))
-                    spec.mismatches += sum(a != r for a, r in zip(res.tokens, plain_out[i * b:(i + 1) * b]))
+                    spec.mismatches += sum(a != r for a, r in zip(res.tokens, out))
+            results.append({"batch": b, "method": "plain", "domain": domain, **_row(plain)})
+            for layout, spec in specs.items():
                 results.append({"batch": b, "method": f"spec[{layout}]", "domain": domain, **_row(spec),
-                                 "accepted": spec.accepted.tolist(), "offered": spec.offered.tolist(),
-                                 "acceptance": spec.acceptance()})
+                                "accepted": spec.accepted.tolist(), "offered": spec.offered.tolist(),
+                                "acceptance": spec.acceptance()})
                 print(f"b={b} {domain:5s} {layout:>5s}: {spec.tokens / spec.steps:.2f} tokens/step, "
                       f"{spec.tokens / spec.seconds:.1f} vs {plain.tokens / plain.seconds:.1f} tokens/s plain, "
                       f"acceptance {spec.acceptance()}, mismatches {spec.mismatches}", flush=True)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     kind = device.device_kind if device.platform != "cpu" else f"cpu ({os.cpu_count()} cores)"
-    tag = args.tag or f"{datetime.date.today()}_{'cpu' if device.platform == 'cpu' else device.device_kind.split()[1].lower()}"
+    short = "cpu" if device.platform == "cpu" else device.device_kind.split()[1].lower()  # "NVIDIA H100 ..." -> h100
+    tag = args.tag or f"{datetime.date.today()}_{short}"
     source = f"random weights at the shapes of {args.random}" if args.random else args.model or "the run's base"
     report = {"device": kind, "jax": jax.__version__, "commit": commit, "adapter": args.adapter or "random",
               "model": source, "domains": domains, "dtype": str(np.dtype(model.dtype)), "k": k,
@@ -238,7 +236,8 @@ def markdown(report: dict, layouts: list[str], batch_sizes: list[int], tag: str)
             lines.append(f"| speculative, layout `{layout}` | {tot['tokens_per_step']:.2f} | "
                          + " | ".join(f"{p:.2f}" for p in per)
                          + f" | {tot['ms_per_call']:.1f} | {tot['ms_per_call'] / plain['ms_per_call']:.2f}"
-                         + f" | {tot['tokens_per_s']:.1f} | {tot['tokens_per_s'] / plain['tokens_per_s']:.2f}x | {acc} | "
+                         + f" | {tot['tokens_per_s']:.1f} | {tot['tokens_per_s'] / plain['tokens_per_s']:.2f}x"
+                         + f" | {acc} | "
                            f"{tot['mismatches']} |")
         lines.append("")
     return "\n".join(lines)
