@@ -205,7 +205,8 @@ def nonfinite_leaves(tree) -> list[str]:
 
     flat = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
             if jnp.issubdtype(x.dtype, jnp.inexact)]
-    ok = to_host([jnp.all(jnp.isfinite(x)) for _, x in flat])
+    # one jitted program (not an eager op per leaf: on a multi-device CPU mesh those raced orbax's save thread)
+    ok = to_host(jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in flat]))
     return [jax.tree_util.keystr(path) for (path, _), good in zip(flat, ok) if not good]
 
 
@@ -276,10 +277,7 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
                           "choose a directory you can write") from None
     has_ckpt = bool(committed_steps(run_dir))
     saved = run_dir / "config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {run_dir} holds no checkpoint to resume from (no run was started there); "
-                              "drop --resume to start a new run")
+    if resume and saved.is_file():  # with nothing there, --resume starts the run (a requeued job killed early)
         old = yaml.safe_load(saved.read_text())
         new = to_dict(cfg)
         diff = [f"{k}: checkpoint {_dotted(old, k)!r}, now {_dotted(new, k)!r}" for k in RESUME_KEYS
@@ -592,7 +590,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
     steps = committed_steps(run_dir) if resume else []
     if resume and not steps:
-        log(f"--resume: {ckpt_dir} holds no committed checkpoint (stopped before its first save); starting at step 0")
+        log(f"--resume: {ckpt_dir} holds no committed checkpoint (a new run, or one stopped before its first "
+            "save): starting at step 0")
     failed = []
     for step in reversed(steps):  # newest first; a torn step is never restored
         try:
