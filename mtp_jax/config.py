@@ -134,7 +134,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             i += 1
         else:
             if i + 1 >= len(items):
-                raise ConfigError(f"override {arg}: missing value")
+                raise ConfigError(f"override {arg}: missing value (--dotted.key VALUE)")
             key, raw = arg[2:], items[i + 1]
             i += 2
         try:
@@ -158,13 +158,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            raise ConfigError(f"{path}: config file not found; pass a YAML file (examples in configs/)")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+            raise ConfigError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)}); fix the syntax there") \
+                from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     data = apply_overrides(data, overrides)

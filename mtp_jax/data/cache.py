@@ -191,7 +191,9 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
         writer.close()
     skipped = stats.skipped + counts["skipped_tokenize"]
     if not lengths:
-        raise DataError(f"{source_path}: no usable examples ({skipped} bad records skipped)")
+        first = (stats.skipped_examples + skipped_examples)[:1]
+        raise DataError(f"{source_path}: no usable examples ({skipped} bad records skipped"
+                        + (f"; first: {first[0]}" if first else "") + "); fix the records")
     np.save(tmp / "lengths.npy", np.asarray(lengths, np.int32))
     arr = np.asarray(lengths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -20,6 +20,7 @@ import numpy as np
 
 from mtp_jax.data.cache import BuildParams, CachedDataset, build_cache, decode_example
 from mtp_jax.data.config import DataConfig
+from mtp_jax.data.readers import DataError
 from mtp_jax.data.tokenize import TokenizeParams
 
 
@@ -107,7 +108,8 @@ class PackedBatches(grain.MapDataset):
         self._offset = process_index * self._local
         self._batches_per_epoch = len(self.plan(0))
         if self._batches_per_epoch == 0:
-            raise ValueError(f"{cache.path}: {len(cache)} examples make no full batch of {cfg.batch_size} rows")
+            raise DataError(f"{cache.manifest['source']['path']}: its {len(cache)} examples make no full batch of "
+                            f"{cfg.batch_size} rows; add data, lower data.batch_size, or turn data.packing off")
         self._num_epochs = num_epochs
         self._lock = threading.Lock()
 

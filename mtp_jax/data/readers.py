@@ -21,6 +21,7 @@ CHUNK_CHARS = 1 << 20
 # a single record bigger than this is an error, not a reason to read the whole file into memory
 MAX_RECORD_CHARS = 1 << 30
 BUILTIN_PREFIX = "builtin:"
+EXPECTED = 'expected a JSON list of {"input", "output"} records, {"results": [...]} or JSONL'
 
 
 class DataError(ValueError):
@@ -110,16 +111,16 @@ def read_records(path: str | os.PathLike, on_bad_record: Literal["error", "skip"
     path = resolve_data_file(path)
     stats = stats if stats is not None else ReadStats()
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+        raise DataError(f"{path}: file is empty; {EXPECTED}")
     with open(path, "rb") as f:
         head = f.read(4096)
     first = head.lstrip()[:1]
     if not first:
-        raise DataError(f"{path}: file is empty (only whitespace)")
+        raise DataError(f"{path}: file is empty (only whitespace); {EXPECTED}")
     if path.suffix in (".jsonl", ".ndjson") or first != b"[" and not _starts_results_object(head):
         raw = _jsonl_objects(path)
     else:
-        raw = _json_array_objects(path)
+        raw = _whole_file_damage(_json_array_objects(path))
     produced = False
     for number, line, obj, error in raw:
         where = f"{path}: record {number} (line {line})"
@@ -132,14 +133,14 @@ def read_records(path: str | os.PathLike, on_bad_record: Literal["error", "skip"
             error = f"{where}: {error}"
         if error is not None:
             if on_bad_record == "error":
-                raise DataError(error)
+                raise DataError(f"{error}; fix the record, or set on_bad_record to skip to drop bad records")
             stats.skip(error)
             continue
         stats.records += 1
         produced = True
         yield Record(inp, out, number, line, rid)
     if not produced and stats.skipped == 0:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records; {EXPECTED}")
     if stats.skipped:
         log.warning(stats.report(path))
 
@@ -149,6 +150,15 @@ def _starts_results_object(head: bytes) -> bool:
     if not text.startswith(b"{"):
         return False
     return text[1:].lstrip().startswith(b'"results"')
+
+
+def _whole_file_damage(objects):
+    """Damage that loses a JSON array's record boundaries cannot be skipped: say how to repair it."""
+    try:
+        yield from objects
+    except DataError as e:
+        raise DataError(f"{e}; repair the file and save it as UTF-8 (in JSONL, on_bad_record: skip can drop "
+                        "single bad lines)") from None
 
 
 def _jsonl_objects(path: Path):
@@ -193,8 +203,9 @@ class _TextStream:
         try:
             text = self.decoder.decode(data, final=not data)
         except UnicodeDecodeError as e:
-            raise DataError(f"{self.path}: invalid UTF-8 at byte {self.bytes_read + e.start} "
-                            f"(near line {self.line + self.buf.count(chr(10), self.pos)})") from None
+            line = self.line + self.buf.count(chr(10), self.pos) + data[:e.start].count(b"\n")
+            raise DataError(f"{self.path}: invalid UTF-8 at byte {self.bytes_read + e.start} (near line {line})") \
+                from None
         self.bytes_read += len(data)
         self.buf += text
         if not data:

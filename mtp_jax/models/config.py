@@ -110,7 +110,8 @@ class ModelConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face model directory.") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}).") from None
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); restore the model's Hugging Face "
+                             "config.json.") from None
         return cls.from_hf(hf, source=str(path))
 
     def rope_inv_freq(self) -> np.ndarray:

@@ -69,7 +69,8 @@ def gguf_architecture(path: Path) -> str:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the gguf reader raises bare ValueError/struct errors on bad files
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({e}).") from None
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({e}); download it again (it may be truncated).") \
+            from None
     field = reader.fields.get("general.architecture")
     if field is None:
         raise ModelLoadError(f"{path}: GGUF metadata has no general.architecture.")
@@ -168,11 +169,12 @@ class SafetensorsReader:
             from safetensors import safe_open
 
             if not file.exists():
-                raise ModelLoadError(f"{file}: listed in the safetensors index but missing.")
+                raise ModelLoadError(f"{file}: listed in the safetensors index but missing; download that shard.")
             try:
                 self._open[file] = safe_open(str(file), framework="pt")
             except Exception as e:  # safetensors raises SafetensorError / OSError on torn files
-                raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e}).") from None
+                raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e}); download or convert "
+                                     "the weights again.") from None
         return self._open[file]
 
     def file_of(self, name: str) -> Path:
@@ -228,7 +230,7 @@ def load_params(model: CausalLM, model_dir: Path, sharding: Callable[[tuple[str,
         if tuple(arr.shape) != expected:
             raise ModelLoadError(
                 f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(arr.shape)}; config.json implies "
-                f"{expected}.")
+                f"{expected}: config.json and the weights come from different models.")
         if transpose:
             arr = arr.T
         arr = np.asarray(arr).astype(abstract.dtype)
