@@ -72,7 +72,8 @@ def _saved_config(run_dir: Path):
     try:
         return from_dict(Config, yaml.safe_load(path.read_text()))
     except (ConfigError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{path}: unreadable run config ({e})") from None
+        raise CheckpointError(f"{path}: unreadable run config ({e}); restore it from the copy each checkpoint "
+                              "holds (checkpoints/<step>/config/metadata, JSON)") from None
 
 
 def restore_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int, dict]:
@@ -84,11 +85,12 @@ def restore_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int
     steps = committed_steps(run_dir)
     if not steps:
         raise CheckpointError(f"{run_dir / 'checkpoints'}: no committed checkpoint (was the run saved? "
-                              "an interrupted first save leaves none)")
+                              "an interrupted first save leaves none); train it (--resume) until it saves")
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint for step {step}; saved steps: {steps}")
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint for step {step}; pick one of the saved "
+                              f"steps: {steps}")
     path = run_dir / "checkpoints" / str(step) / "state"
     try:
         logging.getLogger("absl").setLevel(logging.ERROR)  # item dirs have no step-level metadata file
@@ -103,7 +105,7 @@ def restore_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int
                                                                     partial_restore=True))
     except Exception as e:  # orbax raises many types for missing/garbled files
         raise CheckpointError(f"{path}: checkpoint of step {step} is torn or unreadable "
-                              f"({type(e).__name__}: {e}); committed steps: {steps}") from None
+                              f"({type(e).__name__}: {e}); pick another of the committed steps: {steps}") from None
     return step, state["trainable"]
 
 

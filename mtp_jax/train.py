@@ -264,7 +264,7 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
         try:
             resolve_data_file(path)
         except (DataError, FileNotFoundError, OSError) as e:
-            raise ConfigError(f"data.{key}: {e}") from None
+            raise ConfigError(f"data.{key}: {e}; point it at a .json/.jsonl file or builtin:NAME") from None
     model_config(cfg)
     run_dir = Path(cfg.train.save_dir).expanduser()
     try:
@@ -783,7 +783,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, bool, list[str]]:
             resume = True
         elif a == "--config":
             if i + 1 >= len(args):
-                raise ConfigError("--config: missing the YAML path")
+                raise ConfigError("--config: missing the YAML path (--config configs/NAME.yaml)")
             config_path = args[i + 1]
             i += 1
         elif a.startswith("--config="):
