@@ -3,6 +3,8 @@
 Wires the pieces: config -> mesh -> frozen base + fresh adapters -> grain batches -> one jitted
 `train_step(state, frozen, batch) -> (state, metrics)` -> metrics JSONL / tensorboard / orbax
 checkpoints. Without `--config` the embedded default (the defaults below = configs/smollm2_k4.yaml) runs.
+A run killed at any point continues with the same command plus `--resume` (README: Reliability).
+Exit status: 0 done, 2 bad input (refused before training), 1 stopped part-way (`RunStopped`).
 """
 
 from __future__ import annotations
@@ -429,6 +431,15 @@ def trim_metrics(path: Path, through_step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+
+
+def metrics_by_step(run_dir: str | Path) -> dict[int, dict]:
+    """{optimizer step: its training metrics row} from a run's metrics.jsonl (eval rows left out)."""
+    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if "loss/total" in r]
+    if len(steps) != len(set(steps)):
+        raise ValueError(f"{run_dir}/metrics.jsonl: steps written twice: {steps}")
+    return {r["step"]: r for r in rows if "loss/total" in r}
 
 
 def to_host(tree):
