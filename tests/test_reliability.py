@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax.checkpoints import committed_steps, restore_trainable
-from mtp_jax.train import main, run
+from mtp_jax.checkpoints import CheckpointError, committed_steps, restore_trainable
+from mtp_jax.train import main, metrics_by_step, run
 from test_train import COMPILE_CACHE, TINY, data_file, tiny  # noqa: F401 (data_file: a fixture)
 
 # every run here: 4 steps, a checkpoint every 2 (both kept), async saves
@@ -105,11 +105,8 @@ def killed_run(tmp, data, point, resume=False):
 
 
 def trajectory(run_dir):
-    """{step: training metrics} from metrics.jsonl, failing if a step has more than one row."""
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    steps = [r["step"] for r in rows if "loss/total" in r]
-    assert len(steps) == len(set(steps)), f"metrics.jsonl repeats steps: {steps}"
-    return {r["step"]: {k: v for k, v in r.items() if k.startswith(TRAJECTORY)} for r in rows if "loss/total" in r}
+    """{step: training metrics but timings}; metrics_by_step fails if a step has more than one row."""
+    return {s: {k: v for k, v in r.items() if k.startswith(TRAJECTORY)} for s, r in metrics_by_step(run_dir).items()}
 
 
 def final_params(run_dir, step=None):
@@ -173,6 +170,7 @@ def test_kill_during_async_save_then_resume_is_exact(children, data_file, refere
     tmp, child = children["killed"]
     rc, _, err = child.wait()
     assert rc == -signal.SIGKILL, f"child not killed during the save (rc {rc}): {err[-3000:]}"
+    assert committed_steps(tmp / "run") == [2], "the kill did not interrupt the step-4 save"
     run(tiny(tmp, data_file, *RUN), resume=True)
     assert_same_run(tmp / "run", reference, "killed during the step-4 save")
 
@@ -192,6 +190,18 @@ def test_torn_latest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path,
     assert "resuming from checkpoint step 2 instead of step 4" in err, f"no log line naming both steps:\n{err}"
     assert (run_dir / "torn_checkpoints" / "4").is_dir(), "the torn step was not set aside"
     assert_same_run(run_dir, reference, "resumed past a torn checkpoint")
+
+
+def test_no_restorable_checkpoint_is_an_error_and_nothing_is_moved(tmp_path, data_file, reference):
+    """Every committed step torn: --resume refuses (exit 2) rather than start over, and sets nothing aside."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["run_dir"], run_dir)
+    for f in (run_dir / "checkpoints").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:7])
+    with pytest.raises(CheckpointError, match=r"none of the committed checkpoints \[2, 4\] .* restores"):
+        run(tiny(tmp_path, data_file, *RUN), resume=True)
+    assert committed_steps(run_dir) == [2, 4] and not (run_dir / "torn_checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------- determinism
