@@ -219,7 +219,9 @@ def markdown(report: dict, layouts: list[str], batch_sizes: list[int], tag: str)
              "candidate anchor ((k+1)k masks per call, k drafts every step); `0` = one block after t_0 (k masks; "
              "after n accepted drafts only k - n drafts are left). ms/call = wall time per model call of the "
              "batch; break-even = speculative ms/call over plain ms/call, the tokens/step a layout needs to "
-             "match plain decoding. mismatches = prompts whose output differs from plain greedy.", ""]
+             "match plain decoding. Acceptance at draft position j = the share of the steps offering a j-th draft "
+             "in which drafts 1..j were all accepted. mismatches = prompts whose output differs from plain greedy.",
+             ""]
     for b in batch_sizes:
         plain = _total(pick(b, "plain"))
         lines += [f"## Batch {b}", "",

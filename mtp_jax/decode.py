@@ -78,7 +78,7 @@ class DecodeResult:
 
     @property
     def acceptance(self) -> np.ndarray:
-        """[k] fraction of verified drafts accepted at each draft position."""
+        """[k] share of the steps offering a j-th draft in which drafts 1..j were all accepted."""
         return self.accepted.sum(0) / np.maximum(self.offered.sum(0), 1)
 
 
