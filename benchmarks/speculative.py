@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from mtp_jax.decode import load_adapter, speculative_generate
-from mtp_jax.generate import compile_seconds, encode_prompt, eos_ids_of, generate
+from mtp_jax.generate import compile_seconds, encode_prompt, eos_ids_of, generate, pad_id_of
 from mtp_jax.models.llama import CausalLM
 
 DOMAINS = ("code", "math", "chat")
@@ -126,7 +126,7 @@ def main(argv=None):
     else:
         model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype)
         eos = eos_ids_of(tokenizer, model.config)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        pad_id = pad_id_of(tokenizer, eos)
         prompts = read_prompts(args.prompts, args.per_domain)
         ids = {d: [encode_prompt(tokenizer, t, chat=True) for t in texts] for d, texts in prompts.items()}
     lm = CausalLM(model.config, None, model.dtype, model.param_dtype)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax.generate import Sampling, filter_logits, init_cache, left_pad, sample_token
+from mtp_jax.generate import Sampling, check_request, filter_logits, init_cache, sample_token
 from mtp_jax.models.config import ModelConfig
 from mtp_jax.mtp.model import MTPModel
 from mtp_jax.mtp.objective import Params, variables
@@ -294,17 +294,10 @@ def _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id, d
     if missing:
         raise ValueError(f"params lack {sorted(missing)}: expected the flat dict of mtp.objective.init_params / "
                          "checkpoints.load_run")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not eos_ids:
-        raise ValueError("speculative_generate: eos_ids is empty; pass the tokenizer's EOS id")
     k, anchors = check_layout(model, draft_length, anchors)
     if lossy is not None and (sampling.temperature > 0 or not 0.0 <= lossy <= 1.0):
         raise ValueError(f"lossy threshold {lossy}: needs greedy decoding and a probability in [0, 1]")
-    tokens, pad_len = left_pad(prompts, pad_id)
-    if tokens.shape[1] + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_position_embeddings ({model.config.max_position_embeddings})")
+    tokens, pad_len = check_request(prompts, max_new_tokens, eos_ids, pad_id, model.config.max_position_embeddings)
     return jnp.asarray(tokens), jnp.asarray(pad_len), jnp.asarray(list(eos_ids), jnp.int32), k, anchors
 
 
@@ -392,7 +385,7 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
 
     if model_path is None:
         run = load_run(run_dir, step, dtype=dtype)
-        return run.model, run.params, run.tokenizer
+        return run.model, jax.device_put(run.params), run.tokenizer  # numpy leaves would be copied every call
     run = load_run(run_dir, step, load_base=False, dtype=dtype)
     m = run.model
     what = f"--adapter {run_dir} (trained on {run.config.model.path}) with --model {model_path}"
@@ -402,4 +395,5 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
     if resolve_model_dir(model_path) != resolve_model_dir(run.config.model.path):
         warnings.warn(f"{what}: same architecture and vocabulary, but a different checkpoint; drafts may be "
                       "accepted less often (output is still exactly this model's)")
-    return MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base}, run.tokenizer
+    params = jax.device_put({**run.params, "base": base})
+    return MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), params, run.tokenizer

@@ -132,20 +132,27 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) 
     return tokens, np.asarray([length - len(p) for p in prompts], np.int32)
 
 
+def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
+                  max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """The checked request as `left_pad`'s (tokens, pad counts); ValueError names what is wrong."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not eos_ids:
+        raise ValueError("eos_ids is empty; pass the tokenizer's EOS id")
+    tokens, pad_len = left_pad(prompts, pad_id)
+    if tokens.shape[1] + max_new_tokens > max_positions:
+        raise ValueError(f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings ({max_positions})")
+    return tokens, pad_len
+
+
 def generate(model: CausalLM, variables: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0
              ) -> list[list[int]]:
     """New tokens for each prompt, each list ending at (and including) its first EOS."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not eos_ids:
-        raise ValueError("generate: eos_ids is empty; pass the tokenizer's EOS id")
+    tokens, pad_len = check_request(prompts, max_new_tokens, eos_ids, pad_id, model.config.max_position_embeddings)
     if "params" not in variables:
         variables = {"params": variables}
-    tokens, pad_len = left_pad(prompts, pad_id)
-    if tokens.shape[1] + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_position_embeddings ({model.config.max_position_embeddings})")
     out, n = _generate(model, variables, jnp.asarray(tokens), jnp.asarray(pad_len),
                        jnp.asarray(list(eos_ids), jnp.int32), jax.random.key(seed), max_new_tokens, sampling)
     out = np.asarray(out)[:, : int(n)]
@@ -168,6 +175,10 @@ def eos_ids_of(tokenizer, config) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def pad_id_of(tokenizer, eos_ids: Sequence[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -254,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             tokenizer = load_tokenizer(path)
         ids = [encode_prompt(tokenizer, p, not args.raw) for p in texts]
         eos = eos_ids_of(tokenizer, config)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        pad_id = pad_id_of(tokenizer, eos)
         anchors = None if args.anchors is None else [int(a) for a in args.anchors.split(",")]
         spec = dict(draft_length=args.draft_length, anchors=anchors, lossy=args.lossy)
         n_tokens, steps, accepted, offered = 0, 0, 0, 0
