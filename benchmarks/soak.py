@@ -7,7 +7,8 @@ baseline, run first in its own process. Each cycle then starts a fresh run direc
 and runs the same command with `--resume` again and again: the first 1-3 invocations are SIGKILLed
 after a random delay drawn uniformly over the baseline's wall time (so kills land in imports, the
 data cache build, model setup and compile, steps and async checkpoint saves alike), the last runs to
-the end. With --tear, after a kill that leaves two or more committed checkpoints, the newest one's
+the end. The window follows the machine's load: when a cycle's first invocation (a fresh run)
+finishes before its kill, its wall time becomes the window. With --tear, after a kill that leaves two or more committed checkpoints, the newest one's
 array files are truncated as well (a torn file the fallback must skip). A cycle survives when its
 metrics.jsonl (one row per step, as the resumed runs leave it) and final params equal the baseline's
 bit for bit. Prints a table per cycle and a summary; --out writes them as Markdown.
@@ -42,15 +43,20 @@ def env(compile_cache: Path) -> dict:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def phase(stderr: str, ws: Path) -> str:
-    """Where a kill landed, from the run's last log line and what it left on disk."""
+def leftovers(ws: Path) -> set[str]:
+    """Temp folders of an unfinished data cache build or checkpoint save."""
+    return {p.name for p in (ws / "cache").glob(".tmp-*")} | \
+        {p.name for p in (ws / "run" / "checkpoints").glob("*orbax-checkpoint-tmp*")}
+
+
+def phase(stderr: str, new_leftovers: set[str]) -> str:
+    """Where a kill landed, from the run's last log line and the temp folders it left."""
     lines = [line for line in stderr.splitlines() if line.startswith("[train] ")]
     last = lines[-1][8:] if lines else ""
-    if any(p.name.startswith(".tmp-") for p in (ws / "cache").glob(".tmp-*")):
+    if any(name.startswith(".tmp-") for name in new_leftovers):
         return "data cache build (temp folder left)"
-    ckpt = ws / "run" / "checkpoints"
-    after = last.split(":")[0] if last.startswith("step") else "setup"
-    if ckpt.is_dir() and any("orbax-checkpoint-tmp" in p.name for p in ckpt.iterdir()):
+    after = last.split(":")[0] if last.startswith("step") else "compile"
+    if new_leftovers:
         return f"async checkpoint save after {after} (uncommitted step left)"
     if not last:
         return "startup (imports, config)"
@@ -59,7 +65,7 @@ def phase(stderr: str, ws: Path) -> str:
     if last.startswith(("model", "--resume", "resumed", "checkpoint step", "resuming")):
         return "setup, restore or compile"
     if last.startswith(("compiled", "step")):
-        return f"training after {after}"
+        return f"training, after {after}"
     return last[:50]
 
 
@@ -125,24 +131,28 @@ def main(argv=None) -> int:
           f"loss {baseline[0][1]['loss/total']:.4f} -> {baseline[0][args.steps]['loss/total']:.4f}; "
           f"second uninterrupted run: {rerun}", flush=True)
 
-    rows, survived, kills_total = [], 0, 0
+    rows, survived, kills_total, window = [], 0, 0, warm_s
     for cycle in range(1, args.cycles + 1):
         ws = work / f"cycle{cycle}"
         kills = []
-        for _ in range(rng.randint(1, 3)):
-            delay = rng.uniform(0.0, warm_s)
+        for attempt in range(rng.randint(1, 3)):
+            delay = rng.uniform(0.0, window)
+            before, started = leftovers(ws), time.time()
             p = subprocess.Popen(command(ws, args.steps), env=child_env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)
-            time.sleep(delay)
+            while p.poll() is None and time.time() - started < delay:
+                time.sleep(0.02)
             finished = p.poll() is not None
             if not finished:
                 p.send_signal(signal.SIGKILL)
             err = p.communicate()[1]
             if finished:
                 kills.append(f"{delay:.1f}s: finished before the kill")
+                if attempt == 0:  # a whole fresh run took this long: the machine is faster than the window
+                    window = time.time() - started
                 break
             kills_total += 1
-            where = phase(err, ws)
+            where = phase(err, leftovers(ws) - before)
             torn = tear_newest(ws) if args.tear and rng.random() < 0.5 else None
             kills.append(f"{delay:.1f}s: {where}" + (f", then tore step {torn}" if torn else ""))
         t = time.time()
@@ -191,8 +201,9 @@ def write_report(args, rows, summary, baseline_s, warm_s, baseline, rerun):
         f"Baseline (uninterrupted, its own process): configs/tiny_test.yaml on the shipped SmolLM2 data, "
         f"{args.steps} steps, async checkpoint every 2; {baseline_s:.1f} s with a cold compile, {warm_s:.1f} s "
         f"warm; loss {baseline[0][1]['loss/total']:.4f} -> {baseline[0][args.steps]['loss/total']:.4f}. "
-        f"A second uninterrupted run in another process: {rerun}. Kill delays are uniform over the warm time; "
-        "each cycle uses a fresh run directory and data cache.",
+        f"A second uninterrupted run in another process: {rerun}. Kill delays are uniform over the warm time "
+        "(shrunk to a fresh run's time when one finished before its kill); each cycle uses a fresh run directory "
+        "and data cache.",
         "",
         f"**{summary}**",
         "",

@@ -124,9 +124,9 @@ def assert_same_run(run_dir, ref, what):
 
 
 @pytest.fixture(scope="module")
-def children(tmp_path_factory, data_file):
-    """Started before the reference run, so their compiles use the second core: a run killed during its
-    final save, and the 2x2x2 mesh run on 8 emulated devices."""
+def children(tmp_path_factory, data_file, reference):
+    """Started once the reference run has filled the compile cache, they run beside the tests that follow
+    (on the second core): a run killed during its final save, and the 2x2x2 mesh on 8 emulated devices."""
     killed, mesh = tmp_path_factory.mktemp("killed"), tmp_path_factory.mktemp("mesh")
     return {"killed": (killed, start_killed_run(killed, data_file, "save:4")),
             "eight": start_eight_devices(mesh, data_file, ["2x2x2"])}
@@ -142,7 +142,7 @@ def reference(tmp_path_factory, data_file):
     return {"run_dir": run_dir, "trajectory": trajectory(run_dir), "params": final_params(run_dir)}
 
 
-@pytest.mark.usefixtures("children")  # first test: the child runs start before the reference run
+@pytest.mark.usefixtures("children")  # first test: the child runs start right after the reference run
 def test_run_dir_holds_config_tokenizer_metrics_and_tensorboard(reference):
     run_dir = reference["run_dir"]
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
