@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.models import LoRAConfig, ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.loading import abstract_params
@@ -135,6 +136,8 @@ def main():
     mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
     params = init_params(model, base, mask_row, jax.random.key(1))
     trainable, frozen = split_params(model, params)
+    n_base = sum(x.size for x in jax.tree.leaves(base))
+    peak = device_peak_flops(jax.devices()[0])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
     for total in args.lengths:
@@ -144,7 +147,11 @@ def main():
         base_r = (measure(naive, trainable, frozen, batch["tokens"], interleaved_layout(batch, args.k), reps=args.reps)
                   if total <= args.baseline_max
                   else {"time_s": None, "peak_gib": None, "error": "skipped (too large)"})
-        rows.append({"regular_tokens": total, "two_stream": ours, "interleaved": base_r})
+        counted = step_flops(config, n_base, jax.tree.map(np.asarray, batch), args.k)
+        if ours["time_s"] and peak:  # SPEC §11, attention included
+            ours["regular_tokens_per_s"] = counted["tokens"] / ours["time_s"]
+            ours["mfu"] = counted["flops"] / (ours["time_s"] * peak)
+        rows.append({"regular_tokens": total, "two_stream": ours, "interleaved": base_r, "flops": counted})
         print(json.dumps(rows[-1]), flush=True)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "model": args.model, "k": args.k, "chunk": args.chunk,
@@ -156,7 +163,8 @@ def main():
         sp = f"{b['time_s'] / o['time_s']:.2f}x" if o["time_s"] and b["time_s"] else "-"
         fmt = lambda x, f: f"{x:{f}}" if x is not None else "-"
         print(f"{r['regular_tokens']:>8} | {fmt(o['time_s'], '12.3f')} {fmt(o['peak_gib'], '7.1f')} | "
-              f"{fmt(b['time_s'], '13.3f')} {fmt(b['peak_gib'], '7.1f')} | {sp}  {o.get('error', '')}{b.get('error', '')}")
+              f"{fmt(b['time_s'], '13.3f')} {fmt(b['peak_gib'], '7.1f')} | {sp}  "
+              f"{'MFU %.1f%%' % (100 * o['mfu']) if o.get('mfu') else ''} {o.get('error', '')}{b.get('error', '')}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -239,17 +239,6 @@ def make_optimizer(cfg: OptimConfig, max_steps: int):
 
 # ----------------------------------------------------------------------------- setup helpers
 
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
-
-
-def device_peak_flops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak
-    return None
-
-
 def check_inputs(cfg: Config, resume: bool) -> Path:
     """Every bad input that can be seen without compute: data files, model path, run dir, resume compatibility.
 
@@ -689,10 +678,12 @@ def run(cfg: Config, resume: bool = False) -> dict:
         keys = [key for key in rows[0] if key.startswith(("loss/", "acc/")) or key == "accept_len"]
         return {key: float(np.average([m[key] for m in rows], weights=weights)) for key in keys}
 
+    from mtp_jax.flops import device_peak_flops, step_flops
+
     peak = device_peak_flops(jax.devices()[0])
     start = int(to_host(state["step"])) // accum
     writer = MetricWriter(run_dir, main_process, start)
-    history, last_eval, window, sources, tokens = [], None, [], [], 0
+    history, last_eval, window, sources, tokens, flops = [], None, [], [], 0, 0.0
     streak, max_streak = 0, cfg.train.max_consecutive_nonfinite
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (cfg.train.progress and main_process),
                dynamic_ncols=True, desc="train")
@@ -706,7 +697,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
             for micro in range(accum):
                 position = train_iter.get_state()  # where this batch lies in the data order, for error messages
                 host = next(train_iter)
-                tokens += int(np.sum(host["segment_ids"] > 0)) * pcount
+                counted = step_flops(model.config, n_base, host, k)
+                tokens += counted["tokens"] * pcount
+                flops += counted["flops"] * pcount
                 batch = host_to_global(host, bsh)
                 state, metrics = step_for(batch)(state, frozen, batch)
                 window.append(metrics)
@@ -735,22 +728,22 @@ def run(cfg: Config, resume: bool = False) -> dict:
                 row["nonfinite"] = float(sum(bool(m["nonfinite"]) for m in fetched))
                 row["skipped"] = float(fetched[-1]["skipped"])
                 row["lr"] = float(fetched[-1]["lr"])
-                pairs = row.pop("pairs") * len(fetched)
+                row.pop("pairs")
                 dt = max(time.time() - t_window, 1e-9)
                 row["tokens_per_s"] = tokens / dt
-                flops = 2 * n_base * tokens + 4 * n_base * pairs
                 row["mfu"] = flops / (dt * peak * jax.device_count()) if peak else None
                 history.append({"step": opt_step, **row})
                 checked("writing metrics", writer.write, opt_step, row)
                 accept = " ".join(f"{row[f'acc/step_{j}']:.2f}" for j in range(1, k + 1))
+                mfu = f" mfu {row['mfu']:.1%}" if row["mfu"] is not None else ""
                 bar.set_postfix_str(f"loss {row['loss/total']:.3f} acc {accept} len {row['accept_len']:.2f} "
-                                    f"tok/s {row['tokens_per_s']:.0f}")
+                                    f"tok/s {row['tokens_per_s']:.0f}{mfu}")
                 if not cfg.train.progress and main_process:
                     log(f"step {opt_step}: loss {row['loss/total']:.4f} acc [{accept}] "
-                        f"accept_len {row['accept_len']:.3f} tok/s {row['tokens_per_s']:.0f}")
+                        f"accept_len {row['accept_len']:.3f} tok/s {row['tokens_per_s']:.0f}{mfu}")
                 if too_many:
                     raise RunStopped(too_many)
-                window, sources, tokens, t_window = [], [], 0, time.time()
+                window, sources, tokens, flops, t_window = [], [], 0, 0.0, time.time()
             if cfg.train.eval_every and opt_step % cfg.train.eval_every == 0 and opt_step < cfg.train.max_steps:
                 last_eval = evaluate()
                 if last_eval:

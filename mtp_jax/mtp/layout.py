@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def pair_valid(segment_ids: jnp.ndarray, response_mask: jnp.ndarray, k: int) -> jnp.ndarray:
-    """[batch, length, k] bool: anchor a is a response token and a+j is a regular token of its example."""
+def pair_valid(segment_ids: jnp.ndarray, response_mask: jnp.ndarray, k: int, xp=jnp) -> jnp.ndarray:
+    """[batch, length, k] bool: anchor a is a response token and a+j is a regular token of its example.
+
+    xp=np computes it on the host (FLOP counting) without a device round trip."""
     b, length = segment_ids.shape
-    padded = jnp.concatenate([segment_ids, jnp.zeros((b, k), segment_ids.dtype)], axis=1)
-    ahead = jnp.stack([padded[:, j: j + length] for j in range(1, k + 1)], axis=-1)  # segment of a+j
+    padded = xp.concatenate([segment_ids, xp.zeros((b, k), segment_ids.dtype)], axis=1)
+    ahead = xp.stack([padded[:, j: j + length] for j in range(1, k + 1)], axis=-1)  # segment of a+j
     anchor = (response_mask & (segment_ids > 0))[..., None]
     return anchor & (ahead == segment_ids[..., None])
 
