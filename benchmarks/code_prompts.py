@@ -1,0 +1,63 @@
+"""Code prompts for self-distillation, made from the documented functions of a Python source tree.
+
+Each public function with a one-line docstring summary becomes "Write a Python function
+`name(args)` that does this: <summary>": the shape of the held-out code prompts
+(`mtp_jax/data/prompts/heldout_prompts.jsonl`), on thousands of distinct tasks. The answers come
+from the base model itself (`python -m mtp_jax.data.distill`), so no other model's text is used.
+The default tree is this Python's standard library: present on every machine.
+
+    python benchmarks/code_prompts.py --out /tmp/code_prompts.jsonl --limit 4000
+"""
+
+import argparse
+import ast
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+
+def prompts_from(src: Path):
+    seen = set()
+    for path in sorted(src.rglob("*.py")):
+        if any(part in ("test", "tests", "idlelib", "site-packages") for part in path.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = (ast.get_docstring(node) or "").strip().splitlines()
+            summary = doc[0].strip() if doc else ""
+            if not 20 <= len(summary) <= 160 or not summary[0].isalpha():
+                continue
+            args = [a.arg for a in node.args.args if a.arg not in ("self", "cls")]
+            key = (node.name, summary)
+            if key in seen:
+                continue
+            seen.add(key)
+            yield f"Write a Python function `{node.name}({', '.join(args)})` that does this: {summary}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--src", default=sysconfig.get_paths()["stdlib"])
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    prompts = list(prompts_from(Path(args.src)))
+    random.Random(args.seed).shuffle(prompts)
+    prompts = prompts[:args.limit]
+    tmp = Path(args.out + ".tmp")
+    with open(tmp, "w") as f:
+        for i, text in enumerate(prompts):
+            f.write(json.dumps({"id": f"stdlib-code-{i:05d}", "category": "code", "input": text}) + "\n")
+    tmp.rename(args.out)
+    print(f"{args.out}: {len(prompts)} prompts from {args.src}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# SmolLM2-135M-Instruct, k = 4, on one GPU: self-distilled data, training, speculative decoding.
+#   bash benchmarks/smollm2_gpu.sh [MODEL] [WORK_DIR] [MAX_STEPS] [STAGES]
+# MODEL: HF dir, .gguf or alias (default smollm2-135m-instruct); WORK_DIR holds the data and the run
+# (default runs/smollm2_gpu); STAGES: any of data,train,bench (default all three). Every stage
+# resumes: distill appends to its JSONL, train takes --resume, so a rerun continues a cut run.
+set -euo pipefail
+model=${1:-smollm2-135m-instruct}
+work=${2:-runs/smollm2_gpu}
+steps=${3:-2000}
+stages=${4:-data,train,bench}
+prompts=mtp_jax/data/prompts
+mkdir -p "$work"
+
+if [[ $stages == *data* ]]; then
+  # 1) code tasks made from the standard library's documented functions, greedy answers
+  [[ -f $work/code_prompts.jsonl ]] || python benchmarks/code_prompts.py --out "$work/code_prompts.jsonl" --limit 4000
+  python -m mtp_jax.data.distill --model "$model" --prompts "$work/code_prompts.jsonl" --out "$work/code.jsonl" \
+    --max_new_tokens 256 --batch_size 256 --dtype bfloat16
+  # 2) the shipped training prompts: greedy, and 3 sampled answers each (temperature 0.7)
+  python -m mtp_jax.data.distill --model "$model" --prompts $prompts/train_prompts.jsonl --out "$work/train_greedy.jsonl" \
+    --max_new_tokens 256 --batch_size 256 --dtype bfloat16
+  python - "$prompts/train_prompts.jsonl" "$work/train_x3_prompts.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+with open(sys.argv[2], "w") as f:
+    for s in range(3):
+        for r in rows:
+            f.write(json.dumps({**r, "id": f"{r['id']}-s{s}"}) + "\n")
+PY
+  python -m mtp_jax.data.distill --model "$model" --prompts "$work/train_x3_prompts.jsonl" --out "$work/train_sampled.jsonl" \
+    --max_new_tokens 256 --batch_size 256 --dtype bfloat16 --temperature 0.7 --top_p 0.95
+  cat "$work/code.jsonl" "$work/train_greedy.jsonl" "$work/train_sampled.jsonl" > "$work/train.jsonl.tmp"
+  mv "$work/train.jsonl.tmp" "$work/train.jsonl"
+  wc -l "$work/train.jsonl"
+fi
+
+if [[ $stages == *train* ]]; then
+  python -m mtp_jax.train --config configs/smollm2_k4_gpu.yaml --model.path "$model" \
+    --data.train_file "$work/train.jsonl" --train.save_dir "$work/run" --train.max_steps "$steps" --resume
+fi
+
+if [[ $stages == *bench* ]]; then
+  python benchmarks/speculative.py --adapter "$work/run" --dtype bfloat16 --per_domain 30 --max_new_tokens 256 \
+    --batch_sizes 1,8 --out_dir "${OUT_DIR:-benchmarks/results}"
+fi
