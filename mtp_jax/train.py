@@ -5,6 +5,8 @@ Wires the pieces: config -> mesh -> frozen base + fresh adapters -> grain batche
 checkpoints. Without `--config` the embedded default (the defaults below = configs/smollm2_k4.yaml) runs.
 A run killed at any point continues with the same command plus `--resume` (README: Reliability).
 Exit status: 0 done, 2 bad input (refused before training), 1 stopped part-way (`RunStopped`).
+SIGTERM or SIGUSR1 (a scheduler's preemption notice, `timeout`) ends the current step, saves it,
+and exits with 1: `--resume` continues from that step.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -631,7 +634,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
             raise RunStopped(f"{what} failed at step {opt_step} ({type(e).__name__}: {str(e)[:500]}); {last_good()}. "
                              f"Free space or fix permissions under {run_dir}, then rerun with --resume") from e
 
+    saved = [None]  # the newest step this invocation saved
+
     def save(step: int):
+        saved[0] = step
         bad = nonfinite_leaves(state)
         if bad:  # train_step never lets one in; refuse rather than write it
             raise RunStopped(f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}; {last_good()}")
@@ -692,6 +698,20 @@ def run(cfg: Config, resume: bool = False) -> dict:
     stop = min(cfg.train.max_steps, start + cfg.train.stop_after_steps) if cfg.train.stop_after_steps \
         else cfg.train.max_steps
     finished = False
+    received = []  # SIGTERM/SIGUSR1: finish this step, save it, stop
+    stop_signals = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            stop_signals[sig] = signal.signal(sig, lambda signum, _: received.append(signal.Signals(signum).name))
+        except ValueError:  # not the main thread: the default action stays
+            pass
+
+    def stop_requested() -> bool:
+        flag = bool(received)
+        if pcount > 1:  # every process stops after the same step, or their collective save would hang
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
     try:
         while opt_step < stop:
             for micro in range(accum):
@@ -708,7 +728,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
             opt_step += 1
             bar.update(1)
             checked("a checkpoint save", manager.check_for_errors)
-            if opt_step % cfg.train.log_every == 0 or opt_step == stop:
+            stopping = stop_requested()
+            if opt_step % cfg.train.log_every == 0 or opt_step == stop or stopping:
                 fetched = to_host(window)
                 too_many = None
                 for m, (name, position, head) in zip(fetched, sources):
@@ -752,6 +773,13 @@ def run(cfg: Config, resume: bool = False) -> dict:
                 t_window = time.time()
             if cfg.train.save_steps and opt_step % cfg.train.save_steps == 0 and opt_step < stop:
                 save(opt_step)
+            if stopping:
+                if saved[0] != opt_step:
+                    save(opt_step)
+                checked("a checkpoint save", manager.wait_until_finished)
+                raise RunStopped(f"stopped by {', '.join(sorted(set(received))) or 'another process'} after "
+                                 f"optimizer step {opt_step}, saved as {ckpt_dir / str(opt_step)}; rerun the same "
+                                 "command with --resume to continue")
         bar.close()
         if opt_step > start:
             save(opt_step)
@@ -762,6 +790,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
             log(f"eval @ {opt_step}: " + json.dumps({kk: round(v, 4) for kk, v in last_eval.items()}))
         finished = True
     finally:
+        for sig, handler in stop_signals.items():
+            signal.signal(sig, handler)
         bar.close()
         if finished:
             checked("a checkpoint save", manager.close)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mtp_jax.checkpoints import CheckpointError, committed_steps, restore_trainable
-from mtp_jax.train import main, metrics_by_step, run
+from mtp_jax.train import RunStopped, main, metrics_by_step, run
 from test_train import COMPILE_CACHE, TINY, data_file, tiny  # noqa: F401 (data_file: a fixture)
 
 # every run here: 4 steps, a checkpoint every 2 (both kept), async saves
@@ -163,6 +163,30 @@ def test_stop_after_steps_then_resume_is_exact(tmp_path, data_file, reference):
     assert committed_steps(tmp_path / "run") == [2], "no checkpoint at the stop step"
     run(tiny(tmp_path, data_file, *RUN), resume=True)
     assert_same_run(tmp_path / "run", reference, "stopped at step 2 and resumed")
+
+
+def test_sigterm_saves_the_current_step_then_resume_is_exact(tmp_path, data_file, reference, monkeypatch):
+    """SIGTERM (a scheduler's preemption notice, `timeout`) during step 3: the step finishes and is saved
+    although save_steps is 2, the run stops with exit status 1 naming the step, and --resume gives the
+    reference run bit for bit."""
+    import mtp_jax.flops
+
+    count, calls = mtp_jax.flops.step_flops, [0]
+
+    def signalling_count(*a, **k):  # runs on each batch just before its step
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return count(*a, **k)
+
+    monkeypatch.setattr(mtp_jax.flops, "step_flops", signalling_count)
+    with pytest.raises(RunStopped, match="stopped by SIGTERM after optimizer step 3"):
+        run(tiny(tmp_path, data_file, *RUN))
+    assert committed_steps(tmp_path / "run") == [2, 3]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the SIGTERM handler was left installed"
+    monkeypatch.undo()
+    run(tiny(tmp_path, data_file, *RUN), resume=True)
+    assert_same_run(tmp_path / "run", reference, "stopped by SIGTERM at step 3 and resumed")
 
 
 def test_kill_during_async_save_then_resume_is_exact(children, data_file, reference):
