@@ -1,0 +1,163 @@
+"""The whole training step (MTP loss, grads, AdamW update) at 8B shapes, random init: tokens/s, MFU
+(SPEC §11, attention included), peak memory, a breakdown, and the straightforward baseline beside it.
+
+    python benchmarks/train_step.py --model configs/models/qwen3-8b.json configs/models/llama-3.1-8b.json \
+        --lengths 4096 16384 32768 --out results.json --trace_dir /tmp/traces
+
+Per model and regular length (one row: 512 prompt tokens + the response, every response token an
+anchor with k masks):
+- `step`: `mtp_jax.train.train_step` exactly as the CLI jits it (AdamW, clipping, non-finite guard);
+- breakdown by subtraction of separately compiled programs: the regular stream alone (forward under
+  stop_gradient), loss+grads (regular + mask stream forward/backward), and the optimizer = step -
+  loss+grads; and, with --trace_dir, GPU kernel time by kind (matmul, attention, soft-CE kernel,
+  other fusions) read from a `jax.profiler` trace of one step;
+- `baseline`: the same step written the straightforward way (interleaved sequence, dense mask, XLA
+  softmax CE: `benchmarks/mtp_step.py`'s `interleaved_loss`) with the same optimizer, up to
+  --baseline_max; every figure is printed as a ratio against it.
+GPU only at these shapes; a tiny --model config.json runs it on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import json
+import re
+import subprocess
+import time
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.flops import device_peak_flops, step_flops
+from mtp_jax.models import LoRAConfig, ModelConfig
+from mtp_jax.models.llama import CausalLM
+from mtp_jax.mtp.model import MTPConfig, MTPModel
+from mtp_jax.mtp.objective import init_params, loss_and_grads, regular_stream, split_params
+from mtp_jax.train import OptimConfig, make_optimizer, train_step
+from mtp_step import interleaved_layout, interleaved_loss, make_batch, measure, random_base  # noqa: F401
+
+# GPU kernel names by kind (cuBLAS/CUTLASS/nvjet GEMMs, cuDNN/flash attention, our Triton soft-CE)
+KINDS = (("attention", r"fmha|flash|cudnn|attention|sdpa"), ("soft-CE kernel", r"soft_ce"),
+         ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|dot"), ("other (fusions, copies)", r""))
+
+
+def kernel_breakdown(trace_dir: str) -> dict[str, float]:
+    """Seconds of GPU kernel time by kind in the newest trace under `trace_dir`."""
+    from jax.profiler import ProfileData
+
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    totals = defaultdict(float)
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):  # kernel launches; "XLA Ops"/"XLA Modules" would double count
+                continue
+            for event in line.events:
+                kind = next(k for k, pattern in KINDS if re.search(pattern, event.name, re.IGNORECASE))
+                totals[kind] += event.duration_ns * 1e-9
+    return dict(totals)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["configs/models/qwen3-8b.json"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=32, help="LoRA rank (MTP-GLoRA's 8B setting)")
+    ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"])
+    ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--trace_dir", default=None, help="profile one step per row and break kernel time down")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    peak = device_peak_flops(jax.devices()[0])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rows = []
+    for path in args.model:
+        config = ModelConfig.from_file(path)
+        lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"))
+        mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=4096, attention_impl=args.impl,
+                        soft_ce_impl="auto", remat=args.remat)
+        model = MTPModel(config, lora, mtp, dtype, dtype)
+        base = random_base(CausalLM(config, None, dtype, dtype))
+        n_base = sum(x.size for x in jax.tree.leaves(base))
+        mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
+        trainable, frozen = split_params(model, init_params(model, base, mask_row, jax.random.key(1)))
+        tx, schedule = make_optimizer(OptimConfig(lr=2e-4, warmup_steps=10), 1000)
+
+        def fresh_state():
+            return {"step": jnp.int32(0), "rng": jax.random.key(0), "trainable": trainable,
+                    "opt_state": tx.init(trainable), "skipped": jnp.int32(0)}
+
+        def baseline_step(state, frozen, tokens, lay):
+            loss, grads = jax.value_and_grad(functools.partial(interleaved_loss, model))(
+                state["trainable"], frozen, tokens, lay)
+            updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+            return {**state, "trainable": jax.tree.map(jnp.add, state["trainable"], updates),
+                    "opt_state": opt_state}, loss
+
+        step = functools.partial(train_step, model, tx, schedule, 1)
+        for total in args.lengths:
+            batch = make_batch(args.prompt, total - args.prompt)
+            counted = step_flops(config, n_base, jax.tree.map(np.asarray, batch), args.k)
+            row = {"model": path, "regular_tokens": total, "flops": counted,
+                   "step": measure(step, fresh_state(), frozen, batch, reps=args.reps),
+                   "loss_and_grads": measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen,
+                                             batch, reps=args.reps),
+                   "regular_stream": measure(lambda t, f, b: (jnp.float32(0), regular_stream(model, {**f, **t}, b)),
+                                             trainable, frozen, batch, reps=args.reps)}
+            s = row["step"]
+            if s.get("time_s"):
+                s["regular_tokens_per_s"] = counted["tokens"] / s["time_s"]
+                s["mfu"] = counted["flops"] / (s["time_s"] * peak) if peak else None
+                if row["loss_and_grads"].get("time_s") and row["regular_stream"].get("time_s"):
+                    row["breakdown_s"] = {
+                        "regular stream (fwd)": row["regular_stream"]["time_s"],
+                        "mask stream (fwd+bwd)": row["loss_and_grads"]["time_s"] - row["regular_stream"]["time_s"],
+                        "optimizer": s["time_s"] - row["loss_and_grads"]["time_s"]}
+                if args.trace_dir:
+                    compiled = jax.jit(step).lower(fresh_state(), frozen, batch).compile()
+                    state = fresh_state()
+                    jax.block_until_ready(compiled(state, frozen, batch))
+                    with jax.profiler.trace(args.trace_dir):
+                        jax.block_until_ready(compiled(state, frozen, batch))
+                    row["kernels_s"] = kernel_breakdown(args.trace_dir)
+            row["baseline"] = (measure(baseline_step, fresh_state(), frozen, batch["tokens"],
+                                       interleaved_layout(batch, args.k), reps=args.reps)
+                               if total <= args.baseline_max else {"time_s": None, "error": "skipped (too large)"})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
+              "date": time.strftime("%Y-%m-%d"), "k": args.k, "chunk": args.chunk, "rank": args.rank,
+              "attention": args.impl, "remat": args.remat, "dtype": args.dtype, "rows": rows}
+    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} "
+          f"remat={args.remat} {args.dtype}")
+    print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "
+          f"{'baseline s':>10} {'GiB':>6} | speedup  memory | breakdown")
+    fmt = lambda x, f: f"{x:{f}}" if x is not None else "-"  # noqa: E731
+    for r in rows:
+        s, b = r["step"], r["baseline"]
+        sp = f"{b['time_s'] / s['time_s']:.2f}x" if s.get("time_s") and b.get("time_s") else "-"
+        mem = f"{s['peak_gib'] / b['peak_gib']:.2f}x" if s.get("peak_gib") and b.get("peak_gib") else "-"
+        parts = " ".join(f"{k} {v:.3f}s" for k, v in {**r.get("breakdown_s", {}), **r.get("kernels_s", {})}.items())
+        print(f"{r['model'].split('/')[-1]:>24} {r['regular_tokens']:>8} | {fmt(s.get('time_s'), '7.3f')} "
+              f"{fmt(s.get('peak_gib'), '6.1f')} {fmt(s.get('regular_tokens_per_s'), '7.0f')} "
+              f"{fmt(s.get('mfu') and 100 * s['mfu'], '5.1f')}% | {fmt(b.get('time_s'), '10.3f')} "
+              f"{fmt(b.get('peak_gib'), '6.1f')} | {sp:>7} {mem:>7} | {parts} {s.get('error', '')}{b.get('error', '')}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
