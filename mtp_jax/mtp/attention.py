@@ -20,14 +20,16 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 def segment_causal_mask(segment_ids: jax.Array, q_index: jax.Array | None = None) -> jax.Array:
     """[batch, 1, q, keys] bool: key index <= query index, same nonzero segment.
 
-    `q_index` [q] are the query rows' indices along the key axis (default: all of them).
+    `q_index` [q] or [batch, q] are the query rows' indices along the key axis (default: all of
+    them); an index past the end is a query that sees nothing.
     """
     keys = jnp.arange(segment_ids.shape[1])
     q_index = keys if q_index is None else q_index
-    q_seg = jnp.take(segment_ids, q_index, axis=1)
-    causal = keys[None, :] <= q_index[:, None]
+    q_index = jnp.broadcast_to(q_index, (segment_ids.shape[0], q_index.shape[-1]))
+    q_seg = jnp.take_along_axis(segment_ids, q_index, axis=1, mode="fill", fill_value=0)
+    causal = keys[None, None, :] <= q_index[:, :, None]
     same = (q_seg[:, :, None] == segment_ids[:, None, :]) & (q_seg[:, :, None] > 0)
-    return (causal[None] & same)[:, None]
+    return (causal & same)[:, None]
 
 
 def regular_attend(segment_ids: jax.Array, impl: Impl = "xla"):

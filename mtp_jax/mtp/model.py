@@ -69,7 +69,7 @@ class MTPModel(nn.Module):
         return self.base(tokens, positions, regular_attend(segment_ids, self.mtp.attention_impl))
 
     def mask_hidden(self, mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic=True):
-        """Mask stream for anchors `anchor_index` [c]: final hidden [b, c, k, d]."""
+        """Mask stream for anchors `anchor_index` [c] or [b, c]: final hidden [b, c, k, d]."""
         k = self.mtp.draft_length
         b, c = positions.shape
         pos = (positions[..., None] + jnp.arange(1, k + 1)).reshape(b, c * k)
@@ -83,7 +83,7 @@ class MTPModel(nn.Module):
                  valid, real_next, deterministic=True):
         """One chunk of anchors. Returns the weighted sum of losses over its valid pairs.
 
-        anchor_index [c]; positions [b, c] (of the anchors); teacher_hidden [b, c, k+1, d] (base
+        anchor_index [c] or [b, c]; positions [b, c] (of the anchors); teacher_hidden [b, c, k+1, d] (base
         hidden at a+0..a+k); valid [b, c, k]; real_next [b, c, k] (x_{a+1..a+k}: prev_j = x_{a+j} when
         teacher forcing; otherwise prev_1 = the base argmax at a and prev_j = the sampler's draft j-1).
         """

@@ -61,7 +61,10 @@ def regular_stream(model: MTPModel, params: Params, batch: dict):
 
 
 def _chunks(model: MTPModel, batch: dict, hidden: jax.Array):
-    """Anchor-chunked views of the batch: the chunk size, count, and padded per-anchor arrays."""
+    """Anchor-chunked views of the batch: the chunk size, count, how many chunks hold a valid pair,
+    and the per-anchor arrays, each row's anchors with a valid pair first (in position order), so
+    that prompt tokens, padding and the last token of each example cost nothing once chunks past
+    the fullest row's count are skipped."""
     k = model.mtp.draft_length
     b, length = batch["tokens"].shape
     c = model.mtp.chunk_size or length
@@ -69,22 +72,28 @@ def _chunks(model: MTPModel, batch: dict, hidden: jax.Array):
     n = -(-length // c)
     padded = n * c
     valid = pair_valid(batch["segment_ids"], batch["response_mask"].astype(bool), k)
-    pad = padded - length
+    has_pair = valid[..., 0]  # a pair at step j > 1 implies one at step 1
+    order = jnp.argsort(~has_pair, axis=1, stable=True)
+    # past the end: index `length` + i, an anchor that sees nothing and whose pairs are all invalid
+    order = jnp.concatenate([order, jnp.broadcast_to(length + jnp.arange(padded - length), (b, padded - length))], 1)
+    active = -(-jnp.max(jnp.sum(has_pair, axis=1)) // c)
 
-    def pad_len(x, extra, value=0):
-        return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    def gather(x):  # [b, length, ...] -> [b, padded, ...] in anchor order (zeros past the end)
+        idx = order.reshape(order.shape + (1,) * (x.ndim - 2))
+        return jnp.take_along_axis(x, idx, axis=1, mode="fill", fill_value=0)
 
-    tokens_ahead = pad_len(batch["tokens"], pad + k)
-    real_next = jnp.stack([tokens_ahead[:, j: j + padded] for j in range(1, k + 1)], axis=-1)
-    hidden_ahead = pad_len(hidden, pad + k)
-    teacher_hidden = jnp.stack([hidden_ahead[:, j: j + padded] for j in range(0, k + 1)], axis=2)
+    def ahead(x, steps):  # [b, length, ...] -> [b, length, len(steps), ...]: x at a+j (zeros past the row)
+        pad = jnp.pad(x, [(0, 0), (0, k)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.stack([pad[:, j: j + length] for j in steps], axis=2)
+
     per_anchor = {
-        "positions": pad_len(batch["positions"], pad),
-        "valid": pad_len(valid, pad, False),
-        "real_next": real_next,
-        "teacher_hidden": teacher_hidden,
+        "anchor_index": order,
+        "positions": gather(batch["positions"]),
+        "valid": gather(valid),
+        "real_next": gather(ahead(batch["tokens"], range(1, k + 1))),
+        "teacher_hidden": gather(ahead(hidden, range(0, k + 1))),
     }
-    return c, n, valid, per_anchor
+    return c, n, active, valid, per_anchor
 
 
 def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: dict,
@@ -92,7 +101,7 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
     """(loss, grads wrt `trainable`, sown sums) for one batch, chunked over anchors."""
     params = {**frozen, **trainable}
     hidden, kv = regular_stream(model, params, batch)
-    c, n, valid, per_anchor = _chunks(model, batch, hidden)
+    c, n, active, valid, per_anchor = _chunks(model, batch, hidden)
     n_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
     deterministic = rng is None or model.lora.dropout == 0.0
 
@@ -101,25 +110,27 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
         sl = {key: jax.lax.dynamic_slice_in_dim(v, start, c, axis=1) for key, v in per_anchor.items()}
         rngs = {"dropout": chunk_rng} if not deterministic else {}
         total, sown = model.apply(
-            variables(p), p["mask_embedding"], start + jnp.arange(c), sl["positions"], batch["segment_ids"], kv,
+            variables(p), p["mask_embedding"], sl["anchor_index"], sl["positions"], batch["segment_ids"], kv,
             sl["teacher_hidden"], sl["valid"], sl["real_next"], deterministic=deterministic,
             mutable=["mtp_losses"], rngs=rngs)
         return total, sown["mtp_losses"]
 
     grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
 
-    def body(carry, i):
-        loss_sum, grads, sums = carry
+    def chunk(i):
         chunk_rng = jax.random.fold_in(rng, i) if rng is not None else jax.random.key(0)
         (total, sown), g = grad_fn(trainable, i * c, chunk_rng)
         sown = {name: jax.tree.map(lambda *xs: sum(xs), *vals) for name, vals in sown.items()}
-        sums = jax.tree.map(jnp.add, sums, sown) if sums is not None else sown
-        return (loss_sum + total, jax.tree.map(jnp.add, grads, g), sums), None
+        return total, g, sown
 
-    zero_grads = jax.tree.map(jnp.zeros_like, trainable)
-    sums_shape = jax.eval_shape(lambda: body((jnp.float32(0), zero_grads, None), 0)[0][2])
-    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-    (loss_sum, grads, sums), _ = jax.lax.scan(body, (jnp.float32(0), zero_grads, zero_sums), jnp.arange(n))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk, 0))
+
+    def body(carry, i):
+        # chunks past the fullest row's anchors hold no valid pair: skipped, not computed
+        out = jax.lax.cond(i < active, chunk, lambda _: zero, i)
+        return jax.tree.map(jnp.add, carry, out), None
+
+    (loss_sum, grads, sums), _ = jax.lax.scan(body, zero, jnp.arange(n))
     grads = jax.tree.map(lambda g: g / n_valid, grads)
     return loss_sum / n_valid, grads, sums
 
