@@ -81,7 +81,7 @@ def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
     emb = lm.apply(v, ids[None], method=lm.embed)
     emb = jnp.where(m[None, :, None], p["mask_embedding"].astype(emb.dtype), emb)
 
-    def attend(layer, q, kk, vv):
+    def attend(q, kk, vv, layer_state):
         return jax.nn.dot_product_attention(q, kk, vv, mask=mask[None, None],
                                             implementation=model.mtp.attention_impl), None
 

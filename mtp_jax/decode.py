@@ -50,7 +50,7 @@ from mtp_jax.mtp.objective import Params, variables
 
 
 class DecodeState(NamedTuple):
-    cache: list  # per layer (k, v) [batch, slots, kv_heads, head_dim]: regular tokens only
+    cache: tuple  # (k, v) [layers, batch, slots, kv_heads, head_dim]: regular tokens only
     length: jax.Array  # [b] valid cache slots (prompt padding included)
     pending: jax.Array  # [b] t_0: emitted, not yet in the cache
     drafts: jax.Array  # [b, k] proposals for the tokens after t_0
@@ -96,12 +96,13 @@ def check_layout(model: MTPModel, draft_length: int | None, anchors: Sequence[in
     return k, anchors
 
 
-def spec_attend(cache, length: jax.Array, slot_valid: jax.Array, n_regular: int, mask_anchor: np.ndarray,
+def spec_attend(length: jax.Array, slot_valid: jax.Array, n_regular: int, mask_anchor: np.ndarray,
                 mask_step: np.ndarray):
     """Attention for one step: regular queries over the cache, mask blocks over cache + own block.
 
-    The layer's first `n_regular` keys/values are written to the cache at slots [length, length + R)
-    per row; mask keys/values [R, R + M) stay out of it. Regular query i sees valid slots
+    `layer_state` = this layer's cache (k, v) [batch, slots, kv_heads, head_dim]. The layer's first
+    `n_regular` keys/values are written to it at slots [length, length + R) per row (aux = the
+    updated cache); mask keys/values [R, R + M) stay out of it. Regular query i sees valid slots
     <= length + i; mask (s, j) sees valid slots <= length + s and masks (s, 1..j).
     """
     q_last = np.concatenate([np.arange(n_regular), mask_anchor])  # last slot each query sees, minus length
@@ -109,8 +110,8 @@ def spec_attend(cache, length: jax.Array, slot_valid: jax.Array, n_regular: int,
     sees_masks = np.concatenate([np.zeros((n_regular, len(mask_anchor)), bool), same_block])  # [Q, M]
     write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
 
-    def attend(layer, q, k, v):
-        k_cache, v_cache = cache[layer]
+    def attend(q, k, v, layer_state):
+        k_cache, v_cache = layer_state
         k_cache = write(k_cache, k[:, :n_regular].astype(k_cache.dtype), length)
         v_cache = write(v_cache, v[:, :n_regular].astype(v_cache.dtype), length)
         slots = jnp.arange(k_cache.shape[1])
@@ -134,15 +135,15 @@ def _forward(model: MTPModel, params: Params, cache, length, pad_len, slot_valid
     offsets = np.concatenate([np.arange(r), mask_anchor + mask_step])
     positions = jnp.maximum(length[:, None] - pad_len[:, None] + offsets[None], 0)
     gate = jnp.broadcast_to(jnp.asarray(np.arange(len(offsets)) >= r, model.dtype), positions.shape)
-    attend = spec_attend(cache, length, slot_valid, r, mask_anchor, mask_step)
+    attend = spec_attend(length, slot_valid, r, mask_anchor, mask_step)
 
     def run(m, tokens, mask_row):
         emb = m.base.embed(tokens)
         emb = jnp.concatenate([emb, jnp.broadcast_to(mask_row.astype(emb.dtype), (b, len(mask_anchor), emb.shape[-1]))],
                               axis=1)
-        hidden, cache = m.base(None, positions, attend, gate=gate, embeddings=emb)
+        hidden, new_cache = m.base(None, positions, attend, gate=gate, embeddings=emb, layer_state=cache)
         regular = hidden[:, r - 1] if last_only else hidden[:, :r]
-        return m.base.logits(regular), hidden[:, r:].reshape(b, len(anchors), k, -1), cache
+        return m.base.logits(regular), hidden[:, r:].reshape(b, len(anchors), k, -1), new_cache
 
     return model.apply(variables(params), tokens, params["mask_embedding"], method=run)
 

@@ -139,9 +139,12 @@ def base_specs(config, rows: int) -> list[TensorSpec]:
     flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
     specs = []
     for key_path, leaf in flat:
-        shape = nn.unbox(leaf).shape
-        name, transpose = hf_name(tuple(k.key for k in key_path))
-        specs.append(TensorSpec(name, tuple(shape[::-1]) if transpose else tuple(shape)))
+        path, shape = tuple(k.key for k in key_path), nn.unbox(leaf).shape
+        # a stacked [layers, ...] leaf is one HF tensor per layer
+        for layer in range(shape[0]) if "layers" in path else (None,):
+            name, transpose = hf_name(path, layer)
+            one = shape[1:] if layer is not None else shape
+            specs.append(TensorSpec(name, tuple(one[::-1]) if transpose else tuple(one)))
     return specs
 
 
@@ -191,18 +194,22 @@ def write_generation_config(src_dir: Path, out: Path, mask_id: int):
 # ----------------------------------------------------------------------------- the MTP adapter
 
 def adapter_tensors(lora_tree: dict, lora, config) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Unfused PEFT-layout adapters {`model.layers.i.<module>.lora_A.weight` [r, in], `lora_B.weight`
-    [out, r], `lora_B.bias` [out]} and each module's scale s.
+    """Our stacked adapters (leaves [layers, ...]) -> unfused PEFT-layout adapters
+    {`model.layers.i.<module>.lora_A.weight` [r, in], `lora_B.weight` [out, r], `lora_B.bias` [out]}
+    and each module's scale s.
 
     A fused q|k|v (gate|up) adapter becomes one adapter per projection: A is shared, so each gets a
     copy; B's columns are split by output; the scale stays that of the fused adapter (alpha 3a,
     rank 3r), so every projection computes exactly the delta it had in training.
     """
+    import jax
+
     sizes = {"q": config.q_features, "k": config.kv_features, "v": config.kv_features, "o": config.hidden_size,
              "gate": config.intermediate_size, "up": config.intermediate_size, "down": config.hidden_size}
     tensors, scales = {}, {}
+    stacked = jax.tree.map(np.asarray, lora_tree["model"]["layers"])  # leaves [layers, ...]
     for i in range(config.num_layers):
-        layer = lora_tree["model"][f"layers_{i}"]
+        layer = jax.tree.map(lambda x: x[i], stacked)
         for group, (block, module) in FUSED_MODULES.items():
             members = [t for t in group if lora.fused(t)]
             if not members:

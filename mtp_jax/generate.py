@@ -34,16 +34,16 @@ class Sampling:
             raise ValueError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
 
-def cache_attend(cache: Sequence[tuple[jax.Array, jax.Array]], index: jax.Array, slot_valid: jax.Array):
-    """Attention over a per-layer KV cache [batch, slots, kv_heads, head_dim].
+def cache_attend(index: jax.Array, slot_valid: jax.Array):
+    """Attention over a KV cache; `layer_state` = this layer's (k, v) [batch, slots, kv_heads, head_dim].
 
     The new keys/values are written at slots [index, index + T); query t sits at slot index + t and
     sees valid slots <= its own. `slot_valid` [batch, slots] hides left padding. aux = the
-    updated (k, v) of the layer.
+    updated (k, v) of the layer (stacked by the decoder: the updated cache).
     """
 
-    def attend(layer, q, k, v):
-        k_cache, v_cache = cache[layer]
+    def attend(q, k, v, layer_state):
+        k_cache, v_cache = layer_state
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
         slots = jnp.arange(k_cache.shape[1])
@@ -55,10 +55,11 @@ def cache_attend(cache: Sequence[tuple[jax.Array, jax.Array]], index: jax.Array,
     return attend
 
 
-def init_cache(model: CausalLM, batch: int, slots: int):
+def init_cache(model: CausalLM, batch: int, slots: int) -> tuple[jax.Array, jax.Array]:
+    """Empty (k, v) cache, each [layers, batch, slots, kv_heads, head_dim]."""
     c = model.config
-    shape = (batch, slots, c.num_kv_heads, c.head_dim)
-    return [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(c.num_layers)]
+    shape = (c.num_layers, batch, slots, c.num_kv_heads, c.head_dim)
+    return jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)
 
 
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
@@ -94,7 +95,7 @@ def _generate(model: CausalLM, variables: Any, tokens: jax.Array, pad_len: jax.A
     positions = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad_len[:, None], 0)
 
     def run(cache, toks, pos, index):
-        hidden, cache = model.apply(variables, toks, pos, cache_attend(cache, index, slot_valid))
+        hidden, cache = model.apply(variables, toks, pos, cache_attend(index, slot_valid), layer_state=cache)
         return model.apply(variables, hidden[:, -1], method=model.logits), cache
 
     logits, cache = run(init_cache(model, batch, slots), tokens, positions, 0)

@@ -31,6 +31,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "norm": (),
     "lora_rank": (),
+    "layers": (),  # the leading axis of the scanned decoder layers' params
 }
 
 

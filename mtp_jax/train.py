@@ -349,10 +349,9 @@ def abstract_trainable(model):
     import jax
     import jax.numpy as jnp
 
-    k, d, c = model.mtp.draft_length, model.config.hidden_size, model.config
-    kv = [(jnp.zeros((1, 2, c.num_kv_heads, c.head_dim), model.dtype),) * 2 for _ in range(c.num_layers)]
-    args = (jnp.zeros((d,)), jnp.arange(2), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), kv,
-            jnp.zeros((1, 2, k + 1, d), model.dtype), jnp.ones((1, 2, k), bool), jnp.zeros((1, 2, k), jnp.int32))
+    from mtp_jax.mtp.objective import init_args
+
+    args = init_args(model, jnp.zeros((model.config.hidden_size,)))
     v = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
     return {"lora": v["lora"]["base"], "sampler": v["params"]["sampler"]}
 

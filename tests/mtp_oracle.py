@@ -14,7 +14,7 @@ from mtp_jax.mtp.layout import interleave
 
 
 def dense_attend(mask):
-    def attend(layer, q, k, v):
+    def attend(q, k, v, layer_state):
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None]), None
     return attend
 

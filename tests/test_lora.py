@@ -26,21 +26,20 @@ def random_lora(model, seed=0):
 
 
 def fuse_tree(lora, num_layers):
-    """The fused adapter that computes the same function: A stacked, B block-diagonal."""
-    out = {"model": {}}
-    for i in range(num_layers):
-        layer = lora["model"][f"layers_{i}"]
-        def fuse(names):
-            a = jnp.concatenate([layer_part[n]["lora_A"] for n in names], axis=1)
-            bs = [layer_part[n]["lora_B"] for n in names]
-            b = jax.scipy.linalg.block_diag(*bs)
+    """The fused adapter that computes the same function: A stacked, B block-diagonal (per layer)."""
+    layers = lora["model"]["layers"]
+
+    def fuse_layer(layer):
+        def fuse(part, names):
+            a = jnp.concatenate([part[n]["lora_A"] for n in names], axis=1)
+            b = jax.scipy.linalg.block_diag(*[part[n]["lora_B"] for n in names])
             return {"lora_A": a, "lora_B": b}
-        layer_part = layer["self_attn"]
-        attn = {"qkv_proj": fuse(["q_proj", "k_proj", "v_proj"]), "o_proj": layer_part["o_proj"]}
-        layer_part = layer["mlp"]
-        mlp = {"gate_up_proj": fuse(["gate_proj", "up_proj"]), "down_proj": layer_part["down_proj"]}
-        out["model"][f"layers_{i}"] = {"self_attn": attn, "mlp": mlp}
-    return out
+        attn, mlp = layer["self_attn"], layer["mlp"]
+        return {"self_attn": {"qkv_proj": fuse(attn, ["q_proj", "k_proj", "v_proj"]), "o_proj": attn["o_proj"]},
+                "mlp": {"gate_up_proj": fuse(mlp, ["gate_proj", "up_proj"]), "down_proj": mlp["down_proj"]}}
+
+    fused = [fuse_layer(jax.tree.map(lambda x: x[i], layers)) for i in range(num_layers)]
+    return {"model": {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *fused)}}
 
 
 def test_fused_equals_unfused(tiny):

@@ -162,7 +162,7 @@ def test_sown_losses_appear_only_when_applied(setups):
     model, params = build(setups["llama"], MTPConfig(draft_length=2))
     config = model.config
     c, k, d = 2, 2, config.hidden_size
-    kv = [(jnp.zeros((1, 2, config.num_kv_heads, config.head_dim)),) * 2 for _ in range(config.num_layers)]
+    kv = (jnp.zeros((config.num_layers, 1, 2, config.num_kv_heads, config.head_dim)),) * 2
     args = (params["mask_embedding"], jnp.arange(c), jnp.zeros((1, c), jnp.int32), jnp.ones((1, 2), jnp.int32), kv,
             jnp.zeros((1, c, k + 1, d)), jnp.ones((1, c, k), bool), jnp.zeros((1, c, k), jnp.int32))
     variables = model.init(jax.random.key(0), *args)

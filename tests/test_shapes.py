@@ -20,10 +20,12 @@ def test_8b_param_tree(name, expected):
     leaves = jax.tree.leaves(nn.unbox(boxed))
     assert sum(int(np.prod(x.shape)) for x in leaves) == expected
     specs = nn.get_partition_spec(boxed)
-    layer = specs["model"]["layers_0"]
-    assert tuple(layer["self_attn"]["q_proj"]["kernel"]) == ("embed", "q_heads")
-    assert tuple(layer["self_attn"]["k_proj"]["kernel"]) == ("embed", "kv_heads")
-    assert tuple(layer["mlp"]["down_proj"]["kernel"]) == ("mlp", "embed")
+    layer = specs["model"]["layers"]  # stacked: a leading "layers" axis
+    assert tuple(layer["self_attn"]["q_proj"]["kernel"]) == ("layers", "embed", "q_heads")
+    assert tuple(layer["self_attn"]["k_proj"]["kernel"]) == ("layers", "embed", "kv_heads")
+    assert tuple(layer["mlp"]["down_proj"]["kernel"]) == ("layers", "mlp", "embed")
+    q_shape = nn.unbox(boxed)["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape
+    assert q_shape == (config.num_layers, config.hidden_size, config.q_features), q_shape
     assert tuple(specs["model"]["embed_tokens"]["embedding"]) == ("vocab", "embed")
     assert tuple(specs["lm_head"]["kernel"]) == ("embed", "vocab")
     assert ("q_norm" in layer["self_attn"]) == (config.model_type == "qwen3")
@@ -35,8 +37,10 @@ def test_8b_param_tree(name, expected):
 
 
 def test_flax_names_map_to_hf_names():
-    assert hf_name(("model", "layers_12", "self_attn", "q_proj", "kernel")) == (
+    assert hf_name(("model", "layers", "self_attn", "q_proj", "kernel"), 12) == (
         "model.layers.12.self_attn.q_proj.weight", True)
     assert hf_name(("model", "embed_tokens", "embedding")) == ("model.embed_tokens.weight", False)
-    assert hf_name(("model", "layers_0", "input_layernorm", "weight")) == (
+    assert hf_name(("model", "layers", "input_layernorm", "weight"), 0) == (
         "model.layers.0.input_layernorm.weight", False)
+    with pytest.raises(ValueError, match="layer index"):
+        hf_name(("model", "layers", "input_layernorm", "weight"))

@@ -1,23 +1,27 @@
 """The decoder: one Flax linen implementation of the Llama family and Qwen3.
 
-Parameter names mirror transformers' (`model.layers_3.self_attn.q_proj.kernel` for
-`model.layers.3.self_attn.q_proj.weight`), so HF checkpoints load leaf by leaf. Attention is
-delegated to an `attend(layer, q, k, v) -> (out, aux)` callable: plain causal attention here,
-a KV cache in generation, the two-stream prefix/block merge in MTP training.
+The decoder layers run as one `nn.scan` (the compiled program holds one layer body), so their
+parameters are stacked: `model.layers.self_attn.q_proj.kernel` [layers, in, out] holds
+transformers' `model.layers.{i}.self_attn.q_proj.weight` for every i; otherwise names mirror
+transformers', so HF checkpoints load tensor by tensor. Attention is delegated to an
+`attend(q, k, v, layer_state) -> (out, aux)` callable: plain causal attention here, a KV cache in
+generation, the two-stream prefix/block merge in MTP training. `layer_state` is this layer's slice
+of a [layers, ...] pytree the caller passes in (a cache, the regular stream's K/V); the layers'
+`aux` come back stacked the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mtp_jax.models.config import ModelConfig
-from mtp_jax.models.lora import FusedLoRA, Linear, LoRAConfig, projection_lora
+from mtp_jax.models.lora import LORA_COLLECTION, FusedLoRA, Linear, LoRAConfig, projection_lora
 
-Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 constrain = nn.with_logical_constraint
 
@@ -51,14 +55,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def causal_attend(kv_valid: jax.Array | None = None) -> Attend:
-    """Plain causal self-attention; `kv_valid` [batch, length] hides padding keys."""
+    """Plain causal self-attention; `kv_valid` [batch, length] hides padding keys.
 
-    def attend(layer, q, k, v):
+    aux = the layer's (k, v), as the MTP regular stream returns them: a jitted caller that drops
+    them loses nothing (XLA removes the unused outputs), and an eager one compiles the same layer
+    body as the regular stream, so the two agree bit for bit (XLA fuses the RoPE differently in a
+    scan body whose K is an output).
+    """
+
+    def attend(q, k, v, layer_state):
         mask = None
         if kv_valid is not None:
             mask = kv_valid[:, None, None, :]
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
-        return out, None
+        return out, (k, v)
 
     return attend
 
@@ -88,7 +98,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
             self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
-    def __call__(self, layer: int, x, cos, sin, attend: Attend, gate=None, deterministic=True):
+    def __call__(self, x, cos, sin, attend: Attend, layer_state=None, gate=None, deterministic=True):
         c = self.config
         b, t, _ = x.shape
         q = self.q_proj(x, gate, deterministic)
@@ -107,7 +117,7 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        out, aux = attend(layer, q, k, v)
+        out, aux = attend(q, k, v, layer_state)
         out = out.astype(self.dtype).reshape(b, t, c.q_features)
         return self.o_proj(out, gate, deterministic), aux
 
@@ -145,6 +155,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer as a scan body: (x, layer_state) -> (x, aux); the rest is broadcast."""
+
     config: ModelConfig
     lora: LoRAConfig | None = None
     dtype: jnp.dtype = jnp.float32
@@ -157,8 +169,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
         self.mlp = MLP(c, self.lora, self.dtype, self.param_dtype)
 
-    def __call__(self, layer, x, cos, sin, attend, gate=None, deterministic=True):
-        h, aux = self.self_attn(layer, self.input_layernorm(x), cos, sin, attend, gate, deterministic)
+    def __call__(self, x, layer_state, cos, sin, attend, gate=None, deterministic=True):
+        h, aux = self.self_attn(self.input_layernorm(x), cos, sin, attend, layer_state, gate, deterministic)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), gate, deterministic)
         return constrain(x, ("batch", "length", "embed")), aux
@@ -189,17 +201,20 @@ class Transformer(nn.Module):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         layer = DecoderLayer
-        if self.remat != "none":  # static: layer index, attend callable, deterministic
-            layer = nn.remat(DecoderLayer, static_argnums=(1, 5, 7), policy=REMAT_POLICIES[self.remat])
-        self.layers = [layer(c, self.lora, self.dtype, self.param_dtype) for _ in range(c.num_layers)]
+        if self.remat != "none":  # static: the attend callable and deterministic (self is argument 0)
+            layer = nn.remat(DecoderLayer, static_argnums=(5, 7), policy=REMAT_POLICIES[self.remat],
+                             prevent_cse=False)  # scan already keeps XLA from merging the recomputation
+        # one layer body scanned over stacked params / adapters (leading "layers" axis) and layer_state
+        self.layers = nn.scan(
+            layer, variable_axes={"params": 0, LORA_COLLECTION: 0}, split_rngs={"params": True, "dropout": True},
+            in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})(c, self.lora, self.dtype, self.param_dtype)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
-    def __call__(self, x, positions, attend, gate=None, deterministic=True):
+    def __call__(self, x, positions, attend, layer_state=None, gate=None, deterministic=True):
+        """-> (final-normed hidden, aux stacked over layers); `layer_state` is a [layers, ...] pytree."""
         cos, sin = rope_cos_sin(positions, jnp.asarray(self.config.rope_inv_freq()), self.dtype)
-        aux = []
-        for i, layer in enumerate(self.layers):
-            x, a = layer(i, x, cos, sin, attend, gate, deterministic)
-            aux.append(a)
+        x, aux = self.layers(x, layer_state, cos, sin, attend, gate, deterministic)
         return self.norm(x), aux
 
 
@@ -222,8 +237,8 @@ class OutputHead(nn.Module):
 class CausalLM(nn.Module):
     """`LlamaForCausalLM` / `Qwen3ForCausalLM`.
 
-    `__call__` returns the final-normed hidden states [batch, length, embed] and the per-layer
-    `aux` of `attend`; `logits(h)` applies the lm_head (or the tied embedding).
+    `__call__` returns the final-normed hidden states [batch, length, embed] and the `aux` of
+    `attend`, stacked over layers; `logits(h)` applies the lm_head (or the tied embedding).
     """
 
     config: ModelConfig
@@ -239,12 +254,12 @@ class CausalLM(nn.Module):
                                       self.param_dtype)
 
     def __call__(self, tokens, positions=None, attend: Attend | None = None, gate=None,
-                 deterministic: bool = True, embeddings=None) -> tuple[jax.Array, Sequence[Any]]:
+                 deterministic: bool = True, embeddings=None, layer_state=None) -> tuple[jax.Array, Any]:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens) if embeddings is None else embeddings
         x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
-        return self.model(x, positions, attend or causal_attend(), gate, deterministic)
+        return self.model(x, positions, attend or causal_attend(), layer_state, gate, deterministic)
 
     def embed(self, tokens):
         return self.model.embed_tokens(tokens)

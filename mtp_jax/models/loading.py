@@ -1,8 +1,8 @@
 """Loading base models: HF directories (single or sharded safetensors), GGUF files, built-in aliases.
 
 Tensors stream one at a time from safetensors into the Flax tree (transposed to [in, out],
-cast, and placed straight onto a sharding when one is given), so an 8B model never exists as a
-whole fp32 copy in host RAM. GGUF files and the `smollm2-135m-instruct` alias are converted once
+cast, per-layer tensors stacked into the scanned layout's [layers, ...] leaves, and placed straight
+onto a sharding when one is given), so an 8B model never exists as a whole fp32 copy in host RAM. GGUF files and the `smollm2-135m-instruct` alias are converted once
 to a HF directory in the cache and reused.
 """
 
@@ -200,9 +200,14 @@ class SafetensorsReader:
         return t.numpy()
 
 
-def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
-    """Flax param path -> (HF tensor name, transpose?)."""
-    parts = [p.replace("layers_", "layers.") if p.startswith("layers_") else p for p in path]
+def hf_name(path: tuple[str, ...], layer: int | None = None) -> tuple[str, bool]:
+    """Flax param path -> (HF tensor name, transpose?); `layer` picks the layer of a stacked
+    `layers` leaf (`model.layers.q_proj...` -> `model.layers.{layer}.q_proj...`)."""
+    parts = list(path)
+    if "layers" in parts:
+        if layer is None:
+            raise ValueError(f"{'.'.join(path)}: a stacked per-layer leaf; pass the layer index")
+        parts[parts.index("layers")] = f"layers.{layer}"
     leaf = parts[-1]
     transpose = leaf == "kernel"
     parts[-1] = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
@@ -216,26 +221,38 @@ def abstract_params(model: CausalLM) -> Any:
 
 
 def load_params(model: CausalLM, model_dir: Path, sharding: Callable[[tuple[str, ...], Any], Any] | None = None):
-    """Fills `model`'s param tree from safetensors; `sharding(path, abstract_leaf)` places each leaf."""
+    """Fills `model`'s param tree from safetensors; `sharding(path, abstract_leaf)` places each leaf.
+
+    A stacked per-layer leaf [layers, ...] is assembled from the layers' HF tensors in one host
+    buffer, placed, then dropped: the host holds at most one such leaf at a time.
+    """
     reader = SafetensorsReader(model_dir)
     boxed = abstract_params(model)
     flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-    leaves = []
-    for key_path, leaf in flat:
-        path = tuple(k.key for k in key_path)
-        abstract = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
-        name, transpose = hf_name(path)
+
+    def read(path, shape, layer=None):
+        name, transpose = hf_name(path, layer)
         arr = reader.get(name)
-        expected = tuple(abstract.shape[::-1]) if transpose else tuple(abstract.shape)
+        expected = tuple(shape[::-1]) if transpose else tuple(shape)
         if tuple(arr.shape) != expected:
             raise ModelLoadError(
                 f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(arr.shape)}; config.json implies "
                 f"{expected}: config.json and the weights come from different models.")
-        if transpose:
-            arr = arr.T
-        arr = np.asarray(arr).astype(abstract.dtype)
+        return arr.T if transpose else arr
+
+    leaves = []
+    for key_path, leaf in flat:
+        path = tuple(k.key for k in key_path)
+        abstract = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        if "layers" in path:
+            arr = np.empty(abstract.shape, abstract.dtype)
+            for i in range(abstract.shape[0]):
+                arr[i] = read(path, abstract.shape[1:], i)
+        else:
+            arr = np.asarray(read(path, abstract.shape)).astype(abstract.dtype)
         target = sharding(path, leaf) if sharding is not None else None
         leaves.append(jax.device_put(arr, target) if target is not None else jnp.asarray(arr))
+        del arr
     treedef = jax.tree_util.tree_structure(
         jax.tree_util.tree_map(lambda x: 0, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
     return jax.tree_util.tree_unflatten(treedef, leaves)

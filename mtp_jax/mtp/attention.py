@@ -33,10 +33,11 @@ def segment_causal_mask(segment_ids: jax.Array, q_index: jax.Array | None = None
 
 
 def regular_attend(segment_ids: jax.Array, impl: Impl = "xla"):
-    """Causal attention within packed examples; aux = this layer's (k, v) for the mask stream."""
+    """Causal attention within packed examples; aux = this layer's (k, v) for the mask stream
+    (stacked by the decoder into [layers, batch, keys, kv, d])."""
     mask = segment_causal_mask(segment_ids)
 
-    def attend(layer, q, k, v):
+    def attend(q, k, v, layer_state):
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
         return out, (k, v)
 
@@ -88,17 +89,18 @@ def merge(out1, lse1, out2, lse2):
     return (out1 * w1[..., None] + out2 * w2[..., None]) / (w1 + w2)[..., None]
 
 
-def mask_attend(regular_kv, prefix_mask: jax.Array, steps: int, impl: Impl = "xla"):
+def mask_attend(prefix_mask: jax.Array, steps: int, impl: Impl = "xla"):
     """Attention for mask tokens laid out as [batch, anchors * k] (anchor-major).
 
-    `regular_kv[layer]` = (k, v) [batch, keys, kv, d] of the regular stream; `prefix_mask`
+    `layer_state` = this layer's (k, v) [batch, keys, kv, d] of the regular stream (the decoder
+    slices it from the stacked [layers, ...] K/V of `regular_attend`); `prefix_mask`
     [batch, 1, anchors, keys] says which regular keys each anchor sees.
     """
 
-    def attend(layer, q, k, v):
+    def attend(q, k, v, layer_state):
         b, t, h, d = q.shape
         a = t // steps
-        k_reg, v_reg = regular_kv[layer]
+        k_reg, v_reg = layer_state
         q5 = q.reshape(b, a, steps, h, d)
         # fold draft steps into heads as [h, k] so GQA grouping (head // (h/kv)) stays right
         q_folded = jnp.swapaxes(q5, 2, 3).reshape(b, a, h * steps, d)

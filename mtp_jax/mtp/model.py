@@ -65,7 +65,7 @@ class MTPModel(nn.Module):
         self.sampler = SamplerHead(self.config.hidden_size, self.config.rms_norm_eps, self.dtype, self.param_dtype)
 
     def regular(self, tokens, positions, segment_ids):
-        """Base model over regular tokens: final hidden [b, l, d] and per-layer (k, v)."""
+        """Base model over regular tokens: final hidden [b, l, d] and (k, v), each [layers, b, l, kv, d]."""
         return self.base(tokens, positions, regular_attend(segment_ids, self.mtp.attention_impl))
 
     def mask_hidden(self, mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic=True):
@@ -75,8 +75,9 @@ class MTPModel(nn.Module):
         pos = (positions[..., None] + jnp.arange(1, k + 1)).reshape(b, c * k)
         emb = jnp.broadcast_to(mask_embedding.astype(self.dtype), (b, c * k, self.config.hidden_size))
         prefix_mask = segment_causal_mask(segment_ids, anchor_index)
-        attend = mask_attend(regular_kv, prefix_mask, k, self.mtp.attention_impl)
-        hidden, _ = self.base(None, pos, attend, gate=1.0, deterministic=deterministic, embeddings=emb)
+        attend = mask_attend(prefix_mask, k, self.mtp.attention_impl)
+        hidden, _ = self.base(None, pos, attend, gate=1.0, deterministic=deterministic, embeddings=emb,
+                              layer_state=regular_kv)
         return hidden.reshape(b, c, k, -1)
 
     def __call__(self, mask_embedding, anchor_index, positions, segment_ids, regular_kv, teacher_hidden,

@@ -35,16 +35,21 @@ def variables(params: Params) -> dict:
     return {"params": {"base": params["base"], "sampler": params["sampler"]}, "lora": {"base": params["lora"]}}
 
 
+def init_args(model: MTPModel, mask_row) -> tuple:
+    """Dummy `MTPModel.__call__` arguments (one row, two anchors) to initialise or shape its variables."""
+    k, d, c = model.mtp.draft_length, model.config.hidden_size, model.config
+    kv = (jnp.zeros((c.num_layers, 1, 2, c.num_kv_heads, c.head_dim), model.dtype),) * 2  # regular (k, v)
+    return (jnp.asarray(mask_row), jnp.arange(2), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), kv,
+            jnp.zeros((1, 2, k + 1, d), model.dtype), jnp.ones((1, 2, k), bool), jnp.zeros((1, 2, k), jnp.int32))
+
+
 def init_params(model: MTPModel, base_params, mask_row: jax.Array, rng: jax.Array) -> Params:
     """Fresh adapters (A Kaiming-uniform, B = 0) and sampler beside the given base params.
 
     The init runs under jit and returns only the small trainable trees, so XLA drops the
     base-model initialisation (an 8B random init never materialises).
     """
-    k, d, c = model.mtp.draft_length, model.config.hidden_size, model.config
-    kv = [(jnp.zeros((1, 2, c.num_kv_heads, c.head_dim), model.dtype),) * 2 for _ in range(c.num_layers)]
-    args = (jnp.asarray(mask_row), jnp.arange(2), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), kv,
-            jnp.zeros((1, 2, k + 1, d), model.dtype), jnp.ones((1, 2, k), bool), jnp.zeros((1, 2, k), jnp.int32))
+    args = init_args(model, mask_row)
 
     def init(r):
         v = nn.unbox(model.init(r, *args))
