@@ -106,7 +106,7 @@ class DistributedConfig:
 
 
 def _default_data() -> DataConfig:
-    return DataConfig(max_prompt_tokens=64, max_total_tokens=128, batch_size=2, packing=True,
+    return DataConfig(max_prompt_tokens=64, max_total_tokens=128, batch_size=1, packing=True,
                       bucket_lengths=(128,), max_tokens_per_row=128)
 
 
@@ -114,7 +114,7 @@ def _default_data() -> DataConfig:
 class Config:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     lora: LoRAConfig = dataclasses.field(default_factory=lambda: LoRAConfig(rank=16, alpha=32.0))
-    mtp: MTPConfig = dataclasses.field(default_factory=lambda: MTPConfig(draft_length=4, chunk_size=128))
+    mtp: MTPConfig = dataclasses.field(default_factory=lambda: MTPConfig(draft_length=4, chunk_size=32))
     data: DataConfig = dataclasses.field(default_factory=_default_data)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
