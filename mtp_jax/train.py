@@ -183,8 +183,8 @@ def train_step(model, tx, schedule, grad_accum, state, frozen, batch):
     overflow = apply & ~all_finite(trainable)
     apply = apply & ~overflow
 
-    def keep(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+    def keep(new, old):  # dtypes as they came in (bf16 params: adam's moments would turn fp32 with fp32 grads)
+        return jax.tree.map(lambda n, o: jnp.where(apply, n.astype(o.dtype), o), new, old)
 
     nonfinite = ~finite | overflow
     new_state.update(trainable=keep(trainable, state["trainable"]), opt_state=keep(opt_state, state["opt_state"]),

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from mtp_jax.config import load_config
-from mtp_jax.train import Config
+from mtp_jax.train import Config, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_test.yaml"
@@ -78,3 +79,13 @@ def test_two_processes_jax_distributed(tmp_path, data_file):
     got = [json.loads(out.split("LOSSES")[-1]) for out, _ in outs]
     assert len(got[0]) == 3 and got[0] == got[1], f"processes disagree: {got}"
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir(), "no checkpoint from the 2-process run"
+
+
+def test_bf16_params_keep_their_dtypes_across_steps(tmp_path, data_file):
+    """bf16 trainable params (the 8B configs): AdamW's moments must stay bf16 after an update (fp32 grads
+    once promoted them, and the second call of the compiled step refused the changed state)."""
+    out = run(tiny(tmp_path, data_file, "--model.dtype", "bfloat16", "--model.param_dtype", "bfloat16",
+                   "--train.max_steps", "3", "--train.save_steps", "3"))
+    dtypes = {x.dtype for x in jax.tree.leaves(out["state"]["opt_state"]) if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}, dtypes
+    assert len(out["history"]) == 3
