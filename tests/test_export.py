@@ -36,7 +36,14 @@ from mtp_jax.train import Config, run
 from test_train import COMPILE_CACHE, write_data
 
 ROOT = Path(__file__).resolve().parents[1]
-TOL = 1e-4  # fp32, |JAX - transformers|
+TOL = 1e-4  # fp32, |JAX - transformers| for logits up to LOGIT_SCALE in size
+
+
+LOGIT_SCALE = 50.0  # float32 rounding grows with the logits: larger ones get TOL * max|logit| / LOGIT_SCALE
+
+
+def tolerance(*logits) -> float:
+    return TOL * max(1.0, max(float(np.abs(x).max()) for x in logits) / LOGIT_SCALE)
 RUN_OVERRIDES = {
     "llama": [],
     "qwen3": ["--lora.fuse", "true", "--lora.rslora", "true", "--lora.bias", "true",
@@ -128,7 +135,8 @@ def parity(r, ref: torch_reference.MTPReference, tokens: np.ndarray) -> dict[str
     regular = ref.base_logits(torch.as_tensor(tokens[None], dtype=torch.long))[0].numpy()
     cols = real_columns(r.model.config.vocab_size, r.mask_id)
     no_lora = {**r.params, "lora": jax.tree.map(jnp.zeros_like, r.params["lora"])}
-    return {"regular": float(np.abs(base[:, cols] - regular[:, cols]).max()),
+    return {"tol": tolerance(regular[:, cols], got.logits.numpy()[..., cols]),
+            "regular": float(np.abs(base[:, cols] - regular[:, cols]).max()),
             "draft": float(np.abs(drafts[..., cols] - got.logits.numpy()[..., cols]).max()),
             "same_drafts": bool(np.array_equal(got.tokens.numpy(), draft_tokens)),
             "lora_effect": float(np.abs(np.asarray(fn(no_lora, tokens, anchors)[1]) - drafts).max())}
@@ -136,12 +144,13 @@ def parity(r, ref: torch_reference.MTPReference, tokens: np.ndarray) -> dict[str
 
 def check_parity(r, out: Path, tokens: np.ndarray, what: str):
     d = parity(r, torch_reference.load(out), tokens)
-    print(f"{what}: max |JAX - torch| regular {d['regular']:.2e}, draft {d['draft']:.2e}; "
+    tol = d["tol"]
+    print(f"{what}: max |JAX - torch| regular {d['regular']:.2e}, draft {d['draft']:.2e} (tolerance {tol:.2e}); "
           f"LoRA moves drafts by {d['lora_effect']:.2e}")
-    assert d["regular"] < TOL, f"{what}: regular-token logits differ from JAX by {d['regular']:.2e}"
-    assert d["draft"] < TOL, f"{what}: draft logits differ from JAX by {d['draft']:.2e}"
+    assert d["regular"] < tol, f"{what}: regular-token logits differ from JAX by {d['regular']:.2e}"
+    assert d["draft"] < tol, f"{what}: draft logits differ from JAX by {d['draft']:.2e}"
     assert d["same_drafts"], f"{what}: draft tokens differ from JAX"
-    assert d["lora_effect"] > 100 * TOL, \
+    assert d["lora_effect"] > 100 * tol, \
         f"{what}: LoRA moves the drafts by only {d['lora_effect']:.2e}; the comparison could not see a bad adapter"
 
 
