@@ -26,6 +26,7 @@ from mtp_jax.models.loading import abstract_params
 from mtp_jax.mtp.layout import pair_valid
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, loss_and_grads, split_params
+from mtp_jax.train import count_params
 
 
 def random_base(model: CausalLM, seed: int = 0):
@@ -93,7 +94,8 @@ def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
     return jnp.sum(jnp.where(lay["valid"], ce, 0.0)) / jnp.sum(lay["valid"])
 
 
-def measure(fn, *args, reps=3):
+def measure(fn, *args, reps=3, trace_dir=None):
+    """Compile once, time `reps` runs after a warm-up; with `trace_dir`, one more run under jax.profiler."""
     try:
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
@@ -105,6 +107,9 @@ def measure(fn, *args, reps=3):
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(*args))
             times.append(time.perf_counter() - t0)
+        if trace_dir:
+            with jax.profiler.trace(trace_dir):
+                jax.block_until_ready(compiled(*args))
         peak = None
         if mem is not None:
             peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**30
@@ -136,7 +141,7 @@ def main():
     mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
     params = init_params(model, base, mask_row, jax.random.key(1))
     trainable, frozen = split_params(model, params)
-    n_base = sum(x.size for x in jax.tree.leaves(base))
+    n_base = count_params(base)
     peak = device_peak_flops(jax.devices()[0])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []

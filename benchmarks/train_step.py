@@ -10,7 +10,7 @@ anchor with k masks):
 - breakdown by subtraction of separately compiled programs: the regular stream alone (forward under
   stop_gradient), loss+grads (regular + mask stream forward/backward), and the optimizer = step -
   loss+grads; and, with --trace_dir, GPU kernel time by kind (matmul, attention, soft-CE kernel,
-  other fusions) read from a `jax.profiler` trace of one step;
+  other fusions) read from a `jax.profiler` trace of one more run of the step's timed executable;
 - `baseline`: the same step written the straightforward way (interleaved sequence, dense mask, XLA
   softmax CE: `benchmarks/mtp_step.py`'s `interleaved_loss`) with the same optimizer, up to
   --baseline_max; every figure is printed as a ratio against it.
@@ -37,7 +37,7 @@ from mtp_jax.models import LoRAConfig, ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, loss_and_grads, regular_stream, split_params
-from mtp_jax.train import OptimConfig, make_optimizer, train_step
+from mtp_jax.train import OptimConfig, count_params, make_optimizer, train_step
 from mtp_step import interleaved_layout, interleaved_loss, make_batch, measure, random_base  # noqa: F401
 
 # GPU kernel names by kind (cuBLAS/CUTLASS/nvjet GEMMs, cuDNN/flash attention, our Triton soft-CE)
@@ -90,7 +90,7 @@ def main():
                         soft_ce_impl="auto", remat=args.remat)
         model = MTPModel(config, lora, mtp, dtype, dtype)
         base = random_base(CausalLM(config, None, dtype, dtype))
-        n_base = sum(x.size for x in jax.tree.leaves(base))
+        n_base = count_params(base)
         mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
         trainable, frozen = split_params(model, init_params(model, base, mask_row, jax.random.key(1)))
         tx, schedule = make_optimizer(OptimConfig(lr=2e-4, warmup_steps=10), 1000)
@@ -111,7 +111,7 @@ def main():
             batch = make_batch(args.prompt, total - args.prompt)
             counted = step_flops(config, n_base, jax.tree.map(np.asarray, batch), args.k)
             row = {"model": path, "regular_tokens": total, "flops": counted,
-                   "step": measure(step, fresh_state(), frozen, batch, reps=args.reps),
+                   "step": measure(step, fresh_state(), frozen, batch, reps=args.reps, trace_dir=args.trace_dir),
                    "loss_and_grads": measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen,
                                              batch, reps=args.reps),
                    "regular_stream": measure(lambda t, f, b: (jnp.float32(0), regular_stream(model, {**f, **t}, b)),
@@ -125,12 +125,7 @@ def main():
                         "regular stream (fwd)": row["regular_stream"]["time_s"],
                         "mask stream (fwd+bwd)": row["loss_and_grads"]["time_s"] - row["regular_stream"]["time_s"],
                         "optimizer": s["time_s"] - row["loss_and_grads"]["time_s"]}
-                if args.trace_dir:
-                    compiled = jax.jit(step).lower(fresh_state(), frozen, batch).compile()
-                    state = fresh_state()
-                    jax.block_until_ready(compiled(state, frozen, batch))
-                    with jax.profiler.trace(args.trace_dir):
-                        jax.block_until_ready(compiled(state, frozen, batch))
+                if args.trace_dir:  # measure() traced one run of the step
                     row["kernels_s"] = kernel_breakdown(args.trace_dir)
             row["baseline"] = (measure(baseline_step, fresh_state(), frozen, batch["tokens"],
                                        interleaved_layout(batch, args.k), reps=args.reps)

@@ -66,7 +66,7 @@ def run_distill(model, params, model_config, tokenizer, prompts_path, out_path, 
     """Generates the missing responses of `prompts_path` into `out_path` (JSONL, appended)."""
     from tqdm import tqdm
 
-    from mtp_jax.generate import Sampling, encode_prompt, eos_ids_of, generate
+    from mtp_jax.generate import Sampling, encode_prompt, eos_ids_of, generate, pad_id_of
 
     sampling = sampling or Sampling()
     out_path = Path(out_path)
@@ -83,7 +83,7 @@ def run_distill(model, params, model_config, tokenizer, prompts_path, out_path, 
     encoded = [(encode_prompt(tokenizer, r.input, chat), r, k) for r, k in pending]
     encoded.sort(key=lambda e: len(e[0]))  # similar lengths per batch: less left padding
     eos = eos_ids_of(tokenizer, model_config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad_id = pad_id_of(tokenizer, eos)
     t0 = time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(records), initial=stats.already_done, desc="distill", unit="prompt", disable=not progress)
