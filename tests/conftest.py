@@ -6,6 +6,14 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def cpu_devices_flags(n: int) -> str:
+    """XLA_FLAGS for a child process with n emulated CPU devices. Their collectives give up (abort the
+    process) when a device thread is 40 s late by default; on a loaded 2-core CI machine the 8 device
+    threads of a step can be, so the limit is raised to 10 minutes."""
+    return (f"--xla_force_host_platform_device_count={n} "
+            "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+
 TINY_LLAMA = dict(
     vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,

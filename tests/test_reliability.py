@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import cpu_devices_flags
 from mtp_jax.checkpoints import CheckpointError, committed_steps, restore_trainable
 from mtp_jax.train import RunStopped, main, metrics_by_step, run
 from test_train import COMPILE_CACHE, TINY, data_file, tiny  # noqa: F401 (data_file: a fixture)
@@ -276,7 +277,7 @@ print("LOSSES" + json.dumps(out))
 
 
 def start_eight_devices(tmp, data, meshes):
-    env = {**CHILD_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**CHILD_ENV, "XLA_FLAGS": cpu_devices_flags(8)}
     return Child(tmp, ["-c", MESH_SCRIPT, str(TINY), str(data), str(tmp), json.dumps(RUN), *meshes], env)
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from jax.test_util import check_grads
 
+from conftest import cpu_devices_flags
 from mtp_kernels.soft_ce import SoftCEConfig, jax_soft_ce
 from mtp_kernels.soft_ce import reference as ref
 
@@ -163,7 +164,7 @@ def test_shard_map_rows_sharded():
         np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(f(x, t)))(x), rtol=1e-5, atol=1e-8)
         print("OK")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=cpu_devices_flags(2), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
 
