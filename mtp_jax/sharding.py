@@ -82,6 +82,13 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
+def axes_across_processes(grid: np.ndarray) -> list[str]:
+    """The mesh axes (of AXES, in order) along which one group of devices holds more than one process's
+    devices: a collective over such an axis leaves the host (the inter-host network, not NVLink)."""
+    procs = np.vectorize(lambda d: d.process_index)(grid)
+    return [name for i, name in enumerate(AXES) if np.any(procs != np.take(procs, [0], axis=i))]
+
+
 def logical_shardings(boxed_tree, mesh: Mesh, rules):
     """NamedSharding for every leaf of a tree boxed with logical axis names (unboxed leaves: replicated)."""
     specs = nn.get_partition_spec(boxed_tree)

@@ -489,7 +489,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
     from mtp_jax.mtp.mask_token import add_mask_token, mask_embedding
     from mtp_jax.mtp.model import MTPModel
     from mtp_jax.mtp.objective import init_params, trainable_keys
-    from mtp_jax.sharding import batch_sharding, host_to_global, logical_shardings, make_mesh, replicated
+    from mtp_jax.sharding import (axes_across_processes, batch_sharding, host_to_global, logical_shardings, make_mesh,
+                                  replicated)
 
     main_process = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh)
@@ -499,6 +500,11 @@ def run(cfg: Config, resume: bool = False) -> dict:
         raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must divide by mesh data*fsdp ({rows_axis})")
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{jax.process_count()} process(es)")
+    slow = [a for a in axes_across_processes(mesh.devices) if a != "data"]
+    if slow:
+        log(f"warning: mesh axes {slow} span processes (hosts): their per-layer all-gathers and reduce-scatters "
+            f"go over the inter-host network. Keep fsdp*tensor within one host's devices and let data span hosts "
+            f"(e.g. --mesh.fsdp {jax.local_device_count() // mesh.shape['tensor']} --mesh.data -1)")
 
     config = model_config(cfg)
     tokenizer_path = cfg.model.tokenizer or cfg.model.path
