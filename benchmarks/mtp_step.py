@@ -43,10 +43,10 @@ def random_base(model: CausalLM, seed: int = 0):
     return jax.tree.unflatten(treedef, init(jax.random.key(seed)))
 
 
-def make_batch(prompt: int, response: int):
+def make_batch(prompt: int, response: int, vocab: int):
     length = prompt + response
     rng = np.random.default_rng(0)
-    return {"tokens": jnp.asarray(rng.integers(0, 1000, (1, length)), jnp.int32),
+    return {"tokens": jnp.asarray(rng.integers(0, min(1000, vocab), (1, length)), jnp.int32),
             "positions": jnp.arange(length, dtype=jnp.int32)[None],
             "segment_ids": jnp.ones((1, length), jnp.int32),
             "response_mask": jnp.asarray((np.arange(length) >= prompt)[None])}
@@ -95,7 +95,8 @@ def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
 
 
 def measure(fn, *args, reps=3, trace_dir=None):
-    """Compile once, time `reps` runs after a warm-up; with `trace_dir`, one more run under jax.profiler."""
+    """Compile once, time `reps` runs after a warm-up; with `trace_dir`, one more run under jax.profiler.
+    `fn` returns the loss first (reported, a sanity check that the step computed something finite)."""
     try:
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
@@ -146,7 +147,7 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
     for total in args.lengths:
-        batch = make_batch(args.prompt, total - args.prompt)
+        batch = make_batch(args.prompt, total - args.prompt, config.vocab_size)
         ours = measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen, batch, reps=args.reps)
         naive = jax.value_and_grad(functools.partial(interleaved_loss, model))
         base_r = (measure(naive, trainable, frozen, batch["tokens"], interleaved_layout(batch, args.k), reps=args.reps)

@@ -103,12 +103,15 @@ def main():
             loss, grads = jax.value_and_grad(functools.partial(interleaved_loss, model))(
                 state["trainable"], frozen, tokens, lay)
             updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-            return {**state, "trainable": jax.tree.map(jnp.add, state["trainable"], updates),
-                    "opt_state": opt_state}, loss
+            return loss, {**state, "trainable": jax.tree.map(jnp.add, state["trainable"], updates),
+                          "opt_state": opt_state}
 
-        step = functools.partial(train_step, model, tx, schedule, 1)
+        def step(state, frozen, batch):  # the CLI's step; its loss first for measure()
+            state, metrics = train_step(model, tx, schedule, 1, state, frozen, batch)
+            return metrics["loss/total"], state, metrics
+
         for total in args.lengths:
-            batch = make_batch(args.prompt, total - args.prompt)
+            batch = make_batch(args.prompt, total - args.prompt, config.vocab_size)
             counted = step_flops(config, n_base, jax.tree.map(np.asarray, batch), args.k)
             row = {"model": path, "regular_tokens": total, "flops": counted,
                    "step": measure(step, fresh_state(), frozen, batch, reps=args.reps, trace_dir=args.trace_dir),
