@@ -47,6 +47,32 @@ def test_llama3_rope_scaling_is_applied(tiny_hf):
         assert config.rope_llama3 is None
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2,
+     "truncate": False, "mscale": 0.7, "mscale_all_dim": 1.0},
+], ids=["qwen3_defaults", "all_options"])
+def test_yarn_rope_logits_match_transformers(rope, tmp_path):
+    """Qwen3 beyond its pretraining context (YaRN): frequencies, attention factor and logits as transformers,
+    at positions up to 3x the original context."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from conftest import TINY_QWEN3
+
+    torch.manual_seed(3)
+    hf = Qwen3ForCausalLM(Qwen3Config(**{**TINY_QWEN3, "rope_scaling": rope})).eval()
+    model, params, config = load_model(save_hf(hf, tmp_path / "yarn"))
+    inv, factor = ROPE_INIT_FUNCTIONS["yarn"](hf.config, "cpu")
+    np.testing.assert_array_equal(config.rope_inv_freq(), inv.numpy())
+    assert config.rope_attention_scaling == pytest.approx(factor) and factor != 1.0
+    plain = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim))
+    assert not np.allclose(config.rope_inv_freq(), plain), "yarn left frequencies unchanged"
+    ids = np.random.default_rng(4).integers(0, config.vocab_size, (1, 192))
+    diff = np.abs(flax_logits(model, params, ids) - torch_logits(hf, ids)).max()
+    assert diff < 1e-4, f"yarn: max |logit diff| {diff}"
+
+
 def test_padding_keys_are_hidden(tiny_hf):
     """A left-padded row gives the same logits as the unpadded row at real positions."""
     _, _, path = tiny_hf
@@ -95,3 +121,12 @@ def test_sharded_reader_reads_every_tensor_once(tmp_path):
     reader = SafetensorsReader(path)
     for name, tensor in hf.state_dict().items():
         np.testing.assert_array_equal(reader.get(name), tensor.numpy(), err_msg=name)
+
+
+def test_unsupported_rope_type_is_named():
+    from conftest import TINY_QWEN3
+    from mtp_jax.models.config import ModelConfig, UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="rope type 'dynamic' is not supported; expected 'default', "
+                                                    "'llama3' or 'yarn'"):
+        ModelConfig.from_hf({**TINY_QWEN3, "model_type": "qwen3", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})

@@ -40,6 +40,8 @@ class ModelConfig:
     mlp_bias: bool = False
     # llama3 scaling as (factor, low_freq_factor, high_freq_factor, original_max_positions)
     rope_llama3: tuple[float, float, float, int] | None = None
+    # YaRN (Qwen3 beyond 32k) as (factor, original_max_positions, beta_fast, beta_slow, attention_factor, truncate)
+    rope_yarn: tuple[float, int, float, float, float, bool] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -69,13 +71,15 @@ class ModelConfig:
         legacy = hf.get("rope_scaling") or {}
         rope = {**legacy, **rope}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        llama3 = None
+        llama3 = yarn = None
         if rope_type == "llama3":
             llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]),
                       float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        elif rope_type == "yarn":
+            yarn = _yarn(rope, hf.get("max_position_embeddings", 2048), source)
         elif rope_type not in ("default", None):
             raise UnsupportedModelError(
-                f"{source}: rope type {rope_type!r} is not supported; expected 'default' or 'llama3'.")
+                f"{source}: rope type {rope_type!r} is not supported; expected 'default', 'llama3' or 'yarn'.")
         if hf.get("use_sliding_window"):
             raise UnsupportedModelError(f"{source}: sliding-window attention is not supported.")
         heads = hf["num_attention_heads"]
@@ -98,6 +102,7 @@ class ModelConfig:
             attention_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             rope_llama3=llama3,
+            rope_yarn=yarn,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
@@ -117,8 +122,10 @@ class ModelConfig:
     def rope_inv_freq(self) -> np.ndarray:
         """Inverse frequencies [head_dim // 2] in float32, as transformers computes them."""
         dim = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-        inv = inv.astype(np.float32)
+        pos_freqs = (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+        inv = (1.0 / pos_freqs).astype(np.float32)
+        if self.rope_yarn is not None:
+            return _yarn_inv_freq(pos_freqs, self.rope_yarn, self.rope_theta, dim)
         if self.rope_llama3 is None:
             return inv
         factor, low, high, old_len = self.rope_llama3
@@ -129,3 +136,48 @@ class ModelConfig:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
+
+    @property
+    def rope_attention_scaling(self) -> float:
+        """Factor on cos/sin (YaRN's attention factor; 1 otherwise)."""
+        return self.rope_yarn[4] if self.rope_yarn is not None else 1.0
+
+
+def _yarn(rope: dict, max_positions: int, source: str) -> tuple[float, int, float, float, float, bool]:
+    """YaRN parameters as transformers reads them (`_compute_yarn_parameters`), with its defaults."""
+    original = int(rope.get("original_max_position_embeddings") or max_positions)
+    factor = rope.get("factor")
+    factor = float(factor) if factor is not None else max_positions / original
+    if factor < 1.0:
+        raise UnsupportedModelError(f"{source}: yarn rope factor {factor} < 1.")
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rope.get("attention_factor")
+    if attention is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return (factor, original, float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1),
+            float(attention), bool(rope.get("truncate", True)))
+
+
+def _yarn_inv_freq(pos_freqs: np.ndarray, yarn: tuple, base: float, dim: int) -> np.ndarray:
+    """YaRN: interpolated (inv / factor) for long wavelengths, the original for short ones, a linear
+    ramp between the correction dims of beta_fast and beta_slow rotations (float32, as transformers)."""
+    factor, original, beta_fast, beta_slow, _, truncate = yarn
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation = (1 - ramp).astype(np.float32)
+    inv = (1.0 / pos_freqs).astype(np.float32)
+    interpolated = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    return (interpolated * (1 - extrapolation) + inv * extrapolation).astype(np.float32)

@@ -40,11 +40,15 @@ class RMSNorm(nn.Module):
         return weight.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [..., head_dim] for integer positions [...], computed in float32 as transformers does."""
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [..., head_dim] for integer positions [...], computed in float32 as transformers does,
+    times `scale` (YaRN's attention factor)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -213,7 +217,8 @@ class Transformer(nn.Module):
 
     def __call__(self, x, positions, attend, layer_state=None, gate=None, deterministic=True):
         """-> (final-normed hidden, aux stacked over layers); `layer_state` is a [layers, ...] pytree."""
-        cos, sin = rope_cos_sin(positions, jnp.asarray(self.config.rope_inv_freq()), self.dtype)
+        cos, sin = rope_cos_sin(positions, jnp.asarray(self.config.rope_inv_freq()), self.dtype,
+                                self.config.rope_attention_scaling)
         x, aux = self.layers(x, layer_state, cos, sin, attend, gate, deterministic)
         return self.norm(x), aux
 
