@@ -37,10 +37,13 @@ def test_tiny_logits_match_transformers(kind, sharded, tmp_path):
 
 
 def test_llama3_rope_scaling_is_applied(tiny_hf):
-    kind, _, path = tiny_hf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kind, hf, path = tiny_hf
     model, _, config = load_model(path)
     if kind == "llama":
         assert config.rope_llama3 is not None
+        np.testing.assert_array_equal(config.rope_inv_freq(), ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")[0])
         plain = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim))
         assert not np.allclose(config.rope_inv_freq(), plain), "llama3 scaling left frequencies unchanged"
     else:
