@@ -95,15 +95,17 @@ def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
 
 
 def measure(fn, *args, reps=3, trace_dir=None):
-    """Compile once, time `reps` runs after a warm-up; with `trace_dir`, one more run under jax.profiler.
+    """Compile once, time `reps` runs after a warm-up (reps 0: time the warm-up itself, for steps of minutes);
+    with `trace_dir`, one more run under jax.profiler.
     `fn` returns the loss first (reported, a sanity check that the step computed something finite)."""
     try:
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
+        t0 = time.perf_counter()
         loss = float(jax.tree.leaves(jax.block_until_ready(compiled(*args)))[0])
-        times = []
+        times = [time.perf_counter() - t0] if reps == 0 else []  # reps 0: the warm-up run is the timing
         for _ in range(reps):
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(*args))

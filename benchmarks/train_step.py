@@ -75,7 +75,9 @@ def main():
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2, help="timed runs after a warm-up (0: time the warm-up)")
+    ap.add_argument("--breakdown_max", type=int, default=32768,
+                    help="above this regular length, only the whole step (no separately compiled parts)")
     ap.add_argument("--trace_dir", default=None, help="profile one step per row and break kernel time down")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -114,16 +116,17 @@ def main():
             batch = make_batch(args.prompt, total - args.prompt, config.vocab_size)
             counted = step_flops(config, n_base, jax.tree.map(np.asarray, batch), args.k)
             row = {"model": path, "regular_tokens": total, "flops": counted,
-                   "step": measure(step, fresh_state(), frozen, batch, reps=args.reps, trace_dir=args.trace_dir),
-                   "loss_and_grads": measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen,
-                                             batch, reps=args.reps),
-                   "regular_stream": measure(lambda t, f, b: (jnp.float32(0), regular_stream(model, {**f, **t}, b)),
-                                             trainable, frozen, batch, reps=args.reps)}
+                   "step": measure(step, fresh_state(), frozen, batch, reps=args.reps, trace_dir=args.trace_dir)}
+            if total <= args.breakdown_max:
+                row["loss_and_grads"] = measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen,
+                                                batch, reps=args.reps)
+                row["regular_stream"] = measure(lambda t, f, b: (jnp.float32(0), regular_stream(model, {**f, **t}, b)),
+                                                trainable, frozen, batch, reps=args.reps)
             s = row["step"]
             if s.get("time_s"):
                 s["regular_tokens_per_s"] = counted["tokens"] / s["time_s"]
                 s["mfu"] = counted["flops"] / (s["time_s"] * peak) if peak else None
-                if row["loss_and_grads"].get("time_s") and row["regular_stream"].get("time_s"):
+                if row.get("loss_and_grads", {}).get("time_s") and row.get("regular_stream", {}).get("time_s"):
                     row["breakdown_s"] = {
                         "regular stream (fwd)": row["regular_stream"]["time_s"],
                         "mask stream (fwd+bwd)": row["loss_and_grads"]["time_s"] - row["regular_stream"]["time_s"],
