@@ -65,11 +65,12 @@ def regular_stream(model: MTPModel, params: Params, batch: dict):
     return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(kv)
 
 
-def _chunks(model: MTPModel, batch: dict, hidden: jax.Array):
+def _chunks(model: MTPModel, batch: dict):
     """Anchor-chunked views of the batch: the chunk size, count, how many chunks hold a valid pair,
     and the per-anchor arrays, each row's anchors with a valid pair first (in position order), so
     that prompt tokens, padding and the last token of each example cost nothing once chunks past
-    the fullest row's count are skipped."""
+    the fullest row's count are skipped. Teacher hidden states are gathered per chunk
+    (`teacher_rows`), never for all anchors at once ([b, length, k+1, hidden]: 5 GB at 128k tokens)."""
     k = model.mtp.draft_length
     b, length = batch["tokens"].shape
     c = model.mtp.chunk_size or length
@@ -96,9 +97,17 @@ def _chunks(model: MTPModel, batch: dict, hidden: jax.Array):
         "positions": gather(batch["positions"]),
         "valid": gather(valid),
         "real_next": gather(ahead(batch["tokens"], range(1, k + 1))),
-        "teacher_hidden": gather(ahead(hidden, range(0, k + 1))),
     }
     return c, n, active, valid, per_anchor
+
+
+def teacher_rows(hidden: jax.Array, anchor_index: jax.Array, k: int) -> jax.Array:
+    """hidden [b, length, d] at a + j for j = 0..k of each anchor [b, c] -> [b, c, k+1, d]; zeros past the
+    row (padding anchors sit at index >= length)."""
+    b, c = anchor_index.shape
+    idx = (anchor_index[..., None] + jnp.arange(k + 1)).reshape(b, c * (k + 1), 1)
+    rows = jnp.take_along_axis(hidden, idx, axis=1, mode="fill", fill_value=0)
+    return rows.reshape(b, c, k + 1, hidden.shape[-1])
 
 
 def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: dict,
@@ -106,7 +115,7 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
     """(loss, grads wrt `trainable`, sown sums) for one batch, chunked over anchors."""
     params = {**frozen, **trainable}
     hidden, kv = regular_stream(model, params, batch)
-    c, n, active, valid, per_anchor = _chunks(model, batch, hidden)
+    c, n, active, valid, per_anchor = _chunks(model, batch)
     n_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
     deterministic = rng is None or model.lora.dropout == 0.0
 
@@ -116,7 +125,8 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
         rngs = {"dropout": chunk_rng} if not deterministic else {}
         total, sown = model.apply(
             variables(p), p["mask_embedding"], sl["anchor_index"], sl["positions"], batch["segment_ids"], kv,
-            sl["teacher_hidden"], sl["valid"], sl["real_next"], deterministic=deterministic,
+            teacher_rows(hidden, sl["anchor_index"], model.mtp.draft_length), sl["valid"], sl["real_next"],
+            deterministic=deterministic,
             mutable=["mtp_losses"], rngs=rngs)
         return total, sown["mtp_losses"]
 
