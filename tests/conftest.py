@@ -8,11 +8,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def cpu_devices_flags(n: int) -> str:
-    """XLA_FLAGS for a child process with n emulated CPU devices. Their collectives give up (abort the
-    process) when a device thread is 40 s late by default; on a loaded 2-core CI machine the 8 device
-    threads of a step can be, so the limit is raised to 10 minutes."""
+    """XLA_FLAGS for a child process with n emulated CPU devices.
+
+    On a loaded 2-core machine the emulated devices of XLA:CPU can deadlock: some device threads wait in
+    one collective (seen: a collective-permute over all 8) while the others wait in others (all-gathers
+    of device pairs), the devices having reached them in different orders. XLA then aborts
+    the process once a collective has waited `terminate` seconds; callers run such a child alone and
+    retry it (tests/test_reliability.py). Real GPUs run collectives in stream order."""
     return (f"--xla_force_host_platform_device_count={n} "
-            "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+            "--xla_cpu_collective_call_terminate_timeout_seconds=120")
+
 
 TINY_LLAMA = dict(
     vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

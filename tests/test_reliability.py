@@ -126,11 +126,11 @@ def assert_same_run(run_dir, ref, what):
 
 @pytest.fixture(scope="module")
 def children(tmp_path_factory, data_file, reference):
-    """Started once the reference run has filled the compile cache, they run beside the tests that follow
-    (on the second core): a run killed during its final save, and the 2x2x2 mesh on 8 emulated devices."""
-    killed, mesh = tmp_path_factory.mktemp("killed"), tmp_path_factory.mktemp("mesh")
-    return {"killed": (killed, start_killed_run(killed, data_file, "save:4")),
-            "eight": start_eight_devices(mesh, data_file, ["2x2x2"])}
+    """Started once the reference run has filled the compile cache, it runs beside the tests that follow
+    (on the second core): a run killed during its final save. (The 8-device run gets the machine to itself:
+    see cpu_devices_flags.)"""
+    killed = tmp_path_factory.mktemp("killed")
+    return {"killed": (killed, start_killed_run(killed, data_file, "save:4"))}
 
 
 @pytest.fixture(scope="module")
@@ -276,15 +276,20 @@ print("LOSSES" + json.dumps(out))
 """
 
 
-def start_eight_devices(tmp, data, meshes):
+def eight_device_losses(tmp, data, meshes, attempts=3):
+    """{mesh: per-step losses} from a child with 8 emulated CPU devices. XLA:CPU's emulated devices can
+    deadlock on a loaded machine (see cpu_devices_flags): XLA then aborts the child naming the stuck
+    rendezvous, and the run is tried again from scratch, up to `attempts` times in all."""
     env = {**CHILD_ENV, "XLA_FLAGS": cpu_devices_flags(8)}
-    return Child(tmp, ["-c", MESH_SCRIPT, str(TINY), str(data), str(tmp), json.dumps(RUN), *meshes], env)
-
-
-def eight_device_losses(child):
-    rc, out, err = child.wait()
-    assert rc == 0, err[-3000:]
-    return json.loads(out.split("LOSSES")[-1])
+    for attempt in range(1, attempts + 1):
+        child = Child(tmp / f"attempt{attempt}", ["-c", MESH_SCRIPT, str(TINY), str(data), str(tmp / f"attempt{attempt}"),
+                                                  json.dumps(RUN), *meshes], env)
+        rc, out, err = child.wait()
+        if rc == 0:
+            return json.loads(out.split("LOSSES")[-1])
+        if "Termination timeout for" not in err or attempt == attempts:
+            raise AssertionError(f"8-device run failed (attempt {attempt}, rc {rc}): {err[-3000:]}")
+        print(f"8-device run: XLA:CPU collective deadlock on attempt {attempt}; trying again")
 
 
 def assert_close_to_one_device(out, reference):
@@ -293,15 +298,14 @@ def assert_close_to_one_device(out, reference):
         np.testing.assert_allclose(got, one, rtol=0, atol=1e-5, err_msg=f"mesh {mesh}: losses differ from 1 device")
 
 
-def test_eight_devices_match_one_device(children, reference):
+def test_eight_devices_match_one_device(tmp_path, data_file, reference):
     """8 emulated CPU devices as a 2x2x2 (data, fsdp, tensor) mesh: the 1-device losses within 1e-5."""
-    assert_close_to_one_device(eight_device_losses(children["eight"]), reference)
+    assert_close_to_one_device(eight_device_losses(tmp_path, data_file, ["2x2x2"]), reference)
 
 
 @pytest.mark.slow
 def test_other_eight_device_meshes_match_one_device(tmp_path, data_file, reference):
-    child = start_eight_devices(tmp_path, data_file, ["8x1x1", "2x4x1"])
-    assert_close_to_one_device(eight_device_losses(child), reference)
+    assert_close_to_one_device(eight_device_losses(tmp_path, data_file, ["8x1x1", "2x4x1"]), reference)
 
 
 # ----------------------------------------------------------------------------- non-finite steps
