@@ -276,20 +276,12 @@ print("LOSSES" + json.dumps(out))
 """
 
 
-def eight_device_losses(tmp, data, meshes, attempts=3):
-    """{mesh: per-step losses} from a child with 8 emulated CPU devices. XLA:CPU's emulated devices can
-    deadlock on a loaded machine (see cpu_devices_flags): XLA then aborts the child naming the stuck
-    rendezvous, and the run is tried again from scratch, up to `attempts` times in all."""
+def eight_device_losses(tmp, data, meshes):
+    """{mesh: per-step losses} from a child with 8 emulated CPU devices (run alone: see cpu_devices_flags)."""
     env = {**CHILD_ENV, "XLA_FLAGS": cpu_devices_flags(8)}
-    for attempt in range(1, attempts + 1):
-        child = Child(tmp / f"attempt{attempt}", ["-c", MESH_SCRIPT, str(TINY), str(data), str(tmp / f"attempt{attempt}"),
-                                                  json.dumps(RUN), *meshes], env)
-        rc, out, err = child.wait()
-        if rc == 0:
-            return json.loads(out.split("LOSSES")[-1])
-        if "Termination timeout for" not in err or attempt == attempts:
-            raise AssertionError(f"8-device run failed (attempt {attempt}, rc {rc}): {err[-3000:]}")
-        print(f"8-device run: XLA:CPU collective deadlock on attempt {attempt}; trying again")
+    rc, out, err = Child(tmp, ["-c", MESH_SCRIPT, str(TINY), str(data), str(tmp), json.dumps(RUN), *meshes], env).wait()
+    assert rc == 0, err[-3000:]
+    return json.loads(out.split("LOSSES")[-1])
 
 
 def assert_close_to_one_device(out, reference):

@@ -115,7 +115,7 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
     """(loss, grads wrt `trainable`, sown sums) for one batch, chunked over anchors."""
     params = {**frozen, **trainable}
     hidden, kv = regular_stream(model, params, batch)
-    c, n, active, valid, per_anchor = _chunks(model, batch)
+    c, _, active, valid, per_anchor = _chunks(model, batch)
     n_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
     deterministic = rng is None or model.lora.dropout == 0.0
 
@@ -140,12 +140,11 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
 
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk, 0))
 
-    def body(carry, i):
-        # chunks past the fullest row's anchors hold no valid pair: skipped, not computed
-        out = jax.lax.cond(i < active, chunk, lambda _: zero, i)
-        return jax.tree.map(jnp.add, carry, out), None
-
-    (loss_sum, grads, sums), _ = jax.lax.scan(body, zero, jnp.arange(n))
+    # Only the first `active` chunks hold a valid pair; the loop stops there. (A loop over all n chunks
+    # with a lax.cond skipping the empty ones deadlocked XLA:CPU's emulated multi-device meshes: the
+    # devices reached the cond's collectives and the ones outside it in different orders.)
+    loss_sum, grads, sums = jax.lax.fori_loop(0, active, lambda i, carry: jax.tree.map(jnp.add, carry, chunk(i)),
+                                              zero)
     grads = jax.tree.map(lambda g: g / n_valid, grads)
     return loss_sum / n_valid, grads, sums
 
