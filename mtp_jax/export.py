@@ -133,19 +133,12 @@ def base_specs(config, rows: int) -> list[TensorSpec]:
     import jax
 
     from mtp_jax.models.llama import CausalLM
-    from mtp_jax.models.loading import abstract_params, hf_name
+    from mtp_jax.models.loading import abstract_params, hf_tensors
 
     boxed = abstract_params(CausalLM(dataclasses.replace(config, vocab_size=rows)))
     flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-    specs = []
-    for key_path, leaf in flat:
-        path, shape = tuple(k.key for k in key_path), nn.unbox(leaf).shape
-        # a stacked [layers, ...] leaf is one HF tensor per layer
-        for layer in range(shape[0]) if "layers" in path else (None,):
-            name, transpose = hf_name(path, layer)
-            one = shape[1:] if layer is not None else shape
-            specs.append(TensorSpec(name, tuple(one[::-1]) if transpose else tuple(one)))
-    return specs
+    return [TensorSpec(name, hf_shape) for key_path, leaf in flat
+            for _, name, _, hf_shape in hf_tensors(tuple(k.key for k in key_path), nn.unbox(leaf).shape)]
 
 
 def base_tensor_reader(reader, dtype: str, mask_id: int, mask_row: np.ndarray, rows: int

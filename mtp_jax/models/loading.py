@@ -1,9 +1,10 @@
 """Loading base models: HF directories (single or sharded safetensors), GGUF files, built-in aliases.
 
 Tensors stream one at a time from safetensors into the Flax tree (transposed to [in, out],
-cast, per-layer tensors stacked into the scanned layout's [layers, ...] leaves, and placed straight
-onto a sharding when one is given), so an 8B model never exists as a whole fp32 copy in host RAM. GGUF files and the `smollm2-135m-instruct` alias are converted once
-to a HF directory in the cache and reused.
+cast, per-layer tensors stacked into the scanned layout's [layers, ...] leaves, and placed
+straight onto a sharding when one is given), so an 8B model never exists as a whole fp32 copy in
+host RAM. GGUF files and the `smollm2-135m-instruct` alias are converted once to a HF directory
+in the cache and reused.
 """
 
 from __future__ import annotations
@@ -214,6 +215,16 @@ def hf_name(path: tuple[str, ...], layer: int | None = None) -> tuple[str, bool]
     return ".".join(parts), transpose
 
 
+def hf_tensors(path: tuple[str, ...], shape: tuple[int, ...]):
+    """The HF tensors behind the Flax leaf `path` of `shape`, as (index into the leaf, HF name, transpose?,
+    HF shape): one per layer of a stacked [layers, ...] leaf (index = the layer), else one (index = ...)."""
+    stacked = "layers" in path
+    one = tuple(shape[1:] if stacked else shape)
+    for layer in range(shape[0]) if stacked else (None,):
+        name, transpose = hf_name(path, layer)
+        yield (... if layer is None else layer), name, transpose, one[::-1] if transpose else one
+
+
 def abstract_params(model: CausalLM) -> Any:
     """The param tree of `model` as boxed ShapeDtypeStructs (logical axes kept), without allocating."""
     tokens = jnp.zeros((1, 1), jnp.int32)
@@ -230,10 +241,8 @@ def load_params(model: CausalLM, model_dir: Path, sharding: Callable[[tuple[str,
     boxed = abstract_params(model)
     flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
 
-    def read(path, shape, layer=None):
-        name, transpose = hf_name(path, layer)
+    def read(name, transpose, expected):
         arr = reader.get(name)
-        expected = tuple(shape[::-1]) if transpose else tuple(shape)
         if tuple(arr.shape) != expected:
             raise ModelLoadError(
                 f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(arr.shape)}; config.json implies "
@@ -244,12 +253,9 @@ def load_params(model: CausalLM, model_dir: Path, sharding: Callable[[tuple[str,
     for key_path, leaf in flat:
         path = tuple(k.key for k in key_path)
         abstract = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
-        if "layers" in path:
-            arr = np.empty(abstract.shape, abstract.dtype)
-            for i in range(abstract.shape[0]):
-                arr[i] = read(path, abstract.shape[1:], i)
-        else:
-            arr = np.asarray(read(path, abstract.shape)).astype(abstract.dtype)
+        arr = np.empty(abstract.shape, abstract.dtype)
+        for index, name, transpose, expected in hf_tensors(path, abstract.shape):
+            arr[index] = read(name, transpose, expected)
         target = sharding(path, leaf) if sharding is not None else None
         leaves.append(jax.device_put(arr, target) if target is not None else jnp.asarray(arr))
         del arr
@@ -278,4 +284,5 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 __all__ = ["ALIASES", "ModelLoadError", "UnsupportedModelError", "SUPPORTED_MODEL_TYPES", "load_model",
-           "load_tokenizer", "resolve_model_dir", "load_params", "abstract_params", "hf_name", "cache_dir"]
+           "load_tokenizer", "resolve_model_dir", "load_params", "abstract_params", "hf_name", "hf_tensors",
+           "cache_dir"]
