@@ -37,13 +37,13 @@ from test_train import COMPILE_CACHE, write_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # fp32, |JAX - transformers| for logits up to LOGIT_SCALE in size
-
-
 LOGIT_SCALE = 50.0  # float32 rounding grows with the logits: larger ones get TOL * max|logit| / LOGIT_SCALE
 
 
 def tolerance(*logits) -> float:
     return TOL * max(1.0, max(float(np.abs(x).max()) for x in logits) / LOGIT_SCALE)
+
+
 RUN_OVERRIDES = {
     "llama": [],
     "qwen3": ["--lora.fuse", "true", "--lora.rslora", "true", "--lora.bias", "true",

@@ -66,11 +66,12 @@ def regular_stream(model: MTPModel, params: Params, batch: dict):
 
 
 def _chunks(model: MTPModel, batch: dict):
-    """Anchor-chunked views of the batch: the chunk size, count, how many chunks hold a valid pair,
-    and the per-anchor arrays, each row's anchors with a valid pair first (in position order), so
-    that prompt tokens, padding and the last token of each example cost nothing once chunks past
-    the fullest row's count are skipped. Teacher hidden states are gathered per chunk
-    (`teacher_rows`), never for all anchors at once ([b, length, k+1, hidden]: 5 GB at 128k tokens)."""
+    """Anchor-chunked views of the batch: the chunk size, how many chunks hold a valid pair, the
+    validity of every (anchor, step) pair, and the per-anchor arrays, each row's anchors with a valid
+    pair first (in position order), so that prompt tokens, padding and the last token of each
+    example cost nothing once chunks past the fullest row's count are skipped. Teacher hidden states
+    are gathered per chunk (`rows_ahead`), never for all anchors at once ([b, length, k+1, hidden]:
+    5 GB at 128k tokens)."""
     k = model.mtp.draft_length
     b, length = batch["tokens"].shape
     c = model.mtp.chunk_size or length
@@ -85,29 +86,24 @@ def _chunks(model: MTPModel, batch: dict):
     active = -(-jnp.max(jnp.sum(has_pair, axis=1)) // c)
 
     def gather(x):  # [b, length, ...] -> [b, padded, ...] in anchor order (zeros past the end)
-        idx = order.reshape(order.shape + (1,) * (x.ndim - 2))
-        return jnp.take_along_axis(x, idx, axis=1, mode="fill", fill_value=0)
-
-    def ahead(x, steps):  # [b, length, ...] -> [b, length, len(steps), ...]: x at a+j (zeros past the row)
-        pad = jnp.pad(x, [(0, 0), (0, k)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.stack([pad[:, j: j + length] for j in steps], axis=2)
+        return rows_ahead(x, order, range(1))[:, :, 0]
 
     per_anchor = {
         "anchor_index": order,
         "positions": gather(batch["positions"]),
         "valid": gather(valid),
-        "real_next": gather(ahead(batch["tokens"], range(1, k + 1))),
+        "real_next": rows_ahead(batch["tokens"], order, range(1, k + 1)),
     }
-    return c, n, active, valid, per_anchor
+    return c, active, valid, per_anchor
 
 
-def teacher_rows(hidden: jax.Array, anchor_index: jax.Array, k: int) -> jax.Array:
-    """hidden [b, length, d] at a + j for j = 0..k of each anchor [b, c] -> [b, c, k+1, d]; zeros past the
-    row (padding anchors sit at index >= length)."""
+def rows_ahead(x: jax.Array, anchor_index: jax.Array, steps: range) -> jax.Array:
+    """x [b, length, ...] at a + j for j in `steps` of each anchor [b, c] -> [b, c, len(steps), ...];
+    zeros past the row (padding anchors sit at index >= length)."""
     b, c = anchor_index.shape
-    idx = (anchor_index[..., None] + jnp.arange(k + 1)).reshape(b, c * (k + 1), 1)
-    rows = jnp.take_along_axis(hidden, idx, axis=1, mode="fill", fill_value=0)
-    return rows.reshape(b, c, k + 1, hidden.shape[-1])
+    idx = (anchor_index[..., None] + jnp.asarray(steps)).reshape((b, c * len(steps)) + (1,) * (x.ndim - 2))
+    rows = jnp.take_along_axis(x, idx, axis=1, mode="fill", fill_value=0)
+    return rows.reshape((b, c, len(steps)) + x.shape[2:])
 
 
 def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: dict,
@@ -115,7 +111,7 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
     """(loss, grads wrt `trainable`, sown sums) for one batch, chunked over anchors."""
     params = {**frozen, **trainable}
     hidden, kv = regular_stream(model, params, batch)
-    c, _, active, valid, per_anchor = _chunks(model, batch)
+    c, active, valid, per_anchor = _chunks(model, batch)
     n_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
     deterministic = rng is None or model.lora.dropout == 0.0
 
@@ -125,7 +121,7 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
         rngs = {"dropout": chunk_rng} if not deterministic else {}
         total, sown = model.apply(
             variables(p), p["mask_embedding"], sl["anchor_index"], sl["positions"], batch["segment_ids"], kv,
-            teacher_rows(hidden, sl["anchor_index"], model.mtp.draft_length), sl["valid"], sl["real_next"],
+            rows_ahead(hidden, sl["anchor_index"], range(model.mtp.draft_length + 1)), sl["valid"], sl["real_next"],
             deterministic=deterministic,
             mutable=["mtp_losses"], rngs=rngs)
         return total, sown["mtp_losses"]
