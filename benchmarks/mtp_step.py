@@ -94,6 +94,16 @@ def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
     return jnp.sum(jnp.where(lay["valid"], ce, 0.0)) / jnp.sum(lay["valid"])
 
 
+def fmt(x, spec: str) -> str:
+    """A table cell: `x` formatted by `spec`, '-' when missing."""
+    return f"{x:{spec}}" if x is not None else "-"
+
+
+def ratio(num, den) -> str:
+    """`num / den` as 'N.NNx', '-' when either is missing."""
+    return f"{num / den:.2f}x" if num and den else "-"
+
+
 def measure(fn, *args, reps=3, trace_dir=None):
     """Compile once, time `reps` runs after a warm-up (reps 0: time the warm-up itself, for steps of minutes);
     with `trace_dir`, one more run under jax.profiler.
@@ -168,10 +178,8 @@ def main():
     print(f"{'regular':>8} | {'two-stream s':>12} {'GiB':>7} | {'interleaved s':>13} {'GiB':>7} | speedup")
     for r in rows:
         o, b = r["two_stream"], r["interleaved"]
-        sp = f"{b['time_s'] / o['time_s']:.2f}x" if o["time_s"] and b["time_s"] else "-"
-        fmt = lambda x, f: f"{x:{f}}" if x is not None else "-"
         print(f"{r['regular_tokens']:>8} | {fmt(o['time_s'], '12.3f')} {fmt(o['peak_gib'], '7.1f')} | "
-              f"{fmt(b['time_s'], '13.3f')} {fmt(b['peak_gib'], '7.1f')} | {sp}  "
+              f"{fmt(b['time_s'], '13.3f')} {fmt(b['peak_gib'], '7.1f')} | {ratio(b['time_s'], o['time_s'])}  "
               f"{'MFU %.1f%%' % (100 * o['mfu']) if o.get('mfu') else ''} {o.get('error', '')}{b.get('error', '')}")
     if args.out:
         with open(args.out, "w") as f:

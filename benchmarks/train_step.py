@@ -38,7 +38,7 @@ from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, loss_and_grads, regular_stream, split_params
 from mtp_jax.train import OptimConfig, count_params, make_optimizer, train_step
-from mtp_step import interleaved_layout, interleaved_loss, make_batch, measure, random_base  # noqa: F401
+from mtp_step import fmt, interleaved_layout, interleaved_loss, make_batch, measure, random_base, ratio  # noqa: F401
 
 # GPU kernel names by kind (cuBLAS/CUTLASS/nvjet GEMMs, cuDNN/flash attention, our Triton soft-CE)
 KINDS = (("attention", r"fmha|flash|cudnn|attention|sdpa"), ("soft-CE kernel", r"soft_ce"),
@@ -145,11 +145,9 @@ def main():
           f"remat={args.remat} {args.dtype}")
     print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "
           f"{'baseline s':>10} {'GiB':>6} | speedup  memory | breakdown")
-    fmt = lambda x, f: f"{x:{f}}" if x is not None else "-"  # noqa: E731
     for r in rows:
         s, b = r["step"], r["baseline"]
-        sp = f"{b['time_s'] / s['time_s']:.2f}x" if s.get("time_s") and b.get("time_s") else "-"
-        mem = f"{s['peak_gib'] / b['peak_gib']:.2f}x" if s.get("peak_gib") and b.get("peak_gib") else "-"
+        sp, mem = ratio(b.get("time_s"), s.get("time_s")), ratio(s.get("peak_gib"), b.get("peak_gib"))
         parts = " ".join(f"{k} {v:.3f}s" for k, v in {**r.get("breakdown_s", {}), **r.get("kernels_s", {})}.items())
         print(f"{r['model'].split('/')[-1]:>24} {r['regular_tokens']:>8} | {fmt(s.get('time_s'), '7.3f')} "
               f"{fmt(s.get('peak_gib'), '6.1f')} {fmt(s.get('regular_tokens_per_s'), '7.0f')} "
