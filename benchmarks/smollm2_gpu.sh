@@ -2,7 +2,8 @@
 # SmolLM2-135M-Instruct, k = 4, on one GPU: self-distilled data, training, speculative decoding.
 #   bash benchmarks/smollm2_gpu.sh [MODEL] [WORK_DIR] [MAX_STEPS] [STAGES]
 # MODEL: HF dir, .gguf or alias (default smollm2-135m-instruct); WORK_DIR holds the data and the run
-# (default runs/smollm2_gpu); STAGES: any of data,train,bench (default all three). Every stage
+# (default runs/smollm2_gpu); STAGES: any of data,train,bench (default all three); DISTILL_BATCH
+# (env, default 256): rows per generation batch. Every stage
 # resumes: distill appends to its JSONL, train takes --resume, so a rerun continues a cut run.
 set -euo pipefail
 model=${1:-smollm2-135m-instruct}
@@ -16,10 +17,10 @@ if [[ $stages == *data* ]]; then
   # 1) code tasks made from the standard library's documented functions, greedy answers
   [[ -f $work/code_prompts.jsonl ]] || python benchmarks/code_prompts.py --out "$work/code_prompts.jsonl" --limit 4000
   python -m mtp_jax.data.distill --model "$model" --prompts "$work/code_prompts.jsonl" --out "$work/code.jsonl" \
-    --max_new_tokens 256 --batch_size 256 --dtype bfloat16
+    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-256} --dtype bfloat16
   # 2) the shipped training prompts: greedy, and 3 sampled answers each (temperature 0.7)
   python -m mtp_jax.data.distill --model "$model" --prompts $prompts/train_prompts.jsonl --out "$work/train_greedy.jsonl" \
-    --max_new_tokens 256 --batch_size 256 --dtype bfloat16
+    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-256} --dtype bfloat16
   python - "$prompts/train_prompts.jsonl" "$work/train_x3_prompts.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
@@ -29,7 +30,7 @@ with open(sys.argv[2], "w") as f:
             f.write(json.dumps({**r, "id": f"{r['id']}-s{s}"}) + "\n")
 PY
   python -m mtp_jax.data.distill --model "$model" --prompts "$work/train_x3_prompts.jsonl" --out "$work/train_sampled.jsonl" \
-    --max_new_tokens 256 --batch_size 256 --dtype bfloat16 --temperature 0.7 --top_p 0.95
+    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-256} --dtype bfloat16 --temperature 0.7 --top_p 0.95
   cat "$work/code.jsonl" "$work/train_greedy.jsonl" "$work/train_sampled.jsonl" > "$work/train.jsonl.tmp"
   mv "$work/train.jsonl.tmp" "$work/train.jsonl"
   wc -l "$work/train.jsonl"
