@@ -90,6 +90,26 @@ def test_restored_iterator_yields_same_next_batches(setup):
     assert all(same(x, y) for x, y in zip(expected, take(fresh, 5))), "restored iterator diverged"
 
 
+def test_epochs_of_fewer_batches_than_the_first(setup):
+    """Packing varies the batch count per epoch; an epoch shorter than epoch 0 must not end the run
+    (it raised IndexError at its last batch, seen at step ~270 of a GPU run)."""
+    cfg, cache = setup
+
+    def counts(seed):
+        return [len(plan_epoch(cache.lengths, batch_size=4, capacity=512, buckets=np.asarray([512]), seed=seed,
+                               epoch=e, group_window=64)) for e in range(4)]
+
+    seed, counts = next(((s, c) for s in range(20) if min(c := counts(s)) < c[0]), (None, None))
+    assert seed is not None, "no seed in 0..19 gives an epoch shorter than the first"
+    short = next(e for e, n in enumerate(counts) if n < counts[0])
+    ds = make_batches(cache, dataclasses.replace(cfg, num_epochs=short + 1, shuffle_seed=seed))
+    batches = list(ds)
+    assert len(batches) == (short + 1) * counts[0]
+    assert all(b["tokens"].shape[0] == cfg.batch_size for b in batches)
+    first = batches[short * counts[0]]  # the short epoch's first batch comes back as its top-up
+    assert same(batches[short * counts[0] + counts[short]], first)
+
+
 def test_threaded_prefetch_gives_same_batches(setup):
     cfg, cache = setup
     a = take(iter(make_batches(cache, cfg)), 4)

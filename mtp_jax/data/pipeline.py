@@ -83,7 +83,8 @@ def _pack(window: np.ndarray, lengths: np.ndarray, capacity: int) -> list[list[i
 
 
 class PackedBatches(grain.MapDataset):
-    """Global batch index -> this process's numpy batch; epochs follow each other (len = epochs x plan)."""
+    """Global batch index -> this process's numpy batch; epochs follow each other, each as many batches
+    as epoch 0's plan (len = epochs x that)."""
 
     def __init__(self, cache: CachedDataset, cfg: DataConfig, *, shuffle: bool, num_epochs: int,
                  drop_remainder: bool, process_index: int = 0, process_count: int = 1, seed: int | None = None):
@@ -132,7 +133,10 @@ class PackedBatches(grain.MapDataset):
             return self.slice(index)
         epoch, i = divmod(int(index), self._batches_per_epoch)
         with self._lock:
-            length, rows = self.plan(epoch)[i]
+            plan = self.plan(epoch)
+        # Packing makes the batch count vary a little from epoch to epoch (35-37 for one seed and data);
+        # every epoch is as long as epoch 0: a shorter one repeats its first batches, a longer one drops its last
+        length, rows = plan[i % len(plan)]
         rows = rows[self._offset:self._offset + self._local]  # a short last eval batch leaves empty rows
         return self.assemble(rows, length)
 
