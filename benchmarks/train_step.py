@@ -73,6 +73,8 @@ def main():
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank (MTP-GLoRA's 8B setting)")
     ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"])
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    ap.add_argument("--bound_keys", action="store_true",
+                    help="MTPConfig.bound_keys: causal and per-chunk key lengths for cuDNN")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")
     ap.add_argument("--reps", type=int, default=2, help="timed runs after a warm-up (0: time the warm-up)")
@@ -89,7 +91,7 @@ def main():
         config = ModelConfig.from_file(path)
         lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"))
         mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=4096, attention_impl=args.impl,
-                        soft_ce_impl="auto", remat=args.remat)
+                        soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys)
         model = MTPModel(config, lora, mtp, dtype, dtype)
         base = random_base(CausalLM(config, None, dtype, dtype))
         n_base = count_params(base)
@@ -140,7 +142,8 @@ def main():
             print(json.dumps(row), flush=True)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "k": args.k, "chunk": args.chunk, "rank": args.rank,
-              "attention": args.impl, "remat": args.remat, "dtype": args.dtype, "rows": rows}
+              "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
+              "dtype": args.dtype, "rows": rows}
     print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} "
           f"remat={args.remat} {args.dtype}")
     print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "

@@ -114,13 +114,13 @@ def test_options_match_oracle(setups, option):
     assert_trees_close(grads, ref_grads, 1e-5, option)
 
 
-@pytest.mark.parametrize("chunk,remat", [(1, "dots"), (5, "full")])
-def test_chunked_equals_unchunked(setups, chunk, remat):
-    """Anchor chunks (C = 1, and 5 not dividing 16) and per-layer remat change nothing."""
+@pytest.mark.parametrize("chunk,remat,bound_keys", [(1, "dots", False), (5, "full", False), (5, "none", True)])
+def test_chunked_equals_unchunked(setups, chunk, remat, bound_keys):
+    """Anchor chunks (C = 1, and 5 not dividing 16), per-layer remat and key bounds change nothing."""
     k = 3
     model, params = build(setups["qwen3"], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
-    chunked = MTPModel(model.config, model.lora,
-                       dataclasses.replace(model.mtp, chunk_size=chunk, row_chunk=4, remat=remat))
+    chunked = MTPModel(model.config, model.lora, dataclasses.replace(
+        model.mtp, chunk_size=chunk, row_chunk=4, remat=remat, bound_keys=bound_keys))
     batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(model, params)
     loss, grads, sums = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
@@ -130,6 +130,27 @@ def test_chunked_equals_unchunked(setups, chunk, remat):
     for key in sums:
         for field in sums[key]:
             np.testing.assert_allclose(sums_c[key][field], sums[key][field], rtol=1e-5, err_msg=f"{key}/{field}")
+
+
+def test_key_count_bounds_the_prefix():
+    """chunk_key_count is the last real anchor + 1; prefix attention masks keys at or past it, so a
+    count one too small changes the output and the exact count changes nothing."""
+    from mtp_jax.mtp.attention import chunk_key_count, prefix_attention
+
+    anchors = jnp.asarray([[3, 4, 9, 12], [0, 1, 2, 10]])  # 10, 12: past the end of 10 keys
+    np.testing.assert_array_equal(chunk_key_count(anchors, 10), [10, 3])
+    np.testing.assert_array_equal(chunk_key_count(jnp.asarray([2, 5]), 10), [6])
+    keys = jnp.arange(10)
+    mask = (keys[None, :] <= anchors[:, :, None])[:, None] & (anchors < 10)[:, None, :, None]
+    q, k, v = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(2, 4, 4, 8), (2, 10, 2, 8),
+                                                                              (2, 10, 2, 8)]))
+    count = chunk_key_count(anchors, 10)
+    dense = prefix_attention(q, k, v, mask)
+    bounded = prefix_attention(q, k, v, mask, key_count=count)
+    short = prefix_attention(q, k, v, mask, key_count=count - 1)
+    for a, b in zip(bounded, dense):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(short[0][0, 2], dense[0][0, 2]), "a too-small count did not bound the keys"
 
 
 def test_regular_stream_is_the_base_model_bit_for_bit(setups):

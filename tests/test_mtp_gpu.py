@@ -17,13 +17,17 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GP
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention_impl,soft_ce_impl", [("xla", "triton"), ("cudnn", "jnp"), ("cudnn", "triton")])
-def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl):
+@pytest.mark.parametrize("attention_impl,soft_ce_impl,bound_keys", [("xla", "triton", False), ("cudnn", "jnp", False),
+                                                                    ("cudnn", "triton", False), ("cudnn", "jnp", True)])
+def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, bound_keys):
+    """bound_keys: cuDNN takes causal and per-chunk key lengths (chunks of 4 anchors: cuDNN wants even
+    lengths with a mask) and still gives the XLA objective."""
     ref_model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
     batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(ref_model, params)
     loss_ref, grads_ref, _ = jax.jit(functools.partial(loss_and_grads, ref_model))(trainable, frozen, batch)
-    cfg = dataclasses.replace(ref_model.mtp, attention_impl=attention_impl, soft_ce_impl=soft_ce_impl)
+    cfg = dataclasses.replace(ref_model.mtp, attention_impl=attention_impl, soft_ce_impl=soft_ce_impl,
+                              bound_keys=bound_keys, chunk_size=4 if bound_keys else 0)
     dtype = jnp.bfloat16 if attention_impl == "cudnn" else jnp.float32
     model = MTPModel(ref_model.config, ref_model.lora, cfg, dtype, jnp.float32)
     loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)

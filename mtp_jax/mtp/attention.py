@@ -32,23 +32,40 @@ def segment_causal_mask(segment_ids: jax.Array, q_index: jax.Array | None = None
     return (causal & same)[:, None]
 
 
-def regular_attend(segment_ids: jax.Array, impl: Impl = "xla"):
+def regular_attend(segment_ids: jax.Array, impl: Impl = "xla", bound_keys: bool = False):
     """Causal attention within packed examples; aux = this layer's (k, v) for the mask stream
-    (stacked by the decoder into [layers, batch, keys, kv, d])."""
+    (stacked by the decoder into [layers, batch, keys, kv, d]). `bound_keys` also declares the
+    attention causal, which the mask already is, so that cuDNN skips the key tiles above the diagonal."""
     mask = segment_causal_mask(segment_ids)
 
     def attend(q, k, v, layer_state):
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bound_keys, implementation=impl)
         return out, (k, v)
 
     return attend
 
 
-def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: Impl = "xla"):
-    """q [b, a, k*h, d] against regular k/v [b, s, kv, d] -> (out [b, a, k*h, d], lse [b, a, k*h] fp32)."""
+def chunk_key_count(anchor_index: jax.Array, keys: int) -> jax.Array:
+    """[b] int32: how many leading regular keys any anchor of the chunk can see (last real anchor + 1,
+    at least 1); anchors past the end (index >= keys) see nothing and do not count."""
+    last = jnp.max(jnp.where(anchor_index < keys, anchor_index, 0), axis=-1)
+    return jnp.atleast_1d(last + 1).astype(jnp.int32)
+
+
+def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: Impl = "xla",
+                     key_count: jax.Array | None = None):
+    """q [b, a, k*h, d] against regular k/v [b, s, kv, d] -> (out [b, a, k*h, d], lse [b, a, k*h] fp32).
+
+    `key_count` [b] (optional): keys at index >= key_count[row] are masked for every query of the row;
+    cuDNN takes it as the key sequence length and skips those key tiles."""
+    if key_count is not None:
+        key_count = jnp.broadcast_to(key_count, (q.shape[0],))
     if impl == "cudnn":
-        out, lse = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl, return_residual=True)
+        out, lse = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl, return_residual=True,
+                                                key_value_seq_lengths=key_count)
         return out, lse.astype(jnp.float32)
+    if key_count is not None:
+        mask = mask & (jnp.arange(k.shape[1]) < key_count[:, None, None, None])
     # XLA path written out: jax's XLA dot_product_attention (0.10) returns the LSE residual
     # without a gradient, and the merge needs d(lse)/dq.
     b, a, heads, d = q.shape
@@ -89,12 +106,13 @@ def merge(out1, lse1, out2, lse2):
     return (out1 * w1[..., None] + out2 * w2[..., None]) / (w1 + w2)[..., None]
 
 
-def mask_attend(prefix_mask: jax.Array, steps: int, impl: Impl = "xla"):
+def mask_attend(prefix_mask: jax.Array, steps: int, impl: Impl = "xla", key_count: jax.Array | None = None):
     """Attention for mask tokens laid out as [batch, anchors * k] (anchor-major).
 
     `layer_state` = this layer's (k, v) [batch, keys, kv, d] of the regular stream (the decoder
     slices it from the stacked [layers, ...] K/V of `regular_attend`); `prefix_mask`
-    [batch, 1, anchors, keys] says which regular keys each anchor sees.
+    [batch, 1, anchors, keys] says which regular keys each anchor sees; `key_count` [b] (optional,
+    `chunk_key_count`) bounds them, changing nothing but the work cuDNN skips.
     """
 
     def attend(q, k, v, layer_state):
@@ -104,7 +122,8 @@ def mask_attend(prefix_mask: jax.Array, steps: int, impl: Impl = "xla"):
         q5 = q.reshape(b, a, steps, h, d)
         # fold draft steps into heads as [h, k] so GQA grouping (head // (h/kv)) stays right
         q_folded = jnp.swapaxes(q5, 2, 3).reshape(b, a, h * steps, d)
-        out1, lse1 = prefix_attention(q_folded, k_reg.astype(q.dtype), v_reg.astype(q.dtype), prefix_mask, impl)
+        out1, lse1 = prefix_attention(q_folded, k_reg.astype(q.dtype), v_reg.astype(q.dtype), prefix_mask, impl,
+                                      key_count)
         out1 = jnp.swapaxes(out1.reshape(b, a, h, steps, d), 2, 3).astype(jnp.float32)
         lse1 = jnp.swapaxes(lse1.reshape(b, a, h, steps), 2, 3)
         out2, lse2 = block_attention(q5, k.reshape(b, a, steps, -1, d), v.reshape(b, a, steps, -1, d))

@@ -21,7 +21,7 @@ from mtp_jax.models.config import ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.lora import LoRAConfig
 from mtp_jax.models.sampler import SamplerHead
-from mtp_jax.mtp.attention import mask_attend, regular_attend, segment_causal_mask
+from mtp_jax.mtp.attention import chunk_key_count, mask_attend, regular_attend, segment_causal_mask
 from mtp_jax.mtp.loss import argmax_rows, soft_ce_rows
 
 
@@ -38,6 +38,9 @@ class MTPConfig:
     attention_impl: Literal["xla", "cudnn"] = "xla"
     soft_ce_impl: Literal["auto", "triton", "jnp"] = "auto"
     remat: Literal["none", "full", "dots"] = "none"  # per-layer activation checkpointing of the mask stream
+    # tell the fused attention where keys end (causal regular stream; per anchor chunk, the last anchor's
+    # prefix) so cuDNN skips key tiles no query sees; the masks already say so, results are the same
+    bound_keys: bool = False
 
     def __post_init__(self):
         if self.draft_length < 1:
@@ -66,7 +69,7 @@ class MTPModel(nn.Module):
 
     def regular(self, tokens, positions, segment_ids):
         """Base model over regular tokens: final hidden [b, l, d] and (k, v), each [layers, b, l, kv, d]."""
-        return self.base(tokens, positions, regular_attend(segment_ids, self.mtp.attention_impl))
+        return self.base(tokens, positions, regular_attend(segment_ids, self.mtp.attention_impl, self.mtp.bound_keys))
 
     def mask_hidden(self, mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic=True):
         """Mask stream for anchors `anchor_index` [c] or [b, c]: final hidden [b, c, k, d]."""
@@ -75,7 +78,8 @@ class MTPModel(nn.Module):
         pos = (positions[..., None] + jnp.arange(1, k + 1)).reshape(b, c * k)
         emb = jnp.broadcast_to(mask_embedding.astype(self.dtype), (b, c * k, self.config.hidden_size))
         prefix_mask = segment_causal_mask(segment_ids, anchor_index)
-        attend = mask_attend(prefix_mask, k, self.mtp.attention_impl)
+        key_count = chunk_key_count(anchor_index, segment_ids.shape[1]) if self.mtp.bound_keys else None
+        attend = mask_attend(prefix_mask, k, self.mtp.attention_impl, key_count)
         hidden, _ = self.base(None, pos, attend, gate=1.0, deterministic=deterministic, embeddings=emb,
                               layer_state=regular_kv)
         return hidden.reshape(b, c, k, -1)
