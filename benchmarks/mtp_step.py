@@ -23,6 +23,7 @@ from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.models import LoRAConfig, ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.loading import abstract_params
+from mtp_jax.mtp.attention import resolve_impl
 from mtp_jax.mtp.layout import pair_valid
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, loss_and_grads, split_params
@@ -84,7 +85,7 @@ def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
 
     def attend(q, kk, vv, layer_state):
         return jax.nn.dot_product_attention(q, kk, vv, mask=mask[None, None],
-                                            implementation=model.mtp.attention_impl), None
+                                            implementation=resolve_impl(model.mtp.attention_impl, q, kk)), None
 
     hidden, _ = lm.apply(v, None, (reg_index + step)[None], attend, gate=m[None].astype(model.dtype), embeddings=emb)
     logits = lm.apply(v, hidden[0], method=lm.logits).astype(jnp.float32)

@@ -153,6 +153,20 @@ def test_key_count_bounds_the_prefix():
     assert not np.allclose(short[0][0, 2], dense[0][0, 2]), "a too-small count did not bound the keys"
 
 
+def test_auto_attention_picks_cudnn_only_where_it_runs(monkeypatch):
+    from mtp_jax.mtp.attention import resolve_impl
+
+    q, k = jnp.zeros((1, 512, 36, 64), jnp.bfloat16), jnp.zeros((1, 512, 3, 64), jnp.bfloat16)
+    assert resolve_impl("auto", q, k) == "xla"  # this CPU
+    assert resolve_impl("cudnn", q, k) == "cudnn"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_impl("auto", q, k) == "cudnn"
+    assert resolve_impl("xla", q, k) == "xla"
+    assert resolve_impl("auto", q.astype(jnp.float32), k.astype(jnp.float32)) == "xla"  # cuDNN: bf16/fp16 only
+    assert resolve_impl("auto", q[:, :511], k) == "xla"  # odd length with a mask in training
+    assert resolve_impl("auto", jnp.zeros((1, 512, 4, 60), jnp.bfloat16), k) == "xla"  # head dim not a multiple of 8
+
+
 def test_regular_stream_is_the_base_model_bit_for_bit(setups):
     config, base = setups["llama"]
     model, params = build(setups["llama"], MTPConfig(draft_length=2))

@@ -13,7 +13,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Impl = Literal["xla", "cudnn"]
+Impl = Literal["auto", "xla", "cudnn"]
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -32,6 +32,18 @@ def segment_causal_mask(segment_ids: jax.Array, q_index: jax.Array | None = None
     return (causal & same)[:, None]
 
 
+def resolve_impl(impl: Impl, q: jax.Array, k: jax.Array) -> Literal["xla", "cudnn"]:
+    """'auto' -> cuDNN's fused attention on a GPU for bf16/fp16 inside its limits (head dim a multiple
+    of 8 up to 128; even query and key lengths, which it wants with a mask in training), else XLA.
+    The XLA path holds every layer's [queries, keys] scores for the backward: on a GPU it is the
+    memory hog, even rematerialised."""
+    if impl != "auto":
+        return impl
+    fits = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+    return "cudnn" if fits else "xla"
+
+
 def regular_attend(segment_ids: jax.Array, impl: Impl = "xla", bound_keys: bool = False):
     """Causal attention within packed examples; aux = this layer's (k, v) for the mask stream
     (stacked by the decoder into [layers, batch, keys, kv, d]). `bound_keys` also declares the
@@ -39,7 +51,8 @@ def regular_attend(segment_ids: jax.Array, impl: Impl = "xla", bound_keys: bool 
     mask = segment_causal_mask(segment_ids)
 
     def attend(q, k, v, layer_state):
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bound_keys, implementation=impl)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bound_keys,
+                                           implementation=resolve_impl(impl, q, k))
         return out, (k, v)
 
     return attend
@@ -60,14 +73,20 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     cuDNN takes it as the key sequence length and skips those key tiles."""
     if key_count is not None:
         key_count = jnp.broadcast_to(key_count, (q.shape[0],))
-    if impl == "cudnn":
+    if resolve_impl(impl, q, k) == "cudnn":
         out, lse = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl, return_residual=True,
                                                 key_value_seq_lengths=key_count)
         return out, lse.astype(jnp.float32)
     if key_count is not None:
         mask = mask & (jnp.arange(k.shape[1]) < key_count[:, None, None, None])
-    # XLA path written out: jax's XLA dot_product_attention (0.10) returns the LSE residual
-    # without a gradient, and the merge needs d(lse)/dq.
+    return _xla_prefix_attention(q, k, v, mask)
+
+
+@jax.checkpoint
+def _xla_prefix_attention(q, k, v, mask):
+    """XLA path written out: jax's XLA dot_product_attention (0.10) returns the LSE residual without a
+    gradient, and the merge needs d(lse)/dq. Rematerialised: the backward recomputes the [queries, keys]
+    scores rather than keeping them for every layer (97 GB for SmolLM2-135M at 16 x 512 tokens, k = 4)."""
     b, a, heads, d = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(b, a, kv_heads, heads // kv_heads, d).astype(jnp.float32)

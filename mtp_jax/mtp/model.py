@@ -35,7 +35,7 @@ class MTPConfig:
     lcm_weight: float = 0.0  # latent consistency loss (off by default, as in MTP-GLoRA)
     train_mask_embedding: bool = False
     mask_token: str = "<mask>"
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    attention_impl: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on a GPU in bf16/fp16 (resolve_impl)
     soft_ce_impl: Literal["auto", "triton", "jnp"] = "auto"
     remat: Literal["none", "full", "dots"] = "none"  # per-layer activation checkpointing of the mask stream
     # tell the fused attention where keys end (causal regular stream; per anchor chunk, the last anchor's
