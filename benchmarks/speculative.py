@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -116,6 +117,8 @@ def main(argv=None):
                                                        "lists or 'all' (quadratic), e.g. 'all;0;0,4'")
     ap.add_argument("--out_dir", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name tag (default: <date>_<device>)")
+    ap.add_argument("--trace_dir", default=None, help="also profile one batch-1 generation per method: GPU "
+                                                      "kernels per model call and their time by kind")
     args = ap.parse_args(argv)
     if (args.adapter is None) == (args.random is None):
         ap.error("pass one of --adapter RUN_DIR or --random CONFIG.json")
@@ -167,6 +170,20 @@ def main(argv=None):
                       f"{spec.tokens / spec.seconds:.1f} vs {plain.tokens / plain.seconds:.1f} tokens/s plain, "
                       f"acceptance {spec.acceptance()}, mismatches {spec.mismatches}", flush=True)
 
+    profile = None
+    if args.trace_dir:
+        first = [ids[domains[0]][0]]
+        runs = {"plain": (lambda: generate(lm, params["base"], first, n, eos, pad_id=pad_id),
+                          lambda out: max(map(len, out)))}
+        for layout in layouts:
+            runs[f"spec[{layout}]"] = (lambda lay=layout: speculative_generate(
+                model, params, first, n, eos, pad_id=pad_id, anchors=parse_layout(lay)),
+                lambda res: int(res.steps.max()))
+        profile = profile_calls(args.trace_dir, runs)
+        for name, p in profile.items():
+            print(f"profile {name}: {p['calls']} calls, {p['kernels_per_call']:.0f} GPU kernels and "
+                  f"{sum(p['ms_per_call'].values()):.2f} ms of kernel time per call {p['ms_per_call']}", flush=True)
+
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     kind = device.device_kind if device.platform != "cpu" else f"cpu ({os.cpu_count()} cores)"
     short = "cpu" if device.platform == "cpu" else device.device_kind.split()[1].lower()  # "NVIDIA H100 ..." -> h100
@@ -175,13 +192,31 @@ def main(argv=None):
     report = {"device": kind, "jax": jax.__version__, "commit": commit, "adapter": args.adapter or "random",
               "model": source, "domains": domains, "dtype": str(np.dtype(model.dtype)), "k": k,
               "max_new_tokens": n, "prompts": args.prompts, "per_domain": args.per_domain,
-              "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])), "results": results}
+              "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])), "results": results,
+              "profile": profile}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"speculative_{tag}.json").write_text(json.dumps(report, indent=1))
     (out / f"speculative_{tag}.md").write_text(markdown(report, layouts, batch_sizes, tag))
     plot(report, layouts, batch_sizes, out / f"speculative_{tag}.png")
     print(markdown(report, layouts, batch_sizes, tag))
+
+
+def profile_calls(trace_dir: str, runs: dict) -> dict:
+    """name -> {calls, GPU kernels per model call, ms of kernel time per call by kind} from one traced
+    run of each (fn, calls_of_output) in `runs`, after an untraced one (compilation stays out)."""
+    from train_step import kernel_stats
+
+    out = {}
+    for name, (fn, calls_of) in runs.items():
+        fn()
+        path = f"{trace_dir}/{re.sub(r'[^A-Za-z0-9_-]', '_', name)}"
+        with jax.profiler.trace(path):
+            calls = calls_of(jax.block_until_ready(fn()))
+        seconds, counts = kernel_stats(path)
+        out[name] = {"calls": calls, "kernels_per_call": sum(counts.values()) / calls,
+                     "ms_per_call": {kind: round(1e3 * s / calls, 4) for kind, s in seconds.items()}}
+    return out
 
 
 def _row(m: Measured) -> dict:
@@ -241,6 +276,15 @@ def markdown(report: dict, layouts: list[str], batch_sizes: list[int], tag: str)
                          + f" | {tot['tokens_per_s']:.1f} | {tot['tokens_per_s'] / plain['tokens_per_s']:.2f}x"
                          + f" | {acc} | "
                            f"{tot['mismatches']} |")
+        lines.append("")
+    if report.get("profile"):
+        lines += ["## Per model call, batch 1 (one traced generation of the first prompt)", "",
+                  "| method | calls | GPU kernels per call | kernel ms per call | by kind |",
+                  "|---|---:|---:|---:|---|"]
+        for name, p in report["profile"].items():
+            kinds = ", ".join(f"{kind} {ms:.3f}" for kind, ms in p["ms_per_call"].items())
+            ms = sum(p["ms_per_call"].values())
+            lines.append(f"| {name} | {p['calls']} | {p['kernels_per_call']:.0f} | {ms:.3f} | {kinds} |")
         lines.append("")
     return "\n".join(lines)
 

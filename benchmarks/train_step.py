@@ -45,12 +45,13 @@ KINDS = (("attention", r"fmha|flash|cudnn|attention|sdpa"), ("soft-CE kernel", r
          ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|dot"), ("other (fusions, copies)", r""))
 
 
-def kernel_breakdown(trace_dir: str) -> dict[str, float]:
-    """Seconds of GPU kernel time by kind in the newest trace under `trace_dir`."""
+def kernel_stats(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
+    """GPU kernel seconds and kernel counts by kind in the newest trace under `trace_dir` (empty
+    without a GPU)."""
     from jax.profiler import ProfileData
 
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
-    totals = defaultdict(float)
+    seconds, counts = defaultdict(float), defaultdict(int)
     for plane in ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -59,8 +60,9 @@ def kernel_breakdown(trace_dir: str) -> dict[str, float]:
                 continue
             for event in line.events:
                 kind = next(k for k, pattern in KINDS if re.search(pattern, event.name, re.IGNORECASE))
-                totals[kind] += event.duration_ns * 1e-9
-    return dict(totals)
+                seconds[kind] += event.duration_ns * 1e-9
+                counts[kind] += 1
+    return dict(seconds), dict(counts)
 
 
 def main():
@@ -134,7 +136,7 @@ def main():
                         "mask stream (fwd+bwd)": row["loss_and_grads"]["time_s"] - row["regular_stream"]["time_s"],
                         "optimizer": s["time_s"] - row["loss_and_grads"]["time_s"]}
                 if args.trace_dir:  # measure() traced one run of the step
-                    row["kernels_s"] = kernel_breakdown(args.trace_dir)
+                    row["kernels_s"] = kernel_stats(args.trace_dir)[0]
             row["baseline"] = (measure(baseline_step, fresh_state(), frozen, batch["tokens"],
                                        interleaved_layout(batch, args.k), reps=args.reps)
                                if total <= args.baseline_max else {"time_s": None, "error": "skipped (too large)"})
