@@ -4,7 +4,8 @@ Each public function with a one-line docstring summary becomes "Write a Python f
 `name(args)` that does this: <summary>": the shape of the held-out code prompts
 (`mtp_jax/data/prompts/heldout_prompts.jsonl`), on thousands of distinct tasks. The answers come
 from the base model itself (`python -m mtp_jax.data.distill`), so no other model's text is used.
-The default tree is this Python's standard library: present on every machine.
+The default tree is this Python's standard library: present on every machine; `--src` takes several
+trees, e.g. the standard library and site-packages (numpy, torch, transformers, ...) for more tasks.
 
     python benchmarks/code_prompts.py --out /tmp/code_prompts.jsonl --limit 4000
 """
@@ -17,10 +18,11 @@ import sysconfig
 from pathlib import Path
 
 
-def prompts_from(src: Path):
-    seen = set()
+def prompts_from(src: Path, seen: set | None = None):
+    seen = set() if seen is None else seen
     for path in sorted(src.rglob("*.py")):
-        if any(part in ("test", "tests", "idlelib", "site-packages") for part in path.parts):
+        # tests are no tasks; the standard library's own site-packages is a tree of its own
+        if any(part in ("test", "tests", "idlelib", "site-packages") for part in path.relative_to(src).parts):
             continue
         try:
             tree = ast.parse(path.read_text(errors="replace"))
@@ -44,19 +46,20 @@ def prompts_from(src: Path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--src", default=sysconfig.get_paths()["stdlib"])
+    ap.add_argument("--src", nargs="+", default=[sysconfig.get_paths()["stdlib"]])
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    prompts = list(prompts_from(Path(args.src)))
+    seen = set()
+    prompts = [p for src in args.src for p in prompts_from(Path(src), seen)]
     random.Random(args.seed).shuffle(prompts)
     prompts = prompts[:args.limit]
     tmp = Path(args.out + ".tmp")
     with open(tmp, "w") as f:
         for i, text in enumerate(prompts):
-            f.write(json.dumps({"id": f"stdlib-code-{i:05d}", "category": "code", "input": text}) + "\n")
+            f.write(json.dumps({"id": f"code-{i:05d}", "category": "code", "input": text}) + "\n")
     tmp.rename(args.out)
-    print(f"{args.out}: {len(prompts)} prompts from {args.src}")
+    print(f"{args.out}: {len(prompts)} prompts from {', '.join(args.src)}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 # SmolLM2-135M-Instruct, k = 4, on one GPU: self-distilled data, training, speculative decoding.
 #   bash benchmarks/smollm2_gpu.sh [MODEL] [WORK_DIR] [MAX_STEPS] [STAGES]
 # MODEL: HF dir, .gguf or alias (default smollm2-135m-instruct); WORK_DIR holds the data and the run
-# (default runs/smollm2_gpu); STAGES: any of data,train,bench (default all three); DISTILL_BATCH
-# (env, default 256): rows per generation batch. Every stage
+# (default runs/smollm2_gpu); STAGES: any of data,train,bench (default all three). Env: DISTILL_BATCH
+# (default 256) rows per generation batch, CODE_PROMPTS (default 12000) code tasks. Every stage
 # resumes: distill appends to its JSONL, train takes --resume, so a rerun continues a cut run.
 set -euo pipefail
 model=${1:-smollm2-135m-instruct}
@@ -14,8 +14,11 @@ prompts=mtp_jax/data/prompts
 mkdir -p "$work"
 
 if [[ $stages == *data* ]]; then
-  # 1) code tasks made from the standard library's documented functions, greedy answers
-  [[ -f $work/code_prompts.jsonl ]] || python benchmarks/code_prompts.py --out "$work/code_prompts.jsonl" --limit 4000
+  # 1) code tasks made from the documented functions of the standard library and the installed
+  #    packages (CODE_PROMPTS of them, default 12000), greedy answers
+  [[ -f $work/code_prompts.jsonl ]] || python benchmarks/code_prompts.py --out "$work/code_prompts.jsonl" \
+    --limit "${CODE_PROMPTS:-12000}" --src "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
+    "$(python -c 'import site; print(site.getsitepackages()[0])')"
   python -m mtp_jax.data.distill --model "$model" --prompts "$work/code_prompts.jsonl" --out "$work/code.jsonl" \
     --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-256} --dtype bfloat16
   # 2) the shipped training prompts: greedy, and 3 sampled answers each (temperature 0.7)
