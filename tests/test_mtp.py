@@ -167,6 +167,29 @@ def test_auto_attention_picks_cudnn_only_where_it_runs(monkeypatch):
     assert resolve_impl("auto", jnp.zeros((1, 512, 4, 60), jnp.bfloat16), k) == "xla"  # head dim not a multiple of 8
 
 
+def test_auto_attention_reaches_cudnn_with_its_arguments(monkeypatch):
+    """On a GPU (faked) both streams call jax's cuDNN attention: 'auto' resolved, causality and key
+    counts passed on (the kernels themselves run in tests/test_mtp_gpu.py)."""
+    from mtp_jax.mtp.attention import mask_attend, regular_attend
+
+    calls = []
+
+    def fake(q, k, v, *, mask, implementation, is_causal=False, return_residual=False, key_value_seq_lengths=None):
+        lengths = None if key_value_seq_lengths is None else key_value_seq_lengths.tolist()
+        calls.append((implementation, is_causal, lengths))
+        return (q, jnp.zeros(q.shape[:3], q.dtype)) if return_residual else q
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    seg = jnp.ones((2, 8), jnp.int32)
+    x = jnp.zeros((2, 8, 4, 8), jnp.bfloat16)
+    regular_attend(seg, "auto", bound_keys=True)(x, x[:, :, :2], x[:, :, :2], None)
+    q = jnp.zeros((2, 4 * 2, 4, 8), jnp.bfloat16)  # 4 anchors x 2 steps
+    mask_attend(jnp.ones((2, 1, 4, 8), bool), 2, "auto", jnp.asarray([5, 8]))(q, q[:, :, :2], q[:, :, :2],
+                                                                                 (x[:, :, :2], x[:, :, :2]))
+    assert calls == [("cudnn", True, None), ("cudnn", False, [5, 8])]
+
+
 def test_regular_stream_is_the_base_model_bit_for_bit(setups):
     config, base = setups["llama"]
     model, params = build(setups["llama"], MTPConfig(draft_length=2))
