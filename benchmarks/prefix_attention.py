@@ -1,0 +1,125 @@
+"""cuDNN attention at the mask stream's prefix shapes: what the dense mask costs, variant by variant.
+
+One anchor chunk (C anchors, the k draft steps folded into the heads: k*h query heads) against L
+regular keys (kv heads), forward + backward with the gradient wrt q only (the regular K/V are
+stop-gradient), for chunks at a quarter, half and the end of the sequence:
+
+- `mask`: the dense [C, L] prefix mask, as the objective passes it today. jax hands cuDNN a mask as a
+  bias, and its backward also computes the bias gradient (`should_export_dbias` is always true);
+- `mask+len`: the same plus key_value_seq_lengths = the chunk's end (`mtp.bound_keys`);
+- `split`: no mask: the keys before the chunk (key length = chunk start) and the C x C causal block on
+  the diagonal, two cuDNN calls merged by log-sum-exp (valid for one example per row);
+- `none`: all L keys, no mask: the kernel's own speed on the same shapes.
+
+Each variant's output is checked against `mask`; the time is the median of --reps runs; TFLOP/s
+count only the needed work (each anchor's prefix, forward 4*d*heads per (query, key) pair and a
+backward of twice that).
+
+    python benchmarks/prefix_attention.py --length 16384 --chunk 1024
+GPU only at these shapes (cuDNN); on a CPU a tiny run (--impl xla) checks the arithmetic forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_step import fmt
+
+
+def merge(o1, l1, o2, l2):
+    """Softmax over two disjoint key sets from each part's output [b, t, n, d] and LSE [b, t, n]."""
+    m = jnp.maximum(l1, l2)
+    w1, w2 = jnp.exp(l1 - m)[..., None], jnp.exp(l2 - m)[..., None]
+    return ((o1.astype(jnp.float32) * w1 + o2.astype(jnp.float32) * w2) / (w1 + w2)).astype(o1.dtype)
+
+
+def variants(impl: str, start: int, c: int):
+    """name -> f(q, k, v) -> out, for the chunk of anchors start .. start + c - 1."""
+    attn = jax.nn.dot_product_attention
+
+    def prefix_mask(keys):
+        return (jnp.arange(keys)[None, :] <= start + jnp.arange(c)[:, None])[None, None]
+
+    def masked(q, k, v):
+        return attn(q, k, v, mask=prefix_mask(k.shape[1]), implementation=impl)
+
+    def masked_len(q, k, v):
+        return attn(q, k, v, mask=prefix_mask(k.shape[1]), implementation=impl,
+                    key_value_seq_lengths=jnp.full((q.shape[0],), start + c, jnp.int32))
+
+    def split(q, k, v):
+        o1, l1 = attn(q, k, v, implementation=impl, return_residual=True,
+                      key_value_seq_lengths=jnp.full((q.shape[0],), start, jnp.int32))
+        kb, vb = (jax.lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in (k, v))
+        o2, l2 = attn(q, kb, vb, is_causal=True, implementation=impl, return_residual=True)
+        return merge(o1, l1.astype(jnp.float32), o2, l2.astype(jnp.float32))
+
+    def none(q, k, v):
+        return attn(q, k, v, implementation=impl)
+
+    return {"mask": masked, "mask+len": masked_len, "split": split, "none": none}
+
+
+def timed(fn, *args, reps: int):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", type=int, default=16384, help="regular keys L")
+    ap.add_argument("--chunk", type=int, default=1024, help="anchors per chunk C")
+    ap.add_argument("--heads", type=int, default=32, help="query heads h (Qwen3-8B: 32)")
+    ap.add_argument("--kv_heads", type=int, default=8)
+    ap.add_argument("--head_dim", type=int, default=128)
+    ap.add_argument("--k", type=int, default=4, help="draft steps folded into the heads")
+    ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dtype = jnp.bfloat16 if args.impl == "cudnn" else jnp.float32
+    n, c, length = args.heads * args.k, args.chunk, args.length
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (1, c, n, args.head_dim), dtype)
+    k, v = (jax.random.normal(kk, (1, length, args.kv_heads, args.head_dim), dtype) for kk in keys[1:3])
+    g = jax.random.normal(keys[3], q.shape, dtype)
+    rows = []
+    for start in sorted({length // 4, length // 2, length - c}):
+        needed = sum(start + i + 1 for i in range(c)) * 4 * args.head_dim * n * 3  # fwd + 2x fwd backward
+        ref = None
+        for name, f in variants(args.impl, start, c).items():
+            out = jax.jit(f)(q, k, v)
+            ref = out if ref is None else ref
+            err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+            row = {"start": start, "variant": name, "max_abs_diff_vs_mask": err}
+            if args.impl == "cudnn":  # jax's XLA attention returns an LSE without a gradient
+                step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * g)))
+                s = timed(step, q, k, v, reps=args.reps)
+                row.update(ms=1e3 * s, tflops_needed=needed / s / 1e12)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{jax.devices()[0].device_kind}  jax {jax.__version__}  L={length} C={c} "
+          f"heads={n} (h={args.heads} x k={args.k}) kv={args.kv_heads} d={args.head_dim}")
+    print(f"{'chunk start':>11} {'variant':>9} {'ms':>8} {'TFLOP/s':>8} {'max |diff|':>10}")
+    for r in rows:
+        print(f"{r['start']:>11} {r['variant']:>9} {fmt(r.get('ms'), '8.3f')} {fmt(r.get('tflops_needed'), '8.0f')} "
+              f"{r['max_abs_diff_vs_mask']:>10.2e}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "args": vars(args),
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
