@@ -145,13 +145,16 @@ def main():
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"], help="per-layer remat (both)")
     ap.add_argument("--bound_keys", action="store_true",
                     help="MTPConfig.bound_keys: causal and per-chunk key lengths for cuDNN")
+    ap.add_argument("--prefix_split", action="store_true",
+                    help="MTPConfig.prefix_split: the prefix attention without a mask (one example per row)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     config = ModelConfig.from_file(args.model)
     lora = LoRAConfig(rank=16, alpha=32.0)
     mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=2048,
-                    attention_impl=args.impl, soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys)
+                    attention_impl=args.impl, soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys,
+                    prefix_split=args.prefix_split)
     model = MTPModel(config, lora, mtp, jnp.bfloat16, jnp.bfloat16)
     base = random_base(CausalLM(config, None, jnp.bfloat16, jnp.bfloat16))
     mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
@@ -176,7 +179,8 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "model": args.model, "k": args.k, "chunk": args.chunk,
-              "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys, "rows": rows}
+              "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
+              "prefix_split": args.prefix_split, "rows": rows}
     print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  {args.model}  k={args.k} chunk={args.chunk}")
     print(f"{'regular':>8} | {'two-stream s':>12} {'GiB':>7} | {'interleaved s':>13} {'GiB':>7} | speedup")
     for r in rows:

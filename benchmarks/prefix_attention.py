@@ -7,11 +7,12 @@ stop-gradient), for chunks at a quarter, half and the end of the sequence:
 - `mask`: the dense [C, L] prefix mask, as the objective passes it today. jax hands cuDNN a mask as a
   bias, and its backward also computes the bias gradient (`should_export_dbias` is always true);
 - `mask+len`: the same plus key_value_seq_lengths = the chunk's end (`mtp.bound_keys`);
-- `split`: no mask: the keys before the chunk (key length = chunk start) and the C x C causal block on
-  the diagonal, two cuDNN calls merged by log-sum-exp (valid for one example per row);
+- `split`: no mask (`mtp.prefix_split`): the keys before the chunk (key length = chunk start) and the
+  C x C causal block on the diagonal, two cuDNN calls merged by log-sum-exp (one example per row);
 - `none`: all L keys, no mask: the kernel's own speed on the same shapes.
 
-Each variant's output is checked against `mask`; the time is the median of --reps runs; TFLOP/s
+The variants run the objective's own functions (`mtp_jax.mtp.attention`). Each variant's output is
+checked against `mask`; the time is the median of --reps runs; TFLOP/s
 count only the needed work (each anchor's prefix, forward 4*d*heads per (query, key) pair and a
 backward of twice that).
 
@@ -29,41 +30,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax.mtp.attention import prefix_attention, split_prefix_attention
 from mtp_step import fmt
 
 
-def merge(o1, l1, o2, l2):
-    """Softmax over two disjoint key sets from each part's output [b, t, n, d] and LSE [b, t, n]."""
-    m = jnp.maximum(l1, l2)
-    w1, w2 = jnp.exp(l1 - m)[..., None], jnp.exp(l2 - m)[..., None]
-    return ((o1.astype(jnp.float32) * w1 + o2.astype(jnp.float32) * w2) / (w1 + w2)).astype(o1.dtype)
-
-
 def variants(impl: str, start: int, c: int):
-    """name -> f(q, k, v) -> out, for the chunk of anchors start .. start + c - 1."""
-    attn = jax.nn.dot_product_attention
+    """name -> f(q, k, v) -> out, for the chunk of anchors start .. start + c - 1: the objective's own
+    prefix attention functions, and plain attention with no mask."""
+    first = jnp.full((1,), start, jnp.int32)
 
     def prefix_mask(keys):
         return (jnp.arange(keys)[None, :] <= start + jnp.arange(c)[:, None])[None, None]
 
-    def masked(q, k, v):
-        return attn(q, k, v, mask=prefix_mask(k.shape[1]), implementation=impl)
-
-    def masked_len(q, k, v):
-        return attn(q, k, v, mask=prefix_mask(k.shape[1]), implementation=impl,
-                    key_value_seq_lengths=jnp.full((q.shape[0],), start + c, jnp.int32))
-
-    def split(q, k, v):
-        o1, l1 = attn(q, k, v, implementation=impl, return_residual=True,
-                      key_value_seq_lengths=jnp.full((q.shape[0],), start, jnp.int32))
-        kb, vb = (jax.lax.dynamic_slice_in_dim(x, start, c, axis=1) for x in (k, v))
-        o2, l2 = attn(q, kb, vb, is_causal=True, implementation=impl, return_residual=True)
-        return merge(o1, l1.astype(jnp.float32), o2, l2.astype(jnp.float32))
-
-    def none(q, k, v):
-        return attn(q, k, v, implementation=impl)
-
-    return {"mask": masked, "mask+len": masked_len, "split": split, "none": none}
+    return {
+        "mask": lambda q, k, v: prefix_attention(q, k, v, prefix_mask(k.shape[1]), impl)[0],
+        "mask+len": lambda q, k, v: prefix_attention(q, k, v, prefix_mask(k.shape[1]), impl, first + c)[0],
+        "split": lambda q, k, v: split_prefix_attention(q, k, v, first, impl)[0].astype(q.dtype),
+        "none": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl),
+    }
 
 
 def timed(fn, *args, reps: int):

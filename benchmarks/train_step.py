@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     ap.add_argument("--bound_keys", action="store_true",
                     help="MTPConfig.bound_keys: causal and per-chunk key lengths for cuDNN")
+    ap.add_argument("--prefix_split", action="store_true",
+                    help="MTPConfig.prefix_split: the prefix attention without a mask (one example per row)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")
     ap.add_argument("--reps", type=int, default=2, help="timed runs after a warm-up (0: time the warm-up)")
@@ -93,7 +95,8 @@ def main():
         config = ModelConfig.from_file(path)
         lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"))
         mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=4096, attention_impl=args.impl,
-                        soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys)
+                        soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys,
+                        prefix_split=args.prefix_split)
         model = MTPModel(config, lora, mtp, dtype, dtype)
         base = random_base(CausalLM(config, None, dtype, dtype))
         n_base = count_params(base)
@@ -145,7 +148,7 @@ def main():
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "k": args.k, "chunk": args.chunk, "rank": args.rank,
               "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
-              "dtype": args.dtype, "rows": rows}
+              "prefix_split": args.prefix_split, "dtype": args.dtype, "rows": rows}
     print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} "
           f"remat={args.remat} {args.dtype}")
     print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "

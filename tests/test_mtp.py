@@ -132,6 +132,23 @@ def test_chunked_equals_unchunked(setups, chunk, remat, bound_keys):
             np.testing.assert_allclose(sums_c[key][field], sums[key][field], rtol=1e-5, err_msg=f"{key}/{field}")
 
 
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk):
+    """mtp.prefix_split (no prefix mask: keys before the chunk + its causal diagonal block) gives the
+    masked objective's loss and gradients when every row holds one example, for chunks that start,
+    span and end the anchors."""
+    k = 3
+    model, params = build(setups["llama"], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
+    split = MTPModel(model.config, model.lora, dataclasses.replace(model.mtp, chunk_size=chunk, prefix_split=True))
+    rows = [make_batch([ex], rows=1, length=16, seed=i)[0] for i, ex in enumerate(EXAMPLES)]
+    batch = {key: jnp.concatenate([r[key] for r in rows]) for key in rows[0]}
+    trainable, frozen = split_params(model, params)
+    loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
+    loss_s, grads_s, _ = jax.jit(functools.partial(loss_and_grads, split))(trainable, frozen, batch)
+    assert abs(float(loss) - float(loss_s)) < 1e-6 * abs(float(loss)), (float(loss), float(loss_s))
+    assert_trees_close(grads_s, grads, 1e-5, f"prefix_split chunk {chunk}")
+
+
 def test_key_count_bounds_the_prefix():
     """chunk_key_count is the last real anchor + 1; prefix attention masks keys at or past it, so a
     count one too small changes the output and the exact count changes nothing."""

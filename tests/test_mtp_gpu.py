@@ -17,17 +17,23 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GP
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention_impl,soft_ce_impl,bound_keys", [("xla", "triton", False), ("cudnn", "jnp", False),
-                                                                    ("cudnn", "triton", False), ("cudnn", "jnp", True)])
-def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, bound_keys):
-    """bound_keys: cuDNN takes causal and per-chunk key lengths (chunks of 4 anchors: cuDNN wants even
-    lengths with a mask) and still gives the XLA objective."""
+@pytest.mark.parametrize("attention_impl,soft_ce_impl,option", [
+    ("xla", "triton", None), ("cudnn", "jnp", None), ("cudnn", "triton", None), ("cudnn", "jnp", "bound_keys"),
+    ("cudnn", "jnp", "prefix_split")])
+def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option):
+    """bound_keys: cuDNN takes causal and per-chunk key lengths; prefix_split: two unmasked cuDNN calls
+    per chunk, on one example per row (chunks of 4 anchors: cuDNN wants even lengths with a mask)."""
     ref_model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
-    batch, _ = make_batch(EXAMPLES, rows=3, length=16)
+    if option == "prefix_split":
+        rows = [make_batch([ex], rows=1, length=16, seed=i)[0] for i, ex in enumerate(EXAMPLES)]
+        batch = {key: jnp.concatenate([r[key] for r in rows]) for key in rows[0]}
+    else:
+        batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(ref_model, params)
     loss_ref, grads_ref, _ = jax.jit(functools.partial(loss_and_grads, ref_model))(trainable, frozen, batch)
     cfg = dataclasses.replace(ref_model.mtp, attention_impl=attention_impl, soft_ce_impl=soft_ce_impl,
-                              bound_keys=bound_keys, chunk_size=4 if bound_keys else 0)
+                              bound_keys=option == "bound_keys", prefix_split=option == "prefix_split",
+                              chunk_size=4 if option else 0)
     dtype = jnp.bfloat16 if attention_impl == "cudnn" else jnp.float32
     model = MTPModel(ref_model.config, ref_model.lora, cfg, dtype, jnp.float32)
     loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)

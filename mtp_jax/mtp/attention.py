@@ -118,20 +118,43 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array):
     return out, lse
 
 
-def merge(out1, lse1, out2, lse2):
-    """Softmax over the union of two disjoint key sets from each part's output and LSE."""
+def split_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, first: jax.Array, impl: Impl = "xla"):
+    """prefix_attention with no mask, for chunks of contiguous anchors first, first + 1, ... ([b]; one
+    example per row): the keys before `first` (a key length, so cuDNN skips the rest) and the causal
+    diagonal block of keys first .. first + a - 1, merged by LSE. For those anchors it equals
+    prefix_attention under the prefix mask; other anchors of the chunk (no valid pair) get finite junk."""
+    a = q.shape[1]
+    before = jnp.clip(first, 1, k.shape[1]).astype(jnp.int32)  # >= 1 key; a row with first = 0 drops the part
+    idx = (first[:, None] + jnp.arange(a))[:, :, None, None]
+    kb, vb = (jnp.take_along_axis(x, idx, axis=1, mode="fill", fill_value=0) for x in (k, v))
+    if resolve_impl(impl, q, k) == "cudnn":
+        out1, lse1 = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", return_residual=True,
+                                                  key_value_seq_lengths=before)
+        out2, lse2 = jax.nn.dot_product_attention(q, kb, vb, is_causal=True, implementation="cudnn",
+                                                  return_residual=True)
+    else:
+        out1, lse1 = _xla_prefix_attention(q, k, v, (jnp.arange(k.shape[1]) < before[:, None])[:, None, None])
+        out2, lse2 = _xla_prefix_attention(q, kb, vb, jnp.tril(jnp.ones((a, a), bool))[None, None])
+    lse1 = jnp.where((first > 0)[:, None, None], lse1.astype(jnp.float32), _NEG)
+    return merge_lse(out1.astype(jnp.float32), lse1, out2.astype(jnp.float32), lse2.astype(jnp.float32))
+
+
+def merge_lse(out1, lse1, out2, lse2):
+    """Softmax over the union of two disjoint key sets from each part's output and LSE -> (out, lse)."""
     m = jnp.maximum(lse1, lse2)
     w1, w2 = jnp.exp(lse1 - m), jnp.exp(lse2 - m)
-    return (out1 * w1[..., None] + out2 * w2[..., None]) / (w1 + w2)[..., None]
+    return (out1 * w1[..., None] + out2 * w2[..., None]) / (w1 + w2)[..., None], m + jnp.log(w1 + w2)
 
 
-def mask_attend(prefix_mask: jax.Array, steps: int, impl: Impl = "xla", key_count: jax.Array | None = None):
+def mask_attend(prefix_mask: jax.Array | None, steps: int, impl: Impl = "xla", key_count: jax.Array | None = None,
+                first_anchor: jax.Array | None = None):
     """Attention for mask tokens laid out as [batch, anchors * k] (anchor-major).
 
     `layer_state` = this layer's (k, v) [batch, keys, kv, d] of the regular stream (the decoder
     slices it from the stacked [layers, ...] K/V of `regular_attend`); `prefix_mask`
     [batch, 1, anchors, keys] says which regular keys each anchor sees; `key_count` [b] (optional,
-    `chunk_key_count`) bounds them, changing nothing but the work cuDNN skips.
+    `chunk_key_count`) bounds them, changing nothing but the work cuDNN skips. With `first_anchor`
+    [b] the prefix needs no mask (`split_prefix_attention`: one example per row).
     """
 
     def attend(q, k, v, layer_state):
@@ -141,12 +164,15 @@ def mask_attend(prefix_mask: jax.Array, steps: int, impl: Impl = "xla", key_coun
         q5 = q.reshape(b, a, steps, h, d)
         # fold draft steps into heads as [h, k] so GQA grouping (head // (h/kv)) stays right
         q_folded = jnp.swapaxes(q5, 2, 3).reshape(b, a, h * steps, d)
-        out1, lse1 = prefix_attention(q_folded, k_reg.astype(q.dtype), v_reg.astype(q.dtype), prefix_mask, impl,
-                                      key_count)
+        k_reg, v_reg = k_reg.astype(q.dtype), v_reg.astype(q.dtype)
+        if first_anchor is None:
+            out1, lse1 = prefix_attention(q_folded, k_reg, v_reg, prefix_mask, impl, key_count)
+        else:
+            out1, lse1 = split_prefix_attention(q_folded, k_reg, v_reg, first_anchor, impl)
         out1 = jnp.swapaxes(out1.reshape(b, a, h, steps, d), 2, 3).astype(jnp.float32)
         lse1 = jnp.swapaxes(lse1.reshape(b, a, h, steps), 2, 3)
         out2, lse2 = block_attention(q5, k.reshape(b, a, steps, -1, d), v.reshape(b, a, steps, -1, d))
-        out = merge(out1, lse1, out2, lse2)
+        out, _ = merge_lse(out1, lse1, out2, lse2)
         return out.reshape(b, t, h, d).astype(q.dtype), None
 
     return attend

@@ -41,6 +41,9 @@ class MTPConfig:
     # tell the fused attention where keys end (causal regular stream; per anchor chunk, the last anchor's
     # prefix) so cuDNN skips key tiles no query sees; the masks already say so, results are the same
     bound_keys: bool = False
+    # the mask stream's prefix attention with no mask (keys before each anchor chunk + its causal diagonal
+    # block, merged by LSE: split_prefix_attention); exact only with one example per row (data.packing off)
+    prefix_split: bool = False
 
     def __post_init__(self):
         if self.draft_length < 1:
@@ -77,9 +80,13 @@ class MTPModel(nn.Module):
         b, c = positions.shape
         pos = (positions[..., None] + jnp.arange(1, k + 1)).reshape(b, c * k)
         emb = jnp.broadcast_to(mask_embedding.astype(self.dtype), (b, c * k, self.config.hidden_size))
-        prefix_mask = segment_causal_mask(segment_ids, anchor_index)
-        key_count = chunk_key_count(anchor_index, segment_ids.shape[1]) if self.mtp.bound_keys else None
-        attend = mask_attend(prefix_mask, k, self.mtp.attention_impl, key_count)
+        if self.mtp.prefix_split:
+            first = jnp.broadcast_to(anchor_index[..., 0], (b,))
+            attend = mask_attend(None, k, self.mtp.attention_impl, first_anchor=first)
+        else:
+            prefix_mask = segment_causal_mask(segment_ids, anchor_index)
+            key_count = chunk_key_count(anchor_index, segment_ids.shape[1]) if self.mtp.bound_keys else None
+            attend = mask_attend(prefix_mask, k, self.mtp.attention_impl, key_count)
         hidden, _ = self.base(None, pos, attend, gate=1.0, deterministic=deterministic, embeddings=emb,
                               layer_state=regular_kv)
         return hidden.reshape(b, c, k, -1)
