@@ -184,6 +184,51 @@ def test_auto_attention_picks_cudnn_only_where_it_runs(monkeypatch):
     assert resolve_impl("auto", jnp.zeros((1, 512, 4, 60), jnp.bfloat16), k) == "xla"  # head dim not a multiple of 8
 
 
+def lse_case(variant: str, impl: str, dtype=jnp.float32, t=6, s=10, heads=4, kv=2, d=8):
+    """d(sum(out * g_out) + sum(lse * g_lse))/dq three ways: the written-out fp32 attention (reference,
+    on the inputs rounded to `dtype`), attention_lse and jax's attention alone, both in `dtype` on `impl`."""
+    from mtp_jax.mtp.attention import _xla_prefix_attention, attention_lse
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    s = t if variant == "causal" else s
+    q = jax.random.normal(keys[0], (2, t, heads, d)).astype(dtype)
+    k, v = (jax.random.normal(kk, (2, s, kv, d)).astype(dtype) for kk in keys[1:3])
+    g_out, g_lse = jax.random.normal(keys[3], q.shape), jax.random.normal(keys[4], q.shape[:3])
+    mask, count, causal = None, None, variant == "causal"
+    if variant == "mask":
+        mask = (jnp.arange(s)[None, :] <= jnp.linspace(2, s - 1, t).astype(int)[:, None])[None, None]
+        ref_mask = mask
+    elif variant == "key_count":
+        count = jnp.asarray([s // 2, s - 1], jnp.int32)
+        ref_mask = (jnp.arange(s) < count[:, None])[:, None, None]
+    else:
+        ref_mask = jnp.tril(jnp.ones((s, s), bool))[None, None]
+
+    def grad(fn, q):
+        def f(q):
+            out, lse = fn(q)
+            return jnp.sum(out.astype(jnp.float32) * g_out) + jnp.sum(lse.astype(jnp.float32) * g_lse)
+        return jax.grad(f)(q).astype(jnp.float32)
+
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = grad(lambda q: _xla_prefix_attention(q, f32[1], f32[2], ref_mask), f32[0])
+    ours = grad(lambda q: attention_lse(q, k, v, mask, count, causal, impl), q)
+    raw = grad(lambda q: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                                      key_value_seq_lengths=count, implementation=impl,
+                                                      return_residual=True), q)
+    return ref, ours, raw
+
+
+@pytest.mark.parametrize("variant", ["mask", "key_count", "causal"])
+def test_attention_lse_gradient_reaches_q(variant):
+    """attention_lse (the wrapper the cuDNN paths use, run here on jax's XLA attention, whose VJP drops
+    the LSE's cotangent just as cuDNN's does) gives the written-out attention's gradient; jax's
+    attention alone gets dq wrong (tests/test_mtp_gpu.py runs the same on cuDNN)."""
+    ref, ours, raw = lse_case(variant, "xla")
+    assert rel(ours, ref) < 1e-5
+    assert rel(raw, ref) > 1e-2, "jax's own attention now carries the LSE gradient: the wrapper may go"
+
+
 def test_auto_attention_reaches_cudnn_with_its_arguments(monkeypatch):
     """On a GPU (faked) both streams call jax's cuDNN attention: 'auto' resolved, causality and key
     counts passed on (the kernels themselves run in tests/test_mtp_gpu.py)."""
