@@ -24,7 +24,6 @@ from mtp_jax.models import LoRAConfig, ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.loading import abstract_params
 from mtp_jax.mtp.attention import resolve_impl
-from mtp_jax.mtp.layout import pair_valid
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, loss_and_grads, split_params
 from mtp_jax.train import count_params

@@ -24,7 +24,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from mtp_jax.config import ConfigError, from_dict, load_config, to_dict
+from mtp_jax.config import ConfigError, load_config, to_dict
 from mtp_jax.data.config import DataConfig
 from mtp_jax.models.lora import LoRAConfig
 from mtp_jax.mtp.model import MTPConfig
