@@ -39,8 +39,11 @@ def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option
     loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
     tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
     assert abs(float(loss) - float(loss_ref)) / float(loss_ref) < tol
+    # bf16 gradients: the XLA path in bf16 is within 1.6% of fp32 here (CPU); a dropped LSE gradient
+    # put the q adapters 15% off, which the former 30% bound let through
+    grad_tol = 8e-2 if dtype == jnp.bfloat16 else 1e-3
     for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_ref)):
-        assert rel(g, r) < 10 * tol, f"{jax.tree_util.keystr(path)}: rel {rel(g, r):.2e}"
+        assert rel(g, r) < grad_tol, f"{jax.tree_util.keystr(path)}: rel {rel(g, r):.2e}"
 
 
 @gpu
