@@ -12,26 +12,24 @@ stop-gradient), for chunks at a quarter, half and the end of the sequence:
 - `none`: all L keys, no mask: the kernel's own speed on the same shapes.
 
 The variants run the objective's own functions (`mtp_jax.mtp.attention`). Each variant's output is
-checked against `mask`; the time is the median of --reps runs; TFLOP/s
+checked against `mask`; the time is the median of --reps runs (`mtp_step.measure`); TFLOP/s
 count only the needed work (each anchor's prefix, forward 4*d*heads per (query, key) pair and a
 backward of twice that).
 
     python benchmarks/prefix_attention.py --length 16384 --chunk 1024
-GPU only at these shapes (cuDNN); on a CPU a tiny run (--impl xla) checks the arithmetic forward.
+GPU only at these shapes (cuDNN); on a CPU a tiny run (--impl xla) checks the arithmetic.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mtp_jax.mtp.attention import prefix_attention, split_prefix_attention
-from mtp_step import fmt
+from mtp_step import fmt, measure
 
 
 def variants(impl: str, start: int, c: int):
@@ -48,16 +46,6 @@ def variants(impl: str, start: int, c: int):
         "split": lambda q, k, v: split_prefix_attention(q, k, v, first, impl)[0].astype(q.dtype),
         "none": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl),
     }
-
-
-def timed(fn, *args, reps: int):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main():
@@ -86,11 +74,12 @@ def main():
             out = jax.jit(f)(q, k, v)
             ref = out if ref is None else ref
             err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
-            row = {"start": start, "variant": name, "max_abs_diff_vs_mask": err}
-            if args.impl == "cudnn":  # jax's XLA attention returns an LSE without a gradient
-                step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * g)))
-                s = timed(step, q, k, v, reps=args.reps)
-                row.update(ms=1e3 * s, tflops_needed=needed / s / 1e12)
+            step = jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * g))
+            m = measure(step, q, k, v, reps=args.reps)
+            row = {"start": start, "variant": name, "max_abs_diff_vs_mask": err, "compile_s": m.get("compile_s"),
+                   "peak_gib": m["peak_gib"], "error": m.get("error")}
+            if m["time_s"]:
+                row.update(ms=1e3 * m["time_s"], tflops_needed=needed / m["time_s"] / 1e12)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{jax.devices()[0].device_kind}  jax {jax.__version__}  L={length} C={c} "

@@ -66,6 +66,11 @@ def chunk_key_count(anchor_index: jax.Array, keys: int) -> jax.Array:
     return jnp.atleast_1d(last + 1).astype(jnp.int32)
 
 
+def _fused(q, k, v, mask, key_count, causal, impl, **kw):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=key_count,
+                                        implementation=impl, **kw)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def attention_lse(q, k, v, mask, key_count, causal: bool, impl: str):
     """(out, lse fp32) of jax.nn.dot_product_attention with the LSE's gradient wrt q restored.
@@ -75,17 +80,13 @@ def attention_lse(q, k, v, mask, key_count, causal: bool, impl: str):
     the tiny oracle. d lse / d q = scale * sum_j p_j k_j = scale * attention(q, k, k), one more
     attention call in the backward. k and v get no LSE term: they are the regular stream's K/V, under
     stop_gradient."""
-    out, lse = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=key_count,
-                                            implementation=impl, return_residual=True)
+    out, lse = _fused(q, k, v, mask, key_count, causal, impl, return_residual=True)
     return out, lse.astype(jnp.float32)
 
 
 def _attention_lse_fwd(q, k, v, mask, key_count, causal, impl):
-    def f(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=key_count,
-                                            implementation=impl, return_residual=True)
-
-    (out, lse), vjp = jax.vjp(f, q, k, v)
+    (out, lse), vjp = jax.vjp(lambda q, k, v: _fused(q, k, v, mask, key_count, causal, impl, return_residual=True),
+                              q, k, v)
     return (out, lse.astype(jnp.float32)), (vjp, q, k, mask, key_count, lse)
 
 
@@ -93,8 +94,7 @@ def _attention_lse_bwd(causal, impl, res, g):
     vjp, q, k, mask, key_count, lse = res
     g_out, g_lse = g
     dq, dk, dv = vjp((g_out, jnp.zeros_like(lse)))
-    pk = jax.nn.dot_product_attention(q, k, k, mask=mask, is_causal=causal, key_value_seq_lengths=key_count,
-                                      implementation=impl)  # sum_j p_j k_j per query head
+    pk = _fused(q, k, k, mask, key_count, causal, impl)  # sum_j p_j k_j per query head
     dq = dq + (g_lse[..., None] * pk.astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))).astype(dq.dtype)
     return dq, dk, dv, None, None
 
