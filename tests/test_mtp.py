@@ -41,6 +41,12 @@ def make_batch(examples, rows, length, seed=0, vocab=150):
     return {k: jnp.asarray(v) for k, v in batch.items()}, toks
 
 
+def one_example_per_row(examples, length):
+    """A batch with each example alone in its row (as with data.packing off)."""
+    rows = [make_batch([ex], rows=1, length=length, seed=i)[0] for i, ex in enumerate(examples)]
+    return {key: jnp.concatenate([r[key] for r in rows]) for key in rows[0]}
+
+
 @pytest.fixture(scope="module")
 def setups(tmp_path_factory):
     from conftest import make_hf_model, save_hf
@@ -140,8 +146,7 @@ def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk):
     k = 3
     model, params = build(setups["llama"], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
     split = MTPModel(model.config, model.lora, dataclasses.replace(model.mtp, chunk_size=chunk, prefix_split=True))
-    rows = [make_batch([ex], rows=1, length=16, seed=i)[0] for i, ex in enumerate(EXAMPLES)]
-    batch = {key: jnp.concatenate([r[key] for r in rows]) for key in rows[0]}
+    batch = one_example_per_row(EXAMPLES, length=16)
     trainable, frozen = split_params(model, params)
     loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
     loss_s, grads_s, _ = jax.jit(functools.partial(loss_and_grads, split))(trainable, frozen, batch)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from test_mtp import EXAMPLES, build, lse_case, make_batch, rel, setups  # noqa: F401 (fixture)
+from test_mtp import EXAMPLES, build, lse_case, make_batch, one_example_per_row, rel, setups  # noqa: F401 (fixture)
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import loss_and_grads, split_params
 
@@ -25,8 +25,7 @@ def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option
     per chunk, on one example per row (chunks of 4 anchors: cuDNN wants even lengths with a mask)."""
     ref_model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
     if option == "prefix_split":
-        rows = [make_batch([ex], rows=1, length=16, seed=i)[0] for i, ex in enumerate(EXAMPLES)]
-        batch = {key: jnp.concatenate([r[key] for r in rows]) for key in rows[0]}
+        batch = one_example_per_row(EXAMPLES, length=16)
     else:
         batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(ref_model, params)
