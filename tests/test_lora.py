@@ -8,7 +8,7 @@ import pytest
 from conftest import make_hf_model, save_hf
 from mtp_jax.models import LoRAConfig, load_model
 from mtp_jax.models.llama import CausalLM
-from mtp_jax.models.lora import Linear
+from mtp_jax.models.lora import Linear, fuse_adapters
 
 
 @pytest.fixture(scope="module")
@@ -25,32 +25,22 @@ def random_lora(model, seed=0):
     return jax.tree.map(lambda x: 0.1 * jax.random.normal(next(keys), x.shape), jax.tree.map(lambda b: b.value if hasattr(b, "value") else b, lora, is_leaf=lambda b: hasattr(b, "value")))
 
 
-def fuse_tree(lora, num_layers):
-    """The fused adapter that computes the same function: A stacked, B block-diagonal (per layer)."""
-    layers = lora["model"]["layers"]
-
-    def fuse_layer(layer):
-        def fuse(part, names):
-            a = jnp.concatenate([part[n]["lora_A"] for n in names], axis=1)
-            b = jax.scipy.linalg.block_diag(*[part[n]["lora_B"] for n in names])
-            return {"lora_A": a, "lora_B": b}
-        attn, mlp = layer["self_attn"], layer["mlp"]
-        return {"self_attn": {"qkv_proj": fuse(attn, ["q_proj", "k_proj", "v_proj"]), "o_proj": attn["o_proj"]},
-                "mlp": {"gate_up_proj": fuse(mlp, ["gate_proj", "up_proj"]), "down_proj": mlp["down_proj"]}}
-
-    fused = [fuse_layer(jax.tree.map(lambda x: x[i], layers)) for i in range(num_layers)]
-    return {"model": {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *fused)}}
-
-
-def test_fused_equals_unfused(tiny):
+@pytest.mark.parametrize("settings", [{}, {"rslora": True, "bias": True}, {"targets": ("q", "v", "up", "down")}],
+                         ids=["plain", "rslora_bias", "some_targets"])
+def test_fused_equals_unfused(tiny, settings):
+    """fuse_adapters turns trained unfused adapters into fused ones that compute the same function."""
     config, base = tiny
-    unfused = CausalLM(config, LoRAConfig(rank=3, alpha=6.0))
-    fused = CausalLM(config, LoRAConfig(rank=3, alpha=6.0, fuse=True))
+    cfg = LoRAConfig(rank=3, alpha=6.0, **settings)
+    unfused = CausalLM(config, cfg)
     lora = random_lora(unfused)
+    fused_cfg, fused_lora = fuse_adapters(cfg, lora)
+    assert fused_cfg.fuse and fuse_adapters(fused_cfg, fused_lora)[1] is fused_lora
+    fused = CausalLM(config, fused_cfg)
+    assert jax.tree.map(jnp.shape, fused_lora) == jax.tree.map(jnp.shape, random_lora(fused)), "not the fused layout"
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 9)))
     gate = jnp.asarray(np.random.default_rng(1).integers(0, 2, (2, 9)).astype(np.float32))
     h1, _ = unfused.apply({"params": base, "lora": lora}, tokens, gate=gate)
-    h2, _ = fused.apply({"params": base, "lora": fuse_tree(lora, config.num_layers)}, tokens, gate=gate)
+    h2, _ = fused.apply({"params": base, "lora": fused_lora}, tokens, gate=gate)
     np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), atol=2e-5)
     plain, _ = CausalLM(config).apply({"params": base}, tokens)
     assert np.abs(np.asarray(h1) - np.asarray(plain)).max() > 1e-3, "adapters had no effect: test is vacuous"

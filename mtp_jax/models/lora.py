@@ -57,6 +57,39 @@ def projection_lora(lora: LoRAConfig | None, target: str) -> LoRAConfig | None:
     return lora
 
 
+def fuse_adapters(cfg: LoRAConfig, lora: dict) -> tuple[LoRAConfig, dict]:
+    """The same adapters in the fused layout (`cfg.fuse`): per group of FUSED_GROUPS, the A matrices side
+    by side and the B matrices block-diagonal, rescaled so the group's scale gives each part its own.
+
+    Computes the same function (the zero blocks add exact zeros) with 8 adapter matmuls per layer instead
+    of 14: speculative decoding at small batch is bound by kernel launches, not by their FLOPs.
+    `lora`: the `lora` collection ({"model": {"layers": ...}}, leaves with a leading layers axis).
+    """
+    if cfg.fuse or cfg.rank == 0:
+        return cfg, lora
+    fused_cfg = dataclasses.replace(cfg, fuse=True)
+    layers = dict(lora["model"]["layers"])
+    for module, name, group in (("self_attn", "qkv_proj", FUSED_GROUPS[0]), ("mlp", "gate_up_proj", FUSED_GROUPS[1])):
+        parts = [t for t in group if fused_cfg.fused(t)]
+        if not parts:
+            continue
+        projections = dict(layers[module])
+        adapters = [projections.pop(f"{t}_proj") for t in parts]
+        ratio = cfg.scale(1) / fused_cfg.scale(len(parts))
+        blocks = [p["lora_B"] * ratio for p in adapters]
+        b = jnp.zeros((*blocks[0].shape[:-2], sum(x.shape[-2] for x in blocks), sum(x.shape[-1] for x in blocks)),
+                      blocks[0].dtype)
+        row = col = 0
+        for x in blocks:
+            b = b.at[..., row:row + x.shape[-2], col:col + x.shape[-1]].set(x)
+            row, col = row + x.shape[-2], col + x.shape[-1]
+        projections[name] = {"lora_A": jnp.concatenate([p["lora_A"] for p in adapters], axis=-1), "lora_B": b}
+        if cfg.bias:
+            projections[name]["lora_bias"] = jnp.concatenate([p["lora_bias"] * ratio for p in adapters], axis=-1)
+        layers[module] = projections
+    return fused_cfg, {**lora, "model": {**lora["model"], "layers": layers}}
+
+
 def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
     """torch.nn.Linear's default init for A ([in, r] here): U(-1/sqrt(in), 1/sqrt(in))."""
     bound = 1.0 / math.sqrt(shape[0])
