@@ -45,6 +45,7 @@ import numpy as np
 
 from mtp_jax.generate import Sampling, check_request, filter_logits, init_cache, sample_token
 from mtp_jax.models.config import ModelConfig
+from mtp_jax.models.lora import fuse_adapters
 from mtp_jax.mtp.model import MTPModel
 from mtp_jax.mtp.objective import Params, variables
 
@@ -374,6 +375,13 @@ def check_vocabulary(trained_tokenizer, mask_token: str, tokenizer, what: str) -
                                    f"{len(other)} tokens; first differences {changed})")
 
 
+def for_decoding(model: MTPModel, params: Params) -> tuple[MTPModel, Params]:
+    """The same model with its adapters in the fused layout (`lora.fuse_adapters`): identical output, fewer
+    matmuls per call, which is what a batch-1 decode step is bound by."""
+    lora_cfg, lora = fuse_adapters(model.lora, params["lora"])
+    return model.clone(lora=lora_cfg), {**params, "lora": lora}
+
+
 def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None):
     """(MTPModel, params, tokenizer with <mask>) to decode with a training run's adapters.
 
@@ -386,7 +394,7 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
 
     if model_path is None:
         run = load_run(run_dir, step, dtype=dtype)
-        return run.model, jax.device_put(run.params), run.tokenizer  # numpy leaves would be copied every call
+        return *for_decoding(run.model, jax.device_put(run.params)), run.tokenizer  # numpy leaves: copied per call
     run = load_run(run_dir, step, load_base=False, dtype=dtype)
     m = run.model
     what = f"--adapter {run_dir} (trained on {run.config.model.path}) with --model {model_path}"
@@ -397,4 +405,4 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
         warnings.warn(f"{what}: same architecture and vocabulary, but a different checkpoint; drafts may be "
                       "accepted less often (output is still exactly this model's)")
     params = jax.device_put({**run.params, "base": base})
-    return MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), params, run.tokenizer
+    return *for_decoding(MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), params), run.tokenizer

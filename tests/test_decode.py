@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax.decode import (AdapterMismatchError, check_architecture, check_vocabulary, load_adapter,
+from mtp_jax.decode import (AdapterMismatchError, check_architecture, check_vocabulary, for_decoding, load_adapter,
                             speculative_generate, speculative_stream)
 from mtp_jax.generate import Sampling, encode_prompt, eos_ids_of, generate, main
 from mtp_jax.models import LoRAConfig, ModelConfig, load_model, load_tokenizer
@@ -77,6 +77,8 @@ def test_greedy_equals_plain_greedy_batched_with_eos(setups, kind):
     assert res.tokens == ref, f"{kind}: speculative greedy diverged from plain greedy"
     assert any(len(r) < NEW for r in ref) and any(len(r) == NEW for r in ref), "EOS case not covered"
     assert res.accepted.sum() > 0, f"{kind}: no draft accepted; the verification path went untested"
+    fused = speculative_generate(*for_decoding(model, params), prompts, NEW, [eos])  # how load_adapter decodes
+    assert fused.tokens == ref and (fused.accepted == res.accepted).all(), f"{kind}: fused adapters draft otherwise"
 
 
 @functools.partial(jax.jit, static_argnums=0)
