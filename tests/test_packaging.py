@@ -3,6 +3,9 @@
 import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(code, cwd):
@@ -13,8 +16,18 @@ def test_no_top_level_kernels_package(tmp_path):
     """Outside the source tree, `kernels` resolves to nothing of ours, `mtp_kernels` to our kernels/."""
     origin = run("import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)", tmp_path)
     assert origin == "None" or "mtp" not in origin, f"a top-level `kernels` comes from us: {origin}"
-    ours = run("import mtp_kernels; print(mtp_kernels.__file__)", tmp_path)
-    assert ours.endswith("kernels/__init__.py")
+    ours = run("import mtp_kernels; print(list(mtp_kernels.__path__))", tmp_path)
+    assert str(ROOT / "kernels") in ours, ours
+
+
+def test_source_tree_does_not_shadow_hub_kernels(tmp_path):
+    """From the repo root (where the README's `python -m mtp_jax...` commands run, the cwd first on
+    sys.path) kernels/ is a namespace directory, so an installed HF `kernels` still wins and
+    transformers' probe answers as elsewhere; a regular package there broke every model load
+    (`cannot import name 'CUDAProperties' from 'kernels'`) once transformers required `kernels`."""
+    probe = "from transformers.utils import is_kernels_available; print(is_kernels_available())"
+    assert run(probe, ROOT) == run(probe, tmp_path)
+    run("import transformers.integrations.hub_kernels", ROOT)  # what AutoModel loading imports
 
 
 def test_transformers_kernels_probe_unchanged(tmp_path):

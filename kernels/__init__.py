@@ -1,1 +1,0 @@
-"""Triton kernels with PyTorch and JAX bindings (imported as `mtp_kernels`)."""
