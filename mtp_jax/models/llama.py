@@ -196,6 +196,7 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # a key of REMAT_POLICIES
+    unroll: int = 1  # layers per scan iteration (num_layers: straight-line code, for small-batch decoding)
 
     def setup(self):
         c = self.config
@@ -211,7 +212,7 @@ class Transformer(nn.Module):
         # one layer body scanned over stacked params / adapters (leading "layers" axis) and layer_state
         self.layers = nn.scan(
             layer, variable_axes={"params": 0, LORA_COLLECTION: 0}, split_rngs={"params": True, "dropout": True},
-            in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_layers,
+            in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_layers, unroll=self.unroll,
             metadata_params={nn.PARTITION_NAME: "layers"})(c, self.lora, self.dtype, self.param_dtype)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
@@ -251,9 +252,10 @@ class CausalLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
+    unroll: int = 1  # Transformer.unroll
 
     def setup(self):
-        self.model = Transformer(self.config, self.lora, self.dtype, self.param_dtype, self.remat)
+        self.model = Transformer(self.config, self.lora, self.dtype, self.param_dtype, self.remat, self.unroll)
         if not self.config.tie_word_embeddings:
             self.lm_head = OutputHead(self.config.hidden_size, self.config.vocab_size, self.dtype,
                                       self.param_dtype)

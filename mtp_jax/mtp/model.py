@@ -65,9 +65,10 @@ class MTPModel(nn.Module):
     mtp: MTPConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    unroll: int = 1  # Transformer.unroll (decoding)
 
     def setup(self):
-        self.base = CausalLM(self.config, self.lora, self.dtype, self.param_dtype, self.mtp.remat)
+        self.base = CausalLM(self.config, self.lora, self.dtype, self.param_dtype, self.mtp.remat, self.unroll)
         self.sampler = SamplerHead(self.config.hidden_size, self.config.rms_norm_eps, self.dtype, self.param_dtype)
 
     def regular(self, tokens, positions, segment_ids):
