@@ -260,17 +260,17 @@ def markdown(report: dict, layouts: list[str], batch_sizes: list[int], tag: str)
              "candidate anchor ((k+1)k masks per call, k drafts every step); `0` = one block after t_0 (k masks; "
              "after n accepted drafts only k - n drafts are left). ms/call = wall time per model call of the "
              "batch; break-even = speculative ms/call over plain ms/call, the tokens/step a layout needs to "
-             "match plain decoding. Acceptance at draft position j = the share of the steps offering a j-th draft "
+             "match plain decoding; speedup by domain = tokens/s over plain's on the same prompts. Acceptance at draft position j = the share of the steps offering a j-th draft "
              "in which drafts 1..j were all accepted. mismatches = prompts whose output differs from plain greedy.",
              ""]
     for b in batch_sizes:
         plain = _total(pick(b, "plain"))
         lines += [f"## Batch {b}", "",
                   f"| method | tokens/step | {' | '.join(domains)} | ms/call | break-even | tokens/s | speedup | "
-                  "acceptance by draft position | mismatches |",
-                  "|---|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|---|---:|",
+                  f"{' | '.join(d + ' speedup' for d in domains)} | acceptance by draft position | mismatches |",
+                  "|---|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|" + "---:|" * len(domains) + "---|---:|",
                   f"| plain greedy | 1.00 | {'| ' * len(domains)}{plain['ms_per_call']:.1f} | | "
-                  f"{plain['tokens_per_s']:.1f} | 1.00x | | |"]
+                  f"{plain['tokens_per_s']:.1f} | 1.00x | {'| ' * len(domains)}| |"]
         for layout in layouts:
             m = f"spec[{layout}]"
             tot = _total(pick(b, m))
@@ -279,7 +279,9 @@ def markdown(report: dict, layouts: list[str], batch_sizes: list[int], tag: str)
             lines.append(f"| speculative, layout `{layout}` | {tot['tokens_per_step']:.2f} | "
                          + " | ".join(f"{p:.2f}" for p in per)
                          + f" | {tot['ms_per_call']:.1f} | {tot['ms_per_call'] / plain['ms_per_call']:.2f}"
-                         + f" | {tot['tokens_per_s']:.1f} | {tot['tokens_per_s'] / plain['tokens_per_s']:.2f}x"
+                         + f" | {tot['tokens_per_s']:.1f} | {tot['tokens_per_s'] / plain['tokens_per_s']:.2f}x | "
+                         + " | ".join(f"{pick(b, m, d)[0]['tokens_per_s'] / pick(b, 'plain', d)[0]['tokens_per_s']:.2f}x"
+                                      for d in domains)
                          + f" | {acc} | "
                            f"{tot['mismatches']} |")
         lines.append("")
