@@ -121,8 +121,10 @@ class ModelConfig:
 
     def rope_inv_freq(self) -> np.ndarray:
         """Inverse frequencies [head_dim // 2] in float32, as transformers computes them."""
+        import torch  # transformers' own float32 pow: numpy's differs from torch's by an ulp on some entries
+
         dim = self.head_dim
-        pos_freqs = (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+        pos_freqs = (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim)).numpy()
         inv = (1.0 / pos_freqs).astype(np.float32)
         if self.rope_yarn is not None:
             return _yarn_inv_freq(pos_freqs, self.rope_yarn, self.rope_theta, dim)
