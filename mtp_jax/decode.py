@@ -22,10 +22,11 @@ token at offset s + j + 1, so drafts j >= n + 1 - s are still ahead of the emitt
 sampler chain runs on the emitted tokens as prev where they are known, and the step offers
 k - n + s drafts instead of k. Every layout is exact; they trade mask tokens for drafts.
 
-Cache: only regular tokens are written, per row at its own length L (rows accept different
-counts); all k + 1 are written and L advances by n + 1, so the rejected drafts' entries sit
-beyond L, hidden by the causal rule and overwritten by the next step's write. Masks are never
-written. Greedy output equals plain greedy decoding token for token (up to float reduction order:
+Cache: a step writes its k + 1 regular tokens and then its masks per row at the row's own length L
+(rows accept different counts), and L advances by n + 1: the rejected drafts' and the masks' entries
+sit beyond L, hidden by the causal rule and overwritten by the next step's write, so below L the
+cache holds regular tokens only. (Writing the masks there lets attention read the cache alone
+instead of a copy of it joined to the mask keys, two copies per layer per call.) Greedy output equals plain greedy decoding token for token (up to float reduction order:
 the tests check fp32); sampling uses standard speculative rejection sampling (accept d_i with
 probability min(1, p/q), else draw from max(0, p - q)), which preserves the base distribution
 under the same temperature / top-k / top-p filter as `mtp_jax.generate`. One option gives that up:
@@ -51,7 +52,7 @@ from mtp_jax.mtp.objective import Params, variables
 
 
 class DecodeState(NamedTuple):
-    cache: tuple  # (k, v) [layers, batch, slots, kv_heads, head_dim]: regular tokens only
+    cache: tuple  # (k, v) [layers, batch, slots, kv_heads, head_dim]: regular tokens below `length`
     length: jax.Array  # [b] valid cache slots (prompt padding included)
     pending: jax.Array  # [b] t_0: emitted, not yet in the cache
     drafts: jax.Array  # [b, k] proposals for the tokens after t_0
@@ -101,26 +102,30 @@ def spec_attend(length: jax.Array, slot_valid: jax.Array, n_regular: int, mask_a
                 mask_step: np.ndarray):
     """Attention for one step: regular queries over the cache, mask blocks over cache + own block.
 
-    `layer_state` = this layer's cache (k, v) [batch, slots, kv_heads, head_dim]. The layer's first
-    `n_regular` keys/values are written to it at slots [length, length + R) per row (aux = the
-    updated cache); mask keys/values [R, R + M) stay out of it. Regular query i sees valid slots
-    <= length + i; mask (s, j) sees valid slots <= length + s and masks (s, 1..j).
+    `layer_state` = this layer's cache (k, v) [batch, slots, kv_heads, head_dim]. All R + M keys/values
+    of the call are written to it at slots [length, length + R + M) per row (aux = the updated cache),
+    so attention reads the cache alone, with no copy of it joined to the mask keys. Regular query i
+    sees valid slots <= length + i; mask (s, j) sees valid slots <= length + s and the slots of masks
+    (s, 1..j). The masks' slots lie past every slot a regular query sees, and the next call's write
+    (at a length at most R further on) covers them again, so only regular tokens stay in the cache.
     """
-    q_last = np.concatenate([np.arange(n_regular), mask_anchor])  # last slot each query sees, minus length
-    same_block = (mask_anchor[:, None] == mask_anchor[None, :]) & (mask_step[None, :] <= mask_step[:, None])
-    sees_masks = np.concatenate([np.zeros((n_regular, len(mask_anchor)), bool), same_block])  # [Q, M]
+    q_last = np.concatenate([np.arange(n_regular), mask_anchor])  # last cache slot each query sees, minus length
+    # each mask sees the slots of its block's masks up to itself: [block start, own index] after the R regular
+    m = np.arange(len(mask_anchor))
+    block_start = m - (mask_step - 1)
+    own_lo = np.concatenate([np.full(n_regular, 1), n_regular + block_start])  # regular queries: empty range
+    own_hi = np.concatenate([np.zeros(n_regular, int), n_regular + m])
     write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
 
     def attend(q, k, v, layer_state):
         k_cache, v_cache = layer_state
-        k_cache = write(k_cache, k[:, :n_regular].astype(k_cache.dtype), length)
-        v_cache = write(v_cache, v[:, :n_regular].astype(v_cache.dtype), length)
-        slots = jnp.arange(k_cache.shape[1])
-        sees_cache = (slots[None, None, :] <= length[:, None, None] + q_last[None, :, None]) & slot_valid[:, None]
-        mask = jnp.concatenate([sees_cache, jnp.broadcast_to(sees_masks, (q.shape[0], *sees_masks.shape))], -1)
-        keys = jnp.concatenate([k_cache.astype(q.dtype), k[:, n_regular:]], axis=1)
-        values = jnp.concatenate([v_cache.astype(q.dtype), v[:, n_regular:]], axis=1)
-        out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
+        k_cache = write(k_cache, k.astype(k_cache.dtype), length)
+        v_cache = write(v_cache, v.astype(v_cache.dtype), length)
+        rel = jnp.arange(k_cache.shape[1])[None, None, :] - length[:, None, None]  # [b, 1, slots]
+        sees_cache = (rel <= q_last[None, :, None]) & slot_valid[:, None]
+        sees_own = (rel >= own_lo[None, :, None]) & (rel <= own_hi[None, :, None])
+        mask = (sees_cache | sees_own)[:, None]
+        out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask)
         return out, (k_cache, v_cache)
 
     return attend
@@ -209,10 +214,11 @@ def _verify(base_logits, drafts, n_drafts, q, sampling: Sampling, rng, lossy: fl
     return n, emitted
 
 
-def _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k, lossy):
-    """Prompt call: fills the cache, emits the first token, drafts k from a mask block after the prompt."""
+def _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k, blocks, lossy):
+    """Prompt call: fills the cache, emits the first token, drafts k from a mask block after the prompt.
+    The cache holds the prompt, the new tokens and one step's k + 1 regular and `blocks` x k mask entries."""
     b, t = tokens.shape
-    slots = t + max_new_tokens + k
+    slots = t + max_new_tokens + k + blocks * k
     slot_valid = jnp.arange(slots)[None, :] >= pad_len[:, None]
     length = jnp.zeros((b,), jnp.int32)
     last, hidden, cache = _forward(model, params, init_cache(model, b, slots), length, pad_len, slot_valid, tokens,
@@ -279,13 +285,14 @@ _STATIC = ("model", "max_new_tokens", "sampling", "k", "anchors", "lossy")
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _decode(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k, anchors, lossy):
-    state, slot_valid = _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k, lossy)
+    state, slot_valid = _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling, k,
+                                 len(anchors), lossy)
     body = lambda s: _step(model, params, s, pad_len, slot_valid, eos_ids, max_new_tokens, sampling, k, anchors,
                            lossy)
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_new_tokens", "sampling", "k", "lossy"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_new_tokens", "sampling", "k", "blocks", "lossy"))
 _step_jit = jax.jit(_step, static_argnames=_STATIC, donate_argnames=("state",))
 
 
@@ -335,7 +342,7 @@ def speculative_stream(model: MTPModel, params: Params, prompts: Sequence[Sequen
     tokens, pad_len, eos, k, anchors = _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id,
                                                draft_length, anchors, lossy)
     state, slot_valid = _prefill_jit(model, params, tokens, pad_len, eos, jax.random.key(seed), max_new_tokens,
-                                     sampling, k, lossy)
+                                     sampling, k, len(anchors), lossy)
     seen = np.zeros(len(prompts), np.int64)
     while True:
         n_out, done = np.asarray(state.n_out), np.asarray(state.done)

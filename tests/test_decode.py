@@ -126,6 +126,45 @@ def test_steps_and_acceptance_follow_training_path_drafts(setups, kind):
         np.testing.assert_array_equal(res.offered[row], [steps - 1] * K, err_msg=f"{kind} row {row}")
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_mask_states_equal_training_path(setups, kind):
+    """The mask blocks' final hidden states in a decoding call (the prompt call, then a step with every
+    anchor offset 0..k, left-padded rows) equal the training code's two-stream mask states at the same
+    anchors: each block sees exactly the cache up to its anchor and its own earlier masks."""
+    from mtp_jax.decode import _forward
+    from mtp_jax.generate import check_request, init_cache
+
+    model, params, lm = setups[kind]
+    prompts = prompts_for(16)[:2]  # lengths 5 and 17: the first row is left-padded by 12
+    truth = generate(lm, params["base"], prompts, K + 2, NEVER)
+    tokens, pad_len = (jnp.asarray(x) for x in check_request(prompts, 2 * K, NEVER, 0, 1024))
+    t, anchors = tokens.shape[1], tuple(range(K + 1))
+    slot_valid = jnp.arange(t + 3 * K + len(anchors) * K)[None, :] >= pad_len[:, None]
+    zero = jnp.zeros(len(prompts), jnp.int32)
+    cache = init_cache(lm, len(prompts), slot_valid.shape[1])
+    _, first_block, cache = _forward(model, params, cache, zero, pad_len, slot_valid, tokens, (t - 1,), K,
+                                     last_only=True)
+    step_tokens = jnp.asarray([row[:K + 1] for row in truth])  # t_0 and k drafts that happen to be right
+    _, blocks, _ = _forward(model, params, cache, zero + t, pad_len, slot_valid, step_tokens, anchors, K)
+
+    seqs = np.zeros((len(prompts), 32), np.int32)
+    segment_ids = np.zeros_like(seqs)
+    for row, (prompt, cont) in enumerate(zip(prompts, truth)):
+        seqs[row, :len(prompt) + len(cont)], segment_ids[row, :len(prompt) + len(cont)] = prompt + cont, 1
+    v = variables(params)
+    pos = jnp.broadcast_to(jnp.arange(seqs.shape[1]), seqs.shape)
+    _, kv = model.apply(v, jnp.asarray(seqs), pos, jnp.asarray(segment_ids), method=MTPModel.regular)
+    ref = np.asarray(model.apply(v, params["mask_embedding"], jnp.arange(seqs.shape[1]), pos,
+                                 jnp.asarray(segment_ids), kv, method=MTPModel.mask_hidden))  # [b, anchor, k, d]
+    for row, prompt in enumerate(prompts):
+        a = len(prompt) - 1
+        np.testing.assert_allclose(np.asarray(first_block[row, 0]), ref[row, a], atol=2e-5,
+                                   err_msg=f"{kind} row {row}: prompt call")
+        for s in anchors:
+            np.testing.assert_allclose(np.asarray(blocks[row, s]), ref[row, a + 1 + s], atol=2e-5,
+                                       err_msg=f"{kind} row {row}: block at anchor offset {s}")
+
+
 @pytest.mark.parametrize("draft_length,anchors", [(K, (0,)), (2, (0, 2))])
 def test_fewer_mask_blocks_and_smaller_k_stay_exact(setups, draft_length, anchors):
     model, params, lm = setups["llama"]
