@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mtp_jax.decode import for_decoding, load_adapter, speculative_generate
+from mtp_jax.decode import load_adapter, speculative_generate
 from mtp_jax.generate import compile_seconds, encode_prompt, eos_ids_of, generate, pad_id_of
 from mtp_jax.models.llama import CausalLM
 
@@ -77,7 +77,7 @@ def read_prompts(path: str, per_domain: int) -> dict[str, list[str]]:
     return by_domain
 
 
-def random_setup(config_path: str, dtype: str, k: int, per_domain: int, unfused: bool = False):
+def random_setup(config_path: str, dtype: str, k: int, per_domain: int):
     """MTPModel (LoRA r16 on all projections, k drafts) with random base and adapters at the config's shapes."""
     import jax.numpy as jnp
 
@@ -94,7 +94,7 @@ def random_setup(config_path: str, dtype: str, k: int, per_domain: int, unfused:
     rng = np.random.default_rng(0)
     params["lora"] = jax.tree.map(lambda x: jnp.asarray(0.01 * rng.standard_normal(x.shape), x.dtype), params["lora"])
     ids = {"random": [rng.integers(0, config.vocab_size, RANDOM_PROMPT_TOKENS).tolist() for _ in range(per_domain)]}
-    return (model, params, ids) if unfused else (*for_decoding(model, params), ids)
+    return model, params, ids
 
 
 def parse_layout(text: str) -> tuple[int, ...] | None:
@@ -106,8 +106,6 @@ def main(argv=None):
     ap.add_argument("--adapter", help="training run dir")
     ap.add_argument("--random", help="HF config.json: cost only, random weights at its shapes")
     ap.add_argument("--k", type=int, default=4, help="drafts per step with --random")
-    ap.add_argument("--unfused", action="store_true", help="with --random: keep q/k/v and gate/up adapters apart "
-                                                           "(as trained) instead of fusing them for decoding")
     ap.add_argument("--model", default=None, help="base model path (default: the run's)")
     ap.add_argument("--step", type=int, default=None)
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the run's)")
@@ -128,7 +126,7 @@ def main(argv=None):
         ap.error("pass one of --adapter RUN_DIR or --random CONFIG.json")
 
     if args.random:
-        model, params, ids = random_setup(args.random, args.dtype, args.k, args.per_domain, args.unfused)
+        model, params, ids = random_setup(args.random, args.dtype, args.k, args.per_domain)
         eos, pad_id = [-1], 0
     else:
         model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype)

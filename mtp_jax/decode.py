@@ -46,7 +46,7 @@ import numpy as np
 
 from mtp_jax.generate import Sampling, check_request, filter_logits, init_cache, sample_token
 from mtp_jax.models.config import ModelConfig
-from mtp_jax.models.lora import fuse_adapters
+from mtp_jax.models.lora import adapters_into_base, fuse_adapters
 from mtp_jax.mtp.model import MTPModel
 from mtp_jax.mtp.objective import Params, variables
 
@@ -328,6 +328,7 @@ def speculative_generate(model: MTPModel, params: Params, prompts: Sequence[Sequ
     """
     tokens, pad_len, eos, k, anchors = _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id,
                                                draft_length, anchors, lossy)
+    model, params = for_decoding(model, params)
     state = _decode(model, params, tokens, pad_len, eos, jax.random.key(seed), max_new_tokens, sampling, k, anchors,
                     lossy)
     return _result(state)
@@ -341,6 +342,7 @@ def speculative_stream(model: MTPModel, params: Params, prompts: Sequence[Sequen
     gained in the call (and, with the last, the DecodeResult)."""
     tokens, pad_len, eos, k, anchors = _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id,
                                                draft_length, anchors, lossy)
+    model, params = for_decoding(model, params)
     state, slot_valid = _prefill_jit(model, params, tokens, pad_len, eos, jax.random.key(seed), max_new_tokens,
                                      sampling, k, len(anchors), lossy)
     seen = np.zeros(len(prompts), np.int64)
@@ -383,10 +385,14 @@ def check_vocabulary(trained_tokenizer, mask_token: str, tokenizer, what: str) -
 
 
 def for_decoding(model: MTPModel, params: Params) -> tuple[MTPModel, Params]:
-    """The same model with its adapters in the fused layout (`lora.fuse_adapters`): identical output, fewer
-    matmuls per call, which is what a batch-1 decode step is bound by."""
+    """The same model in the decoding layout, which `speculative_generate` / `speculative_stream` build at
+    the start of each call (a no-op on a model already in it): adapters fused (`lora.fuse_adapters`) and
+    their A matrices carried in the base kernels that read the same inputs (`lora.adapters_into_base`).
+    Identical output with 4 matmuls per layer for the adapters instead of 14 (a batch-1 decode step is
+    bound by its number of kernels); the call holds new copies of the q, o, gate and down kernels."""
     lora_cfg, lora = fuse_adapters(model.lora, params["lora"])
-    return model.clone(lora=lora_cfg), {**params, "lora": lora}
+    lora_cfg, base, lora = adapters_into_base(lora_cfg, params["base"], lora)
+    return model.clone(lora=lora_cfg), {**params, "base": base, "lora": lora}
 
 
 def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None):
@@ -401,7 +407,7 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
 
     if model_path is None:
         run = load_run(run_dir, step, dtype=dtype)
-        return *for_decoding(run.model, jax.device_put(run.params)), run.tokenizer  # numpy leaves: copied per call
+        return run.model, jax.device_put(run.params), run.tokenizer  # numpy leaves would be copied per call
     run = load_run(run_dir, step, load_base=False, dtype=dtype)
     m = run.model
     what = f"--adapter {run_dir} (trained on {run.config.model.path}) with --model {model_path}"
@@ -412,4 +418,4 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
         warnings.warn(f"{what}: same architecture and vocabulary, but a different checkpoint; drafts may be "
                       "accepted less often (output is still exactly this model's)")
     params = jax.device_put({**run.params, "base": base})
-    return *for_decoding(MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), params), run.tokenizer
+    return MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), params, run.tokenizer

@@ -77,8 +77,8 @@ def test_greedy_equals_plain_greedy_batched_with_eos(setups, kind):
     assert res.tokens == ref, f"{kind}: speculative greedy diverged from plain greedy"
     assert any(len(r) < NEW for r in ref) and any(len(r) == NEW for r in ref), "EOS case not covered"
     assert res.accepted.sum() > 0, f"{kind}: no draft accepted; the verification path went untested"
-    fused = speculative_generate(*for_decoding(model, params), prompts, NEW, [eos])  # how load_adapter decodes
-    assert fused.tokens == ref and (fused.accepted == res.accepted).all(), f"{kind}: fused adapters draft otherwise"
+    laid_out = speculative_generate(*for_decoding(model, params), prompts, NEW, [eos])  # already in the layout
+    assert laid_out.tokens == ref and (laid_out.accepted == res.accepted).all(), f"{kind}: decoding layout differs"
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -129,8 +129,9 @@ def test_steps_and_acceptance_follow_training_path_drafts(setups, kind):
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_mask_states_equal_training_path(setups, kind):
     """The mask blocks' final hidden states in a decoding call (the prompt call, then a step with every
-    anchor offset 0..k, left-padded rows) equal the training code's two-stream mask states at the same
-    anchors: each block sees exactly the cache up to its anchor and its own earlier masks."""
+    anchor offset 0..k, left-padded rows), with the adapters as trained and in the decoding layout, equal
+    the training code's two-stream mask states at the same anchors: each block sees exactly the cache up
+    to its anchor and its own earlier masks."""
     from mtp_jax.decode import _forward
     from mtp_jax.generate import check_request, init_cache
 
@@ -141,11 +142,12 @@ def test_mask_states_equal_training_path(setups, kind):
     t, anchors = tokens.shape[1], tuple(range(K + 1))
     slot_valid = jnp.arange(t + 3 * K + len(anchors) * K)[None, :] >= pad_len[:, None]
     zero = jnp.zeros(len(prompts), jnp.int32)
-    cache = init_cache(lm, len(prompts), slot_valid.shape[1])
-    _, first_block, cache = _forward(model, params, cache, zero, pad_len, slot_valid, tokens, (t - 1,), K,
-                                     last_only=True)
     step_tokens = jnp.asarray([row[:K + 1] for row in truth])  # t_0 and k drafts that happen to be right
-    _, blocks, _ = _forward(model, params, cache, zero + t, pad_len, slot_valid, step_tokens, anchors, K)
+    states = {}
+    for layout, (m, p) in {"trained": (model, params), "decoding": for_decoding(model, params)}.items():
+        cache = init_cache(lm, len(prompts), slot_valid.shape[1])
+        _, first_block, cache = _forward(m, p, cache, zero, pad_len, slot_valid, tokens, (t - 1,), K, last_only=True)
+        states[layout] = first_block, _forward(m, p, cache, zero + t, pad_len, slot_valid, step_tokens, anchors, K)[1]
 
     seqs = np.zeros((len(prompts), 32), np.int32)
     segment_ids = np.zeros_like(seqs)
@@ -156,13 +158,13 @@ def test_mask_states_equal_training_path(setups, kind):
     _, kv = model.apply(v, jnp.asarray(seqs), pos, jnp.asarray(segment_ids), method=MTPModel.regular)
     ref = np.asarray(model.apply(v, params["mask_embedding"], jnp.arange(seqs.shape[1]), pos,
                                  jnp.asarray(segment_ids), kv, method=MTPModel.mask_hidden))  # [b, anchor, k, d]
-    for row, prompt in enumerate(prompts):
+    for (layout, (first_block, blocks)), (row, prompt) in itertools.product(states.items(), enumerate(prompts)):
         a = len(prompt) - 1
         np.testing.assert_allclose(np.asarray(first_block[row, 0]), ref[row, a], atol=2e-5,
-                                   err_msg=f"{kind} row {row}: prompt call")
+                                   err_msg=f"{kind} {layout} row {row}: prompt call")
         for s in anchors:
             np.testing.assert_allclose(np.asarray(blocks[row, s]), ref[row, a + 1 + s], atol=2e-5,
-                                       err_msg=f"{kind} row {row}: block at anchor offset {s}")
+                                       err_msg=f"{kind} {layout} row {row}: block at anchor offset {s}")
 
 
 @pytest.mark.parametrize("draft_length,anchors", [(K, (0,)), (2, (0, 2))])

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.models.config import ModelConfig
-from mtp_jax.models.lora import LORA_COLLECTION, FusedLoRA, Linear, LoRAConfig, projection_lora
+from mtp_jax.models.lora import FUSED_GROUPS, LORA_COLLECTION, FusedLoRA, Linear, LoRAConfig, projection_lora
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -77,6 +77,12 @@ def causal_attend(kv_valid: jax.Array | None = None) -> Attend:
     return attend
 
 
+def project(linear: Linear, x, gate, deterministic):
+    """(linear's output, x @ A of the adapter A columns its kernel carries, or None: `Linear.a_columns`)."""
+    out = linear(x, gate, deterministic)
+    return out if linear.a_columns else (out, None)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     lora: LoRAConfig | None = None
@@ -86,10 +92,11 @@ class Attention(nn.Module):
     def setup(self):
         c, lora = self.config, self.lora
 
-        def proj(name, features, axes, target, bias):
-            return Linear(features, axes, bias, projection_lora(lora, target), self.dtype, self.param_dtype, name=name)
+        def proj(name, features, axes, target, bias, host_of=()):
+            return Linear(features, axes, bias, projection_lora(lora, target), self.dtype, self.param_dtype,
+                          lora.a_columns(target, host_of) if lora is not None else 0, name=name)
 
-        self.q_proj = proj("q_proj", c.q_features, ("embed", "q_heads"), "q", c.attention_bias)
+        self.q_proj = proj("q_proj", c.q_features, ("embed", "q_heads"), "q", c.attention_bias, FUSED_GROUPS[0])
         self.k_proj = proj("k_proj", c.kv_features, ("embed", "kv_heads"), "k", c.attention_bias)
         self.v_proj = proj("v_proj", c.kv_features, ("embed", "kv_heads"), "v", c.attention_bias)
         self.o_proj = proj("o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
@@ -105,11 +112,11 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, attend: Attend, layer_state=None, gate=None, deterministic=True):
         c = self.config
         b, t, _ = x.shape
-        q = self.q_proj(x, gate, deterministic)
-        k = self.k_proj(x, gate, deterministic)
-        v = self.v_proj(x, gate, deterministic)
+        q, xa = project(self.q_proj, x, gate, deterministic)
+        k, _ = project(self.k_proj, x, gate, deterministic)
+        v, _ = project(self.v_proj, x, gate, deterministic)
         if self.fused_targets and gate is not None:
-            deltas = dict(zip(self.fused_targets, self.qkv_proj(x, gate, deterministic)))
+            deltas = dict(zip(self.fused_targets, self.qkv_proj(x, gate, deterministic, xa)))
             q = q + deltas.get("q", 0.0)
             k = k + deltas.get("k", 0.0)
             v = v + deltas.get("v", 0.0)
@@ -123,7 +130,7 @@ class Attention(nn.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         out, aux = attend(q, k, v, layer_state)
         out = out.astype(self.dtype).reshape(b, t, c.q_features)
-        return self.o_proj(out, gate, deterministic), aux
+        return project(self.o_proj, out, gate, deterministic)[0], aux
 
 
 class MLP(nn.Module):
@@ -135,11 +142,11 @@ class MLP(nn.Module):
     def setup(self):
         c, lora = self.config, self.lora
 
-        def proj(name, features, axes, target):
+        def proj(name, features, axes, target, host_of=()):
             return Linear(features, axes, c.mlp_bias, projection_lora(lora, target), self.dtype, self.param_dtype,
-                          name=name)
+                          lora.a_columns(target, host_of) if lora is not None else 0, name=name)
 
-        self.gate_proj = proj("gate_proj", c.intermediate_size, ("embed", "mlp"), "gate")
+        self.gate_proj = proj("gate_proj", c.intermediate_size, ("embed", "mlp"), "gate", FUSED_GROUPS[1])
         self.up_proj = proj("up_proj", c.intermediate_size, ("embed", "mlp"), "up")
         self.down_proj = proj("down_proj", c.hidden_size, ("mlp", "embed"), "down")
         self.fused_targets = tuple(t for t in ("gate", "up") if lora is not None and lora.fused(t))
@@ -148,14 +155,14 @@ class MLP(nn.Module):
                                           lora, self.dtype, self.param_dtype)
 
     def __call__(self, x, gate=None, deterministic=True):
-        g = self.gate_proj(x, gate, deterministic)
-        u = self.up_proj(x, gate, deterministic)
+        g, xa = project(self.gate_proj, x, gate, deterministic)
+        u, _ = project(self.up_proj, x, gate, deterministic)
         if self.fused_targets and gate is not None:
-            deltas = dict(zip(self.fused_targets, self.gate_up_proj(x, gate, deterministic)))
+            deltas = dict(zip(self.fused_targets, self.gate_up_proj(x, gate, deterministic, xa)))
             g = g + deltas.get("gate", 0.0)
             u = u + deltas.get("up", 0.0)
         h = constrain(nn.silu(g) * u, ("batch", "length", "mlp"))
-        return self.down_proj(h, gate, deterministic)
+        return project(self.down_proj, h, gate, deterministic)[0]
 
 
 class DecoderLayer(nn.Module):

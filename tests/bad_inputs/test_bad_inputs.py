@@ -149,6 +149,8 @@ CASES = [
          config="{files}/configs/bad_value.yaml"),
     Case("config_prefix_split_packed", r"needs one example per row", r"mtp\.prefix_split",
          r"set data\.packing: false", argv=("--mtp.prefix_split", "true")),
+    Case("config_decoding_layout", r"is the decoding layout", r"lora\.a_in_base", r"training needs it off",
+         argv=("--lora.a_in_base", "true")),
     Case("config_missing_file", r"config file not found", r"nope\.yaml", r"pass a YAML file",
          config="{ws}/nope.yaml"),
     Case("config_value_not_allowed", r"got 'chatml'", r"data\.prompt_format", r"expected one of \['chat', 'raw'\]",
