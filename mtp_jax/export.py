@@ -36,8 +36,6 @@ DTYPES = {"float32": (np.dtype(np.float32), "F32"), "bfloat16": (np.dtype(ml_dty
 # LoRA target -> HF module path inside a decoder layer
 TARGET_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                   "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-# fused adapter module (our tree) -> its place in the layer
-FUSED_MODULES = {("q", "k", "v"): ("self_attn", "qkv_proj"), ("gate", "up"): ("mlp", "gate_up_proj")}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
@@ -197,6 +195,8 @@ def adapter_tensors(lora_tree: dict, lora, config) -> tuple[dict[str, np.ndarray
     """
     import jax
 
+    from mtp_jax.models.lora import FUSED_MODULES
+
     sizes = {"q": config.q_features, "k": config.kv_features, "v": config.kv_features, "o": config.hidden_size,
              "gate": config.intermediate_size, "up": config.intermediate_size, "down": config.hidden_size}
     tensors, scales = {}, {}
@@ -204,7 +204,7 @@ def adapter_tensors(lora_tree: dict, lora, config) -> tuple[dict[str, np.ndarray
     for i in range(config.num_layers):
         layer = jax.tree.map(lambda x: x[i], stacked)
         for group, (block, module) in FUSED_MODULES.items():
-            members = [t for t in group if lora.fused(t)]
+            members = lora.group(group)
             if not members:
                 continue
             fused = layer[block][module]

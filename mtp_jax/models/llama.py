@@ -100,7 +100,7 @@ class Attention(nn.Module):
         self.k_proj = proj("k_proj", c.kv_features, ("embed", "kv_heads"), "k", c.attention_bias)
         self.v_proj = proj("v_proj", c.kv_features, ("embed", "kv_heads"), "v", c.attention_bias)
         self.o_proj = proj("o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
-        self.fused_targets = tuple(t for t in ("q", "k", "v") if lora is not None and lora.fused(t))
+        self.fused_targets = lora.group(FUSED_GROUPS[0]) if lora is not None else ()
         if self.fused_targets:
             sizes = {"q": c.q_features, "k": c.kv_features, "v": c.kv_features}
             self.qkv_proj = FusedLoRA(tuple(sizes[t] for t in self.fused_targets), ("embed", "q_heads"),
@@ -149,7 +149,7 @@ class MLP(nn.Module):
         self.gate_proj = proj("gate_proj", c.intermediate_size, ("embed", "mlp"), "gate", FUSED_GROUPS[1])
         self.up_proj = proj("up_proj", c.intermediate_size, ("embed", "mlp"), "up")
         self.down_proj = proj("down_proj", c.hidden_size, ("mlp", "embed"), "down")
-        self.fused_targets = tuple(t for t in ("gate", "up") if lora is not None and lora.fused(t))
+        self.fused_targets = lora.group(FUSED_GROUPS[1]) if lora is not None else ()
         if self.fused_targets:
             self.gate_up_proj = FusedLoRA((c.intermediate_size,) * len(self.fused_targets), ("embed", "mlp"),
                                           lora, self.dtype, self.param_dtype)

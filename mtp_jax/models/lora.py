@@ -17,6 +17,8 @@ import jax.numpy as jnp
 LORA_COLLECTION = "lora"
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 FUSED_GROUPS = (("q", "k", "v"), ("gate", "up"))
+# fused adapter group -> (block, module) of its adapter in a decoder layer's tree
+FUSED_MODULES = {FUSED_GROUPS[0]: ("self_attn", "qkv_proj"), FUSED_GROUPS[1]: ("mlp", "gate_up_proj")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +87,8 @@ def fuse_adapters(cfg: LoRAConfig, lora: dict) -> tuple[LoRAConfig, dict]:
         return cfg, lora
     fused_cfg = dataclasses.replace(cfg, fuse=True)
     layers = dict(lora["model"]["layers"])
-    for module, name, group in (("self_attn", "qkv_proj", FUSED_GROUPS[0]), ("mlp", "gate_up_proj", FUSED_GROUPS[1])):
-        parts = [t for t in group if fused_cfg.fused(t)]
+    for group, (module, name) in FUSED_MODULES.items():
+        parts = fused_cfg.group(group)
         if not parts:
             continue
         projections = dict(layers[module])
@@ -106,13 +108,6 @@ def fuse_adapters(cfg: LoRAConfig, lora: dict) -> tuple[LoRAConfig, dict]:
     return fused_cfg, {**lora, "model": {**lora["model"], "layers": layers}}
 
 
-# (block, adapter module, host projection): where each adapter's A goes in the decoding layout
-_A_HOSTS = (("self_attn", "qkv_proj", "q_proj"), ("mlp", "gate_up_proj", "gate_proj"),
-            ("self_attn", "q_proj", "q_proj"), ("self_attn", "k_proj", "k_proj"), ("self_attn", "v_proj", "v_proj"),
-            ("self_attn", "o_proj", "o_proj"), ("mlp", "gate_proj", "gate_proj"), ("mlp", "up_proj", "up_proj"),
-            ("mlp", "down_proj", "down_proj"))
-
-
 def adapters_into_base(cfg: LoRAConfig, base: dict, lora: dict) -> tuple[LoRAConfig, dict, dict]:
     """The decoding layout (`cfg.a_in_base`): every A matrix appended as columns to the base kernel that
     reads its input, so one matmul per input computes the base projection and the adapter's first half;
@@ -121,12 +116,11 @@ def adapters_into_base(cfg: LoRAConfig, base: dict, lora: dict) -> tuple[LoRACon
     apart from the frozen base. Returns (config, base params, lora collection)."""
     if cfg.a_in_base or cfg.rank == 0:
         return cfg, base, lora
+    hosts = {module: f"{group[0]}_proj" for group, (_, module) in FUSED_MODULES.items()}  # else its own projection
     base_layers = {block: dict(v) for block, v in base["model"]["layers"].items()}
     lora_layers = {block: dict(v) for block, v in lora["model"]["layers"].items()}
-    for block, module, host in _A_HOSTS:
-        adapter = lora_layers.get(block, {}).get(module)
-        if adapter is None:
-            continue
+    for block, module in [(block, module) for block, modules in lora_layers.items() for module in modules]:
+        adapter, host = lora_layers[block][module], hosts.get(module, module)
         kernel = base_layers[block][host]["kernel"]
         base_layers[block][host] = {**base_layers[block][host],
                                     "kernel": jnp.concatenate([kernel, adapter["lora_A"].astype(kernel.dtype)], -1)}
