@@ -13,34 +13,53 @@ trees, e.g. the standard library and site-packages (numpy, torch, transformers, 
 import argparse
 import ast
 import json
+import multiprocessing
+import os
 import random
 import sysconfig
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from tqdm import tqdm
 
-def prompts_from(src: Path, seen: set | None = None):
+
+def source_files(src: Path) -> list[Path]:
+    """The tree's .py files in a fixed order; tests are no tasks, and the standard library's own
+    site-packages is a tree of its own."""
+    return [path for path in sorted(src.rglob("*.py"))
+            if not any(part in ("test", "tests", "idlelib", "site-packages") for part in path.relative_to(src).parts)]
+
+
+def documented_functions(path: Path) -> list[tuple[str, str, list[str]]]:
+    """(name, one-line docstring summary, arguments) of each public documented function of one file."""
+    try:
+        tree = ast.parse(path.read_text(errors="replace"))
+    except (SyntaxError, ValueError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+            continue
+        doc = (ast.get_docstring(node) or "").strip().splitlines()
+        summary = doc[0].strip() if doc else ""
+        if 20 <= len(summary) <= 160 and summary[0].isalpha():
+            found.append((node.name, summary, [a.arg for a in node.args.args if a.arg not in ("self", "cls")]))
+    return found
+
+
+def prompts_from(src: Path, seen: set | None = None, workers: int | None = None):
+    """Prompts in file order, one per (name, summary) not in `seen` (which grows). Files are parsed by
+    `workers` processes (default: every core; parsing a site-packages takes minutes on one)."""
     seen = set() if seen is None else seen
-    for path in sorted(src.rglob("*.py")):
-        # tests are no tasks; the standard library's own site-packages is a tree of its own
-        if any(part in ("test", "tests", "idlelib", "site-packages") for part in path.relative_to(src).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(errors="replace"))
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-                continue
-            doc = (ast.get_docstring(node) or "").strip().splitlines()
-            summary = doc[0].strip() if doc else ""
-            if not 20 <= len(summary) <= 160 or not summary[0].isalpha():
-                continue
-            args = [a.arg for a in node.args.args if a.arg not in ("self", "cls")]
-            key = (node.name, summary)
-            if key in seen:
-                continue
-            seen.add(key)
-            yield f"Write a Python function `{node.name}({', '.join(args)})` that does this: {summary}"
+    files = source_files(src)
+    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for found in tqdm(pool.map(documented_functions, files, chunksize=16), total=len(files), unit="file",
+                          desc=f"parse {src}", disable=None):
+            for name, summary, args in found:
+                if (name, summary) in seen:
+                    continue
+                seen.add((name, summary))
+                yield f"Write a Python function `{name}({', '.join(args)})` that does this: {summary}"
 
 
 def main():
