@@ -26,10 +26,11 @@ Cache: a step writes its k + 1 regular tokens and then its masks per row at the 
 (rows accept different counts), and L advances by n + 1: the rejected drafts' and the masks' entries
 sit beyond L, hidden by the causal rule and overwritten by the next step's write, so below L the
 cache holds regular tokens only. (Writing the masks there lets attention read the cache alone
-instead of a copy of it joined to the mask keys, two copies per layer per call.) Greedy output equals plain greedy decoding token for token (up to float reduction order:
-the tests check fp32); sampling uses standard speculative rejection sampling (accept d_i with
-probability min(1, p/q), else draw from max(0, p - q)), which preserves the base distribution
-under the same temperature / top-k / top-p filter as `mtp_jax.generate`. One option gives that up:
+instead of a copy of it joined to the mask keys, two copies per layer per call.) Greedy output
+equals plain greedy decoding token for token (up to float reduction order: the tests check fp32);
+sampling uses standard speculative rejection sampling (accept d_i with probability min(1, p/q),
+else draw from max(0, p - q)), which preserves the base distribution under the same temperature /
+top-k / top-p filter as `mtp_jax.generate`. One option gives that up:
 `lossy=p` (ConfAdapt-style, off by default) also accepts drafts the sampler is at least p sure of.
 """
 

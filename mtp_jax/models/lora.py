@@ -119,12 +119,13 @@ def adapters_into_base(cfg: LoRAConfig, base: dict, lora: dict) -> tuple[LoRACon
     hosts = {module: f"{group[0]}_proj" for group, (_, module) in FUSED_MODULES.items()}  # else its own projection
     base_layers = {block: dict(v) for block, v in base["model"]["layers"].items()}
     lora_layers = {block: dict(v) for block, v in lora["model"]["layers"].items()}
-    for block, module in [(block, module) for block, modules in lora_layers.items() for module in modules]:
-        adapter, host = lora_layers[block][module], hosts.get(module, module)
-        kernel = base_layers[block][host]["kernel"]
-        base_layers[block][host] = {**base_layers[block][host],
-                                    "kernel": jnp.concatenate([kernel, adapter["lora_A"].astype(kernel.dtype)], -1)}
-        lora_layers[block][module] = {name: x for name, x in adapter.items() if name != "lora_A"}
+    for block, modules in lora["model"]["layers"].items():  # iterate the input; the copies above change
+        for module, adapter in modules.items():
+            host = hosts.get(module, module)
+            kernel = base_layers[block][host]["kernel"]
+            base_layers[block][host] = {**base_layers[block][host], "kernel": jnp.concatenate(
+                [kernel, adapter["lora_A"].astype(kernel.dtype)], -1)}
+            lora_layers[block][module] = {name: x for name, x in adapter.items() if name != "lora_A"}
     return (dataclasses.replace(cfg, a_in_base=True),
             {**base, "model": {**base["model"], "layers": base_layers}},
             {**lora, "model": {**lora["model"], "layers": lora_layers}})
@@ -142,7 +143,7 @@ def lora_delta(module: nn.Module, x: jax.Array, out_features: int, cfg: LoRAConf
     `xa`: x @ A already computed (the decoding layout: A rides in the base kernel), so no `lora_A`."""
     in_features = x.shape[-1]
     rank = cfg.rank * n_fused
-    if xa is None:
+    if xa is None:  # declared before B, as always: the collection keeps its order
         a = module.variable(
             LORA_COLLECTION, "lora_A",
             nn.with_logical_partitioning(kaiming_uniform_a_sqrt5, (axes[0], "lora_rank")),
