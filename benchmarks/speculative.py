@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import jax
@@ -188,6 +189,8 @@ def main(argv=None):
         for name, p in profile.items():
             print(f"profile {name}: {p['calls']} calls, {p['kernels_per_call']:.0f} GPU kernels and "
                   f"{sum(p['ms_per_call'].values()):.2f} ms of kernel time per call {p['ms_per_call']}", flush=True)
+            for kernel, (count, us) in p["top_kernels"].items():
+                print(f"    {count:7.2f} x {kernel:60s} {us:8.1f} us/call", flush=True)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     kind = device.device_kind if device.platform != "cpu" else f"cpu ({os.cpu_count()} cores)"
@@ -207,10 +210,10 @@ def main(argv=None):
     print(markdown(report, layouts, batch_sizes, tag))
 
 
-def profile_calls(trace_dir: str, runs: dict) -> dict:
+def profile_calls(trace_dir: str, runs: dict, top_kernels: int = 40) -> dict:
     """name -> {calls, GPU kernels per model call, ms of kernel time per call by kind} from one traced
     run of each (fn, calls_of_output) in `runs`, after an untraced one (compilation stays out)."""
-    from train_step import kernel_stats
+    from train_step import kernel_events, kernel_stats
 
     out = {}
     for name, (fn, calls_of) in runs.items():
@@ -219,8 +222,15 @@ def profile_calls(trace_dir: str, runs: dict) -> dict:
         with jax.profiler.trace(path):
             calls = calls_of(jax.block_until_ready(fn()))
         seconds, counts = kernel_stats(path)
+        names = defaultdict(lambda: [0, 0.0])  # kernel name without its numeric suffixes -> [count, seconds]
+        for kernel, s in kernel_events(path):
+            entry = names[re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", kernel))[:60]]
+            entry[0], entry[1] = entry[0] + 1, entry[1] + s
+        top = sorted(names.items(), key=lambda kv: -kv[1][0])[:top_kernels]
         out[name] = {"calls": calls, "kernels_per_call": sum(counts.values()) / calls,
-                     "ms_per_call": {kind: round(1e3 * s / calls, 4) for kind, s in seconds.items()}}
+                     "ms_per_call": {kind: round(1e3 * s / calls, 4) for kind, s in seconds.items()},
+                     "top_kernels": {kernel: [round(c / calls, 2), round(1e6 * s / calls, 1)]
+                                     for kernel, (c, s) in top}}  # per call: [count, microseconds]
     return out
 
 

@@ -45,13 +45,11 @@ KINDS = (("attention", r"fmha|flash|cudnn|attention|sdpa"), ("soft-CE kernel", r
          ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|dot"), ("other (fusions, copies)", r""))
 
 
-def kernel_stats(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
-    """GPU kernel seconds and kernel counts by kind in the newest trace under `trace_dir` (empty
-    without a GPU)."""
+def kernel_events(trace_dir: str):
+    """(name, seconds) of every GPU kernel in the newest trace under `trace_dir` (none without a GPU)."""
     from jax.profiler import ProfileData
 
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
-    seconds, counts = defaultdict(float), defaultdict(int)
     for plane in ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -59,9 +57,17 @@ def kernel_stats(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
             if not line.name.startswith("Stream"):  # kernel launches; "XLA Ops"/"XLA Modules" would double count
                 continue
             for event in line.events:
-                kind = next(k for k, pattern in KINDS if re.search(pattern, event.name, re.IGNORECASE))
-                seconds[kind] += event.duration_ns * 1e-9
-                counts[kind] += 1
+                yield event.name, event.duration_ns * 1e-9
+
+
+def kernel_stats(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
+    """GPU kernel seconds and kernel counts by kind in the newest trace under `trace_dir` (empty
+    without a GPU)."""
+    seconds, counts = defaultdict(float), defaultdict(int)
+    for name, s in kernel_events(trace_dir):
+        kind = next(k for k, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))
+        seconds[kind] += s
+        counts[kind] += 1
     return dict(seconds), dict(counts)
 
 
