@@ -390,10 +390,13 @@ def for_decoding(model: MTPModel, params: Params) -> tuple[MTPModel, Params]:
     the start of each call (a no-op on a model already in it): adapters fused (`lora.fuse_adapters`) and
     their A matrices carried in the base kernels that read the same inputs (`lora.adapters_into_base`).
     Identical output with 4 matmuls per layer for the adapters instead of 14 (a batch-1 decode step is
-    bound by its number of kernels); the call holds new copies of the q, o, gate and down kernels."""
+    bound by its number of kernels); the call holds new copies of the q, o, gate and down kernels.
+    Every floating parameter is also cast to the compute dtype once, here: each use casts to it anyway
+    (same values), and float32 adapters under bf16 compute otherwise cost 4 cast kernels per layer per call."""
     lora_cfg, lora = fuse_adapters(model.lora, params["lora"])
     lora_cfg, base, lora = adapters_into_base(lora_cfg, params["base"], lora)
-    return model.clone(lora=lora_cfg), {**params, "base": base, "lora": lora}
+    cast = lambda x: x.astype(model.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return model.clone(lora=lora_cfg), jax.tree.map(cast, {**params, "base": base, "lora": lora})
 
 
 def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None):

@@ -167,6 +167,34 @@ def test_mask_states_equal_training_path(setups, kind):
                                        err_msg=f"{kind} {layout} row {row}: block at anchor offset {s}")
 
 
+def test_decoding_layout_casts_params_once_to_the_same_values(setups):
+    """bf16 compute with float32 adapters (the shipped GPU config): for_decoding casts every floating
+    parameter to bf16 once, and a decoding call then gives bit for bit what the uncast layout gives
+    (every use casts to the compute dtype itself), and its parameters are all bf16."""
+    from mtp_jax.decode import _forward
+    from mtp_jax.generate import check_request, init_cache
+    from mtp_jax.models.lora import adapters_into_base, fuse_adapters
+
+    model, params, lm = setups["llama"]
+    model = model.clone(dtype=jnp.bfloat16)
+    params = {**params, "base": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params["base"])}
+    cfg, lora = fuse_adapters(model.lora, params["lora"])
+    cfg, base, lora = adapters_into_base(cfg, params["base"], lora)
+    uncast = (model.clone(lora=cfg), {**params, "base": base, "lora": lora})
+    cast = for_decoding(model, params)
+    assert {x.dtype for x in jax.tree.leaves(uncast[1])} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(cast[1])} == {jnp.dtype(jnp.bfloat16)}
+    prompts = prompts_for(16)[:2]
+    tokens, pad_len = (jnp.asarray(x) for x in check_request(prompts, 2 * K, NEVER, 0, 1024))
+    slot_valid = jnp.arange(tokens.shape[1] + 3 * K + (K + 1) * K)[None, :] >= pad_len[:, None]
+    zero = jnp.zeros(len(prompts), jnp.int32)
+    outs = [_forward(m, p, init_cache(lm.clone(dtype=jnp.bfloat16), len(prompts), slot_valid.shape[1]), zero,
+                     pad_len, slot_valid, tokens, tuple(range(K + 1)), K) for m, p in (uncast, cast)]
+    for name, a, b in zip(("logits", "mask hidden", "cache"), *outs):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            assert x.dtype == y.dtype and np.array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32)), name
+
+
 @pytest.mark.parametrize("draft_length,anchors", [(K, (0,)), (2, (0, 2))])
 def test_fewer_mask_blocks_and_smaller_k_stay_exact(setups, draft_length, anchors):
     model, params, lm = setups["llama"]
