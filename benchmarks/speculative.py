@@ -303,6 +303,16 @@ def markdown(report: dict, layouts: list[str], batch_sizes: list[int], tag: str)
             ms = sum(p["ms_per_call"].values())
             lines.append(f"| {name} | {p['calls']} | {p['kernels_per_call']:.0f} | {ms:.3f} | {kinds} |")
         lines.append("")
+        names = list(dict.fromkeys(kernel for p in report["profile"].values() for kernel in p.get("top_kernels", {})))
+        if names:  # the most frequent kernels of any method, side by side
+            methods = list(report["profile"])
+            lines += ["Most frequent GPU kernels per call (count, microseconds):", "",
+                      "| kernel | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+            for kernel in names[:25]:
+                cells = [report["profile"][m].get("top_kernels", {}).get(kernel) for m in methods]
+                lines.append(f"| `{kernel}` | " + " | ".join(f"{c[0]:.0f}, {c[1]:.0f} us" if c else "" for c in cells)
+                             + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
