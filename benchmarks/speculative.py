@@ -25,7 +25,6 @@ import re
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import jax
@@ -210,10 +209,10 @@ def main(argv=None):
     print(markdown(report, layouts, batch_sizes, tag))
 
 
-def profile_calls(trace_dir: str, runs: dict, top_kernels: int = 40) -> dict:
+def profile_calls(trace_dir: str, runs: dict, n_kernels: int = 40) -> dict:
     """name -> {calls, GPU kernels per model call, ms of kernel time per call by kind} from one traced
     run of each (fn, calls_of_output) in `runs`, after an untraced one (compilation stays out)."""
-    from train_step import kernel_events, kernel_stats
+    from train_step import kernel_stats, top_kernels
 
     out = {}
     for name, (fn, calls_of) in runs.items():
@@ -222,15 +221,10 @@ def profile_calls(trace_dir: str, runs: dict, top_kernels: int = 40) -> dict:
         with jax.profiler.trace(path):
             calls = calls_of(jax.block_until_ready(fn()))
         seconds, counts = kernel_stats(path)
-        names = defaultdict(lambda: [0, 0.0])  # kernel name without its numeric suffixes -> [count, seconds]
-        for kernel, s in kernel_events(path):
-            entry = names[re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", kernel))[:60]]
-            entry[0], entry[1] = entry[0] + 1, entry[1] + s
-        top = sorted(names.items(), key=lambda kv: -kv[1][0])[:top_kernels]
         out[name] = {"calls": calls, "kernels_per_call": sum(counts.values()) / calls,
                      "ms_per_call": {kind: round(1e3 * s / calls, 4) for kind, s in seconds.items()},
-                     "top_kernels": {kernel: [round(c / calls, 2), round(1e6 * s / calls, 1)]
-                                     for kernel, (c, s) in top}}  # per call: [count, microseconds]
+                     "top_kernels": {kernel: [round(c / calls, 2), round(1e6 * s / calls, 1)]  # per call: count, us
+                                     for kernel, (c, s) in top_kernels(path, n_kernels).items()}}
     return out
 
 
