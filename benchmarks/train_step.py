@@ -60,25 +60,19 @@ def kernel_events(trace_dir: str):
                 yield event.name, event.duration_ns * 1e-9
 
 
-def top_kernels(trace_dir: str, n: int = 40) -> dict[str, tuple[int, float]]:
-    """The n most frequent GPU kernels of the newest trace: name without its numeric suffixes ->
-    (count, seconds), most frequent first."""
-    names = defaultdict(lambda: [0, 0.0])
-    for name, s in kernel_events(trace_dir):
-        entry = names[re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", name))[:60]]
-        entry[0], entry[1] = entry[0] + 1, entry[1] + s
-    return {name: (c, s) for name, (c, s) in sorted(names.items(), key=lambda kv: -kv[1][0])[:n]}
-
-
-def kernel_stats(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
-    """GPU kernel seconds and kernel counts by kind in the newest trace under `trace_dir` (empty
-    without a GPU)."""
-    seconds, counts = defaultdict(float), defaultdict(int)
+def kernel_stats(trace_dir: str, top: int = 40) -> tuple[dict[str, float], dict[str, int], dict[str, tuple]]:
+    """From one read of the newest trace under `trace_dir` (empty without a GPU): GPU kernel seconds and
+    kernel counts by kind, and the `top` most frequent kernels, most frequent first: name without its
+    numeric suffixes -> (count, seconds)."""
+    seconds, counts, names = defaultdict(float), defaultdict(int), defaultdict(lambda: [0, 0.0])
     for name, s in kernel_events(trace_dir):
         kind = next(k for k, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))
         seconds[kind] += s
         counts[kind] += 1
-    return dict(seconds), dict(counts)
+        entry = names[re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", name))[:60]]
+        entry[0], entry[1] = entry[0] + 1, entry[1] + s
+    ranked = sorted(names.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(seconds), dict(counts), {name: (c, t) for name, (c, t) in ranked}
 
 
 def main():
@@ -155,9 +149,8 @@ def main():
                         "mask stream (fwd+bwd)": row["loss_and_grads"]["time_s"] - row["regular_stream"]["time_s"],
                         "optimizer": s["time_s"] - row["loss_and_grads"]["time_s"]}
                 if args.trace_dir:  # measure() traced one run of the step
-                    row["kernels_s"] = kernel_stats(args.trace_dir)[0]
-                    row["top_kernels"] = {name: [c, round(t, 4)] for name, (c, t) in  # [count, seconds]
-                                          top_kernels(args.trace_dir, 30).items()}
+                    row["kernels_s"], _, top = kernel_stats(args.trace_dir, top=30)
+                    row["top_kernels"] = {name: [c, round(t, 4)] for name, (c, t) in top.items()}  # [count, seconds]
             row["baseline"] = (measure(baseline_step, fresh_state(), frozen, batch["tokens"],
                                        interleaved_layout(batch, args.k), reps=args.reps)
                                if total <= args.baseline_max else {"time_s": None, "error": "skipped (too large)"})
