@@ -138,20 +138,48 @@ def test_chunked_equals_unchunked(setups, chunk, remat, bound_keys):
             np.testing.assert_allclose(sums_c[key][field], sums[key][field], rtol=1e-5, err_msg=f"{key}/{field}")
 
 
-@pytest.mark.parametrize("chunk", [3, 16])
-def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk):
-    """mtp.prefix_split (no prefix mask: keys before the chunk + its causal diagonal block) gives the
-    masked objective's loss and gradients when every row holds one example, for chunks that start,
-    span and end the anchors."""
+@pytest.mark.parametrize("chunk,remat", [(3, "dots"), (16, "none")])
+def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk, remat):
+    """mtp.prefix_split (no prefix mask: keys before the chunk + its causal diagonal block, its backward
+    run from the merged output and LSE) gives the masked objective's loss and gradients when every row
+    holds one example, for chunks that start, span and end the anchors, with and without remat."""
     k = 3
     model, params = build(setups["llama"], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
-    split = MTPModel(model.config, model.lora, dataclasses.replace(model.mtp, chunk_size=chunk, prefix_split=True))
+    split = MTPModel(model.config, model.lora,
+                     dataclasses.replace(model.mtp, chunk_size=chunk, prefix_split=True, remat=remat))
     batch = one_example_per_row(EXAMPLES, length=16)
     trainable, frozen = split_params(model, params)
     loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
     loss_s, grads_s, _ = jax.jit(functools.partial(loss_and_grads, split))(trainable, frozen, batch)
     assert abs(float(loss) - float(loss_s)) < 1e-6 * abs(float(loss)), (float(loss), float(loss_s))
     assert_trees_close(grads_s, grads, 1e-5, f"prefix_split chunk {chunk}")
+
+
+def test_remat_dots_keeps_the_split_attention():
+    """Remat `dots` keeps split_prefix_attention's merged (out, lse), so its backward reruns no forward
+    part (one logsumexp's max in the gradient program, against two under `full`), and the gradient is
+    the un-rematerialised one."""
+    from jax._src.ad_checkpoint import saved_residuals
+    from mtp_jax.models.llama import REMAT_POLICIES
+    from mtp_jax.mtp.attention import split_prefix_attention
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    q, out_x = (jax.random.normal(kk, (1, 4, 4, 8)) for kk in keys[:2])
+    k, v = (jax.random.normal(kk, (1, 12, 2, 8)) for kk in keys[2:4])
+    lse_x = jax.random.normal(keys[4], (1, 4, 4))
+
+    def f(q, out_x, lse_x):
+        return jnp.sum(jnp.sin(split_prefix_attention(q, k, v, jnp.array([5]), out_x, lse_x, "xla")))
+
+    ref = jax.grad(f, argnums=(0, 1, 2))(q, out_x, lse_x)
+    maxes = {}
+    for name in ("full", "dots"):
+        g = jax.checkpoint(f, policy=REMAT_POLICIES[name])
+        named = [what for _, what in saved_residuals(g, q, out_x, lse_x) if "mask_attention" in what]
+        assert len(named) == (2 if name == "dots" else 0), (name, named)
+        maxes[name] = str(jax.make_jaxpr(jax.grad(g))(q, out_x, lse_x)).count("reduce_max")
+        assert_trees_close(jax.grad(g, argnums=(0, 1, 2))(q, out_x, lse_x), ref, 1e-6, name)
+    assert maxes == {"full": 4, "dots": 2}, maxes
 
 
 def test_key_count_bounds_the_prefix():

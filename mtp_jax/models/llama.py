@@ -191,7 +191,10 @@ class DecoderLayer(nn.Module):
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    # keep the projections' outputs and the split prefix attention's merged (out, lse) (mtp.attention)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("mask_attention")),
 }
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Impl = Literal["auto", "xla", "cudnn"]
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -153,23 +154,129 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array):
     return out, lse
 
 
-def split_prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, first: jax.Array, impl: Impl = "xla"):
-    """prefix_attention with no mask, for chunks of contiguous anchors first, first + 1, ... ([b]; one
-    example per row): the keys before `first` (a key length, so cuDNN skips the rest) and the causal
-    diagonal block of keys first .. first + a - 1, merged by LSE. For those anchors it equals
-    prefix_attention under the prefix mask; other anchors of the chunk (no valid pair) get finite junk."""
-    a = q.shape[1]
-    before = jnp.clip(first, 1, k.shape[1]).astype(jnp.int32)  # >= 1 key; a row with first = 0 drops the part
+def _part_mask(q, k, kv_len, causal):
+    """The one mask a split part needs, broadcastable to [b, 1, queries, keys]: the first kv_len[row]
+    keys, or causal over a square block."""
+    if causal:
+        return jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+    return (jnp.arange(k.shape[1]) < kv_len[:, None])[:, None, None]
+
+
+def _grouped_scores(q, k, mask):
+    """Scaled fp32 scores [b, kv, group, queries, keys] of q [b, t, heads, d] against k [b, s, kv, d]."""
+    b, t, heads, d = q.shape
+    qg = q.reshape(b, t, k.shape[2], heads // k.shape[2], d).astype(jnp.float32)
+    scores = jnp.einsum("bacgd,bscd->bcgas", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
+    return jnp.where(mask[:, :, None], scores, _NEG)
+
+
+def _xla_part(q, k, v, kv_len, causal):
+    """One part of the split, written out in fp32: (out [b, t, heads, d] in q's dtype, lse [b, t, heads])."""
+    b, t, heads, d = q.shape
+    scores = _grouped_scores(q, k, _part_mask(q, k, kv_len, causal))
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    out = jnp.einsum("bcgas,bscd->bacgd", jnp.exp(scores - lse[..., None]), v.astype(jnp.float32))
+    return out.reshape(q.shape).astype(q.dtype), jnp.moveaxis(lse, -1, 1).reshape(b, t, heads)
+
+
+def _xla_part_dq(q, k, v, kv_len, causal, out, lse, g):
+    """dq of one part from the merged (out, lse) and the merged output's cotangent g (all [b, t, heads, ...]):
+    scale * sum_j p_j (g . v_j - g . out) k_j with p_j = exp(s_j - lse), as a flash-attention backward."""
+    b, t, heads, d = q.shape
+    kv = k.shape[2]
+
+    def grouped(x):  # [b, t, heads, ...] -> [b, kv, group, t, ...]
+        return jnp.moveaxis(x.reshape(b, t, kv, heads // kv, *x.shape[3:]).astype(jnp.float32), 1, 3)
+
+    p = jnp.exp(_grouped_scores(q, k, _part_mask(q, k, kv_len, causal)) - grouped(lse)[..., None])
+    g4 = grouped(g)
+    dp = jnp.einsum("bcgad,bscd->bcgas", g4, v.astype(jnp.float32))
+    ds = p * (dp - jnp.sum(g4 * grouped(out), axis=-1)[..., None])
+    dq = jnp.einsum("bcgas,bscd->bacgd", ds, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
+    return dq.reshape(q.shape)
+
+
+def _cudnn():
+    """jax's private cuDNN fused-attention bindings (jax 0.10-0.11), used for the one thing the public
+    jax.nn.dot_product_attention cannot do: run the backward from a given (output, LSE), the merged ones
+    (split_prefix_attention). Its residual LSE also comes back in fp32 here, not rounded to bf16."""
+    from jax._src.cudnn import fused_attention_stablehlo
+    return fused_attention_stablehlo
+
+
+def _cudnn_args(q, kv_len, causal):
+    m = _cudnn()
+    if causal:
+        return dict(mask_type=m.MaskType.CAUSAL), (None, None)
+    q_len = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+    return dict(mask_type=m.MaskType.PADDING), (q_len, kv_len.astype(jnp.int32))
+
+
+def _cudnn_part(q, k, v, kv_len, causal):
+    kw, (q_len, kv) = _cudnn_args(q, kv_len, causal)
+    out, stats = _cudnn().dot_product_attention(q, k, v, q_seqlen=q_len, kv_seqlen=kv,
+                                                scale=float(q.shape[-1]) ** -0.5, return_residual=True, **kw)
+    return out, jnp.swapaxes(stats, 1, 2)  # cuDNN's [b, heads, t] fp32
+
+
+def _cudnn_part_dq(q, k, v, kv_len, causal, out, lse, g):
+    m = _cudnn()
+    kw, (q_len, kv) = _cudnn_args(q, kv_len, causal)
+    unused = jnp.zeros(0, q.dtype)
+    grads = m._dot_product_attention_bwd_p_wrapper.bind(
+        q, k, v, unused, unused if q_len is None else q_len, unused if kv is None else kv, unused, unused, unused,
+        unused, jnp.swapaxes(lse, 1, 2).astype(jnp.float32), out.astype(q.dtype), g.astype(q.dtype),
+        scale=float(q.shape[-1]) ** -0.5, seed=42, dropout_rate=0.0, variadic_args=(False, False),
+        layout=m.AttentionLayout.BTNH.value, sliding_window_length=None, **kw)
+    return grads[0].astype(jnp.float32)
+
+
+_PARTS = {"xla": (_xla_part, _xla_part_dq), "cudnn": (_cudnn_part, _cudnn_part_dq)}
+
+
+def _split_parts(k, v, first, a):
+    """(keys, values, key length, causal) of the two parts: the keys before `first` (>= 1 key; a row
+    with first = 0 drops this part) and the causal diagonal block first .. first + a - 1."""
     idx = (first[:, None] + jnp.arange(a))[:, :, None, None]
     kb, vb = (jnp.take_along_axis(x, idx, axis=1, mode="fill", fill_value=0) for x in (k, v))
-    if resolve_impl(impl, q, k) == "cudnn":
-        out1, lse1 = attention_lse(q, k, v, None, before, False, "cudnn")
-        out2, lse2 = attention_lse(q, kb, vb, None, None, True, "cudnn")
-    else:
-        out1, lse1 = _xla_prefix_attention(q, k, v, (jnp.arange(k.shape[1]) < before[:, None])[:, None, None])
-        out2, lse2 = _xla_prefix_attention(q, kb, vb, jnp.tril(jnp.ones((a, a), bool))[None, None])
+    return (k, v, jnp.clip(first, 1, k.shape[1]).astype(jnp.int32), False), (kb, vb, None, True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str):
+    """Softmax over a chunk of contiguous anchors' prefix keys and one more key set, for one example per
+    row, without a mask: the regular keys before `first` ([b]; a key length, so cuDNN skips the rest),
+    the causal diagonal block of keys first .. first + a - 1, and a part given as (out_x fp32, lse_x)
+    (the masks' own block), merged by LSE -> out fp32 [b, a, heads, d]. For those anchors it equals
+    attention under the prefix mask; other anchors of the chunk (no valid pair) get finite junk.
+
+    The backward runs each part's attention backward from the merged output and LSE, as ring attention
+    does (p_j = exp(s_j - lse) over all key sets), so the merge needs no LSE gradient and no second
+    forward; only dq is formed, k and v being the regular stream's K/V under stop_gradient. With remat
+    `dots` the merged (out, lse) are kept ("mask_attention"), so the backward reruns no forward part."""
+    return _split_fwd(q, k, v, first, out_x, lse_x, impl)[0]
+
+
+def _split_fwd(q, k, v, first, out_x, lse_x, impl):
+    part = _PARTS[resolve_impl(impl, q, k)][0]
+    (out1, lse1), (out2, lse2) = (part(q, *p) for p in _split_parts(k, v, first, q.shape[1]))
     lse1 = jnp.where((first > 0)[:, None, None], lse1.astype(jnp.float32), _NEG)
-    return merge_lse(out1.astype(jnp.float32), lse1, out2.astype(jnp.float32), lse2.astype(jnp.float32))
+    out, lse = merge_lse(out1.astype(jnp.float32), lse1, out2.astype(jnp.float32), lse2.astype(jnp.float32))
+    out, lse = merge_lse(out, lse, out_x, lse_x)
+    out, lse = checkpoint_name(out, "mask_attention"), checkpoint_name(lse, "mask_attention")
+    return out, (q, k, v, first, out_x, lse_x, out, lse)
+
+
+def _split_bwd(impl, res, g):
+    q, k, v, first, out_x, lse_x, out, lse = res
+    part_dq = _PARTS[resolve_impl(impl, q, k)][1]
+    dq1, dq2 = (part_dq(q, *p, out, lse, g) for p in _split_parts(k, v, first, q.shape[1]))
+    dq = jnp.where((first > 0)[:, None, None, None], dq1, 0.0) + dq2
+    w = jnp.exp(lse_x - lse)
+    return (dq.astype(q.dtype), None, None, None, w[..., None] * g, w * jnp.sum(g * (out_x - out), axis=-1))
+
+
+split_prefix_attention.defvjp(_split_fwd, _split_bwd)
 
 
 def merge_lse(out1, lse1, out2, lse2):
@@ -198,13 +305,14 @@ def mask_attend(prefix_mask: jax.Array | None, steps: int, impl: Impl = "xla", k
         # fold draft steps into heads as [h, k] so GQA grouping (head // (h/kv)) stays right
         q_folded = jnp.swapaxes(q5, 2, 3).reshape(b, a, h * steps, d)
         k_reg, v_reg = k_reg.astype(q.dtype), v_reg.astype(q.dtype)
-        if first_anchor is None:
-            out1, lse1 = prefix_attention(q_folded, k_reg, v_reg, prefix_mask, impl, key_count)
-        else:
-            out1, lse1 = split_prefix_attention(q_folded, k_reg, v_reg, first_anchor, impl)
+        out2, lse2 = block_attention(q5, k.reshape(b, a, steps, -1, d), v.reshape(b, a, steps, -1, d))
+        if first_anchor is not None:
+            fold = lambda x: jnp.swapaxes(x, 2, 3).reshape(b, a, h * steps, *x.shape[4:])  # noqa: E731
+            out = split_prefix_attention(q_folded, k_reg, v_reg, first_anchor, fold(out2), fold(lse2), impl)
+            return jnp.swapaxes(out.reshape(b, a, h, steps, d), 2, 3).reshape(b, t, h, d).astype(q.dtype), None
+        out1, lse1 = prefix_attention(q_folded, k_reg, v_reg, prefix_mask, impl, key_count)
         out1 = jnp.swapaxes(out1.reshape(b, a, h, steps, d), 2, 3).astype(jnp.float32)
         lse1 = jnp.swapaxes(lse1.reshape(b, a, h, steps), 2, 3)
-        out2, lse2 = block_attention(q5, k.reshape(b, a, steps, -1, d), v.reshape(b, a, steps, -1, d))
         out, _ = merge_lse(out1, lse1, out2, lse2)
         return out.reshape(b, t, h, d).astype(q.dtype), None
 
