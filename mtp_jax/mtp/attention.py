@@ -46,15 +46,21 @@ def resolve_impl(impl: Impl, q: jax.Array, k: jax.Array) -> Literal["xla", "cudn
     return "cudnn" if fits else "xla"
 
 
-def regular_attend(segment_ids: jax.Array, impl: Impl = "xla", bound_keys: bool = False):
+def regular_attend(segment_ids: jax.Array, impl: Impl = "xla", bound_keys: bool = False, one_example: bool = False):
     """Causal attention within packed examples; aux = this layer's (k, v) for the mask stream
     (stacked by the decoder into [layers, batch, keys, kv, d]). `bound_keys` also declares the
-    attention causal, which the mask already is, so that cuDNN skips the key tiles above the diagonal."""
-    mask = segment_causal_mask(segment_ids)
+    attention causal, which the mask already is, so that cuDNN skips the key tiles above the diagonal.
+    `one_example` (one example per row, at its start, as prefix_split needs): no mask at all, causal
+    attention over the row's real tokens (a key length; padding queries see them too, which no valid
+    pair reads). At 128k tokens the [L, L] mask alone is 16 GiB, and cuDNN reads it as a bf16 bias."""
+    if one_example:
+        lengths = jnp.maximum(jnp.sum(segment_ids > 0, axis=1), 1).astype(jnp.int32)
+        mask, kw = None, dict(is_causal=True, key_value_seq_lengths=lengths)
+    else:
+        mask, kw = segment_causal_mask(segment_ids), dict(is_causal=bound_keys)
 
     def attend(q, k, v, layer_state):
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bound_keys,
-                                           implementation=resolve_impl(impl, q, k))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=resolve_impl(impl, q, k), **kw)
         return out, (k, v)
 
     return attend

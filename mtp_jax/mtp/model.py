@@ -73,7 +73,8 @@ class MTPModel(nn.Module):
 
     def regular(self, tokens, positions, segment_ids):
         """Base model over regular tokens: final hidden [b, l, d] and (k, v), each [layers, b, l, kv, d]."""
-        return self.base(tokens, positions, regular_attend(segment_ids, self.mtp.attention_impl, self.mtp.bound_keys))
+        return self.base(tokens, positions, regular_attend(segment_ids, self.mtp.attention_impl, self.mtp.bound_keys,
+                                                           self.mtp.prefix_split))
 
     def mask_hidden(self, mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic=True):
         """Mask stream for anchors `anchor_index` [c] or [b, c]: final hidden [b, c, k, d]."""
