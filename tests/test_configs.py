@@ -38,4 +38,4 @@ def test_reference_configs_are_mtp_glora_settings():
 def test_long_response_config_trains_one_example_per_row():
     cfg = load_config(Config, CONFIGS[0].parent / "qwen3_8b_k4_long.yaml")
     assert cfg.mtp.prefix_split and not cfg.data.packing  # the CLI refuses prefix_split with packing
-    assert cfg.data.max_total_tokens >= 32768 and cfg.mtp.remat == "full"
+    assert cfg.data.max_total_tokens >= 32768 and cfg.mtp.remat == "dots"
