@@ -37,12 +37,13 @@ class MTPConfig:
     mask_token: str = "<mask>"
     attention_impl: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on a GPU in bf16/fp16 (resolve_impl)
     soft_ce_impl: Literal["auto", "triton", "jnp"] = "auto"
-    remat: Literal["none", "full", "dots"] = "none"  # per-layer activation checkpointing of the mask stream
+    remat: Literal["none", "full", "dots"] = "none"  # per-layer checkpointing of the mask stream (REMAT_POLICIES)
     # tell the fused attention where keys end (causal regular stream; per anchor chunk, the last anchor's
     # prefix) so cuDNN skips key tiles no query sees; the masks already say so, results are the same
     bound_keys: bool = False
-    # the mask stream's prefix attention with no mask (keys before each anchor chunk + its causal diagonal
-    # block, merged by LSE: split_prefix_attention); exact only with one example per row (data.packing off)
+    # both streams without a mask: the regular stream causal over the row's real tokens, the mask stream's
+    # prefix as the keys before each anchor chunk + its causal diagonal block, merged by LSE
+    # (split_prefix_attention); exact only with one example per row, at its start (data.packing off)
     prefix_split: bool = False
 
     def __post_init__(self):
