@@ -124,20 +124,28 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     return _xla_prefix_attention(q, k, v, mask)
 
 
-@jax.checkpoint
-def _xla_prefix_attention(q, k, v, mask):
-    """XLA path written out: jax's XLA dot_product_attention (0.10) returns the LSE residual without a
-    gradient, and the merge needs d(lse)/dq. Rematerialised: the backward recomputes the [queries, keys]
-    scores rather than keeping them for every layer (97 GB for SmolLM2-135M at 16 x 512 tokens, k = 4)."""
-    b, a, heads, d = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(b, a, kv_heads, heads // kv_heads, d).astype(jnp.float32)
+def _grouped_scores(q, k, mask):
+    """Scaled fp32 scores [b, kv, group, queries, keys] of q [b, t, heads, d] against k [b, s, kv, d],
+    `_NEG` where `mask` (broadcastable to [b, 1, queries, keys]) is false."""
+    b, t, heads, d = q.shape
+    qg = q.reshape(b, t, k.shape[2], heads // k.shape[2], d).astype(jnp.float32)
     scores = jnp.einsum("bacgd,bscd->bcgas", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
-    scores = jnp.where(mask[:, :, None], scores, _NEG)
-    lse = jax.nn.logsumexp(scores, axis=-1)  # [b, kv, g, a]
-    probs = jnp.exp(scores - lse[..., None])
-    out = jnp.einsum("bcgas,bscd->bacgd", probs, v.astype(jnp.float32)).reshape(b, a, heads, d)
-    return out.astype(q.dtype), jnp.moveaxis(lse, -1, 1).reshape(b, a, heads)
+    return jnp.where(mask[:, :, None], scores, _NEG)
+
+
+def _softmax_attention(q, k, v, mask):
+    """Attention written out in fp32: (out [b, t, heads, d] in q's dtype, lse [b, t, heads] fp32)."""
+    b, t, heads, d = q.shape
+    scores = _grouped_scores(q, k, mask)
+    lse = jax.nn.logsumexp(scores, axis=-1)  # [b, kv, g, t]
+    out = jnp.einsum("bcgas,bscd->bacgd", jnp.exp(scores - lse[..., None]), v.astype(jnp.float32))
+    return out.reshape(q.shape).astype(q.dtype), jnp.moveaxis(lse, -1, 1).reshape(b, t, heads)
+
+
+# The XLA path: jax's XLA dot_product_attention (0.10) returns the LSE residual without a gradient, and the
+# merge needs d(lse)/dq. Rematerialised: the backward recomputes the [queries, keys] scores rather than
+# keeping them for every layer (97 GB for SmolLM2-135M at 16 x 512 tokens, k = 4).
+_xla_prefix_attention = jax.checkpoint(_softmax_attention)
 
 
 def block_attention(q: jax.Array, k: jax.Array, v: jax.Array):
@@ -168,21 +176,9 @@ def _part_mask(q, k, kv_len, causal):
     return (jnp.arange(k.shape[1]) < kv_len[:, None])[:, None, None]
 
 
-def _grouped_scores(q, k, mask):
-    """Scaled fp32 scores [b, kv, group, queries, keys] of q [b, t, heads, d] against k [b, s, kv, d]."""
-    b, t, heads, d = q.shape
-    qg = q.reshape(b, t, k.shape[2], heads // k.shape[2], d).astype(jnp.float32)
-    scores = jnp.einsum("bacgd,bscd->bcgas", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
-    return jnp.where(mask[:, :, None], scores, _NEG)
-
-
 def _xla_part(q, k, v, kv_len, causal):
-    """One part of the split, written out in fp32: (out [b, t, heads, d] in q's dtype, lse [b, t, heads])."""
-    b, t, heads, d = q.shape
-    scores = _grouped_scores(q, k, _part_mask(q, k, kv_len, causal))
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    out = jnp.einsum("bcgas,bscd->bacgd", jnp.exp(scores - lse[..., None]), v.astype(jnp.float32))
-    return out.reshape(q.shape).astype(q.dtype), jnp.moveaxis(lse, -1, 1).reshape(b, t, heads)
+    """One part of the split, written out in fp32 (its backward is _xla_part_dq)."""
+    return _softmax_attention(q, k, v, _part_mask(q, k, kv_len, causal))
 
 
 def _xla_part_dq(q, k, v, kv_len, causal, out, lse, g):
