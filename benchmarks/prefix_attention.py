@@ -9,6 +9,7 @@ stop-gradient), for chunks at a quarter, half and the end of the sequence:
 - `mask+len`: the same plus key_value_seq_lengths = the chunk's end (`mtp.bound_keys`);
 - `split`: no mask (`mtp.prefix_split`): the keys before the chunk (key length = chunk start) and the
   C x C causal block on the diagonal, two cuDNN calls merged by log-sum-exp (one example per row);
+  `split+dq`: the same with the keys before the chunk's backward in mtp_kernels' Triton dq kernel;
 - `none`: all L keys, no mask: the kernel's own speed on the same shapes.
 
 The variants run the objective's own functions (`mtp_jax.mtp.attention`). Each variant's output is
@@ -40,10 +41,15 @@ def variants(impl: str, start: int, c: int):
     def prefix_mask(keys):
         return (jnp.arange(keys)[None, :] <= start + jnp.arange(c)[:, None])[None, None]
 
+    def split(q, k, v, dq_kernel):  # no third part: zero weight (lse -inf-like)
+        none = jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], -1e30, jnp.float32)
+        return split_prefix_attention(q, k, v, first, *none, impl, dq_kernel).astype(q.dtype)
+
     return {
         "mask": lambda q, k, v: prefix_attention(q, k, v, prefix_mask(k.shape[1]), impl)[0],
         "mask+len": lambda q, k, v: prefix_attention(q, k, v, prefix_mask(k.shape[1]), impl, first + c)[0],
-        "split": lambda q, k, v: split_prefix_attention(q, k, v, first, impl)[0].astype(q.dtype),
+        "split": lambda q, k, v: split(q, k, v, "cudnn"),
+        "split+dq": lambda q, k, v: split(q, k, v, "triton"),
         "none": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl),
     }
 

@@ -90,6 +90,8 @@ def main():
                     help="MTPConfig.bound_keys: causal and per-chunk key lengths for cuDNN")
     ap.add_argument("--prefix_split", action="store_true",
                     help="MTPConfig.prefix_split: the prefix attention without a mask (one example per row)")
+    ap.add_argument("--dq_kernel", default="cudnn", choices=["auto", "cudnn", "triton"],
+                    help="MTPConfig.dq_kernel: the split's backward for the keys before each chunk")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")
     ap.add_argument("--reps", type=int, default=2, help="timed runs after a warm-up (0: time the warm-up)")
@@ -107,7 +109,7 @@ def main():
         lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"))
         mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=4096, attention_impl=args.impl,
                         soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys,
-                        prefix_split=args.prefix_split)
+                        prefix_split=args.prefix_split, dq_kernel=args.dq_kernel)
         model = MTPModel(config, lora, mtp, dtype, dtype)
         # the straightforward step keeps remat full: with `dots` its whole interleaved row's matmul outputs stay
         baseline_model = MTPModel(config, lora, dataclasses.replace(mtp, remat="full"), dtype, dtype)
@@ -162,7 +164,7 @@ def main():
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "k": args.k, "chunk": args.chunk, "rank": args.rank,
               "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
-              "prefix_split": args.prefix_split, "dtype": args.dtype, "rows": rows}
+              "prefix_split": args.prefix_split, "dq_kernel": args.dq_kernel, "dtype": args.dtype, "rows": rows}
     print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} "
           f"remat={args.remat} {args.dtype}")
     print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "

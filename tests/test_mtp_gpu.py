@@ -19,19 +19,20 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GP
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention_impl,soft_ce_impl,option", [
     ("xla", "triton", None), ("cudnn", "jnp", None), ("cudnn", "triton", None), ("cudnn", "jnp", "bound_keys"),
-    ("cudnn", "jnp", "prefix_split")])
+    ("cudnn", "jnp", "prefix_split"), ("cudnn", "jnp", "prefix_split+triton_dq")])
 def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option):
     """bound_keys: cuDNN takes causal and per-chunk key lengths; prefix_split: two unmasked cuDNN calls
     per chunk, on one example per row (chunks of 4 anchors: cuDNN wants even lengths with a mask)."""
     ref_model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
-    if option == "prefix_split":
+    if option and option.startswith("prefix_split"):
         batch = one_example_per_row(EXAMPLES, length=16)
     else:
         batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(ref_model, params)
     loss_ref, grads_ref, _ = jax.jit(functools.partial(loss_and_grads, ref_model))(trainable, frozen, batch)
     cfg = dataclasses.replace(ref_model.mtp, attention_impl=attention_impl, soft_ce_impl=soft_ce_impl,
-                              bound_keys=option == "bound_keys", prefix_split=option == "prefix_split",
+                              bound_keys=option == "bound_keys", prefix_split=bool(option and "prefix_split" in option),
+                              dq_kernel="triton" if option and "triton_dq" in option else "cudnn",
                               chunk_size=4 if option else 0)
     dtype = jnp.bfloat16 if attention_impl == "cudnn" else jnp.float32
     model = MTPModel(ref_model.config, ref_model.lora, cfg, dtype, jnp.float32)
@@ -58,10 +59,12 @@ def test_cudnn_attention_lse_gradient(variant):
 
 @gpu
 @pytest.mark.gpu
-def test_cudnn_split_prefix_attention_matches_xla():
+@pytest.mark.parametrize("dq_kernel", ["cudnn", "triton"])
+def test_cudnn_split_prefix_attention_matches_xla(dq_kernel):
     """split_prefix_attention on cuDNN in bf16 (forward from jax's cuDNN bindings, backward from the merged
-    output and LSE through the private backward primitive) against its fp32 XLA path: output and the
-    gradients wrt q and the extra part, for a row whose chunk starts at 0 and one that starts inside."""
+    output and LSE through the private backward primitive, or the keys before the chunk through
+    mtp_kernels' Triton dq kernel) against its fp32 XLA path: output and the gradients wrt q and the extra
+    part, for a row whose chunk starts at 0 and one that starts inside (off the kernel's key blocks)."""
     from mtp_jax.mtp.attention import split_prefix_attention
 
     keys = jax.random.split(jax.random.key(0), 6)
@@ -73,7 +76,8 @@ def test_cudnn_split_prefix_attention_matches_xla():
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
 
     def run(impl, q, k, v):
-        out, vjp = jax.vjp(lambda q, ox, lx: split_prefix_attention(q, k, v, first, ox, lx, impl), q, out_x, lse_x)
+        out, vjp = jax.vjp(lambda q, ox, lx: split_prefix_attention(q, k, v, first, ox, lx, impl, dq_kernel),
+                           q, out_x, lse_x)
         return (out, *vjp(g))
 
     ref = jax.jit(functools.partial(run, "xla"))(*[x.astype(jnp.float32) for x in bf])

@@ -233,7 +233,30 @@ def _cudnn_part_dq(q, k, v, kv_len, causal, out, lse, g):
     return grads[0].astype(jnp.float32)
 
 
+def _triton_part_dq(q, k, v, kv_len, causal, out, lse, g):
+    """The keys-before-the-chunk part's dq from mtp_kernels' Triton kernel (dq only: cuDNN's backward also
+    forms dK/dV, two of its five matmuls, for K/V under stop_gradient); the small causal block stays on cuDNN."""
+    if causal:
+        return _cudnn_part_dq(q, k, v, kv_len, causal, out, lse, g)
+    from mtp_kernels.attention_dq import jax_attention_dq
+    return jax_attention_dq(q, k, v, g, lse, jnp.sum(g * out, axis=-1), kv_len)
+
+
 _PARTS = {"xla": (_xla_part, _xla_part_dq), "cudnn": (_cudnn_part, _cudnn_part_dq)}
+DQ_KERNELS = ("auto", "cudnn", "triton")
+
+
+def resolve_dq_kernel(dq_kernel: str, impl: str) -> str:
+    """Which backward forms the split's dq under cuDNN attention: 'triton' (mtp_kernels.attention_dq, needs
+    jax_triton) or 'cudnn'; 'auto' -> triton where jax_triton imports. The XLA path has its own."""
+    if dq_kernel not in DQ_KERNELS:
+        raise ValueError(f"dq_kernel must be one of {DQ_KERNELS}, got {dq_kernel!r}")
+    if impl != "cudnn":
+        return impl
+    from mtp_kernels.soft_ce.jax_op import has_jax_triton
+    if dq_kernel == "triton" and not has_jax_triton():
+        raise ValueError("dq_kernel='triton' needs the jax_triton package (pip install jax-triton)")
+    return "triton" if dq_kernel == "triton" or (dq_kernel == "auto" and has_jax_triton()) else "cudnn"
 
 
 def _split_parts(k, v, first, a):
@@ -244,8 +267,8 @@ def _split_parts(k, v, first, a):
     return (k, v, jnp.clip(first, 1, k.shape[1]).astype(jnp.int32), False), (kb, vb, None, True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str, dq_kernel: str = "cudnn"):
     """Softmax over a chunk of contiguous anchors' prefix keys and one more key set, for one example per
     row, without a mask: the regular keys before `first` ([b]; a key length, so cuDNN skips the rest),
     the causal diagonal block of keys first .. first + a - 1, and a part given as (out_x fp32, lse_x)
@@ -255,11 +278,12 @@ def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str):
     The backward runs each part's attention backward from the merged output and LSE, as ring attention
     does (p_j = exp(s_j - lse) over all key sets), so the merge needs no LSE gradient and no second
     forward; only dq is formed, k and v being the regular stream's K/V under stop_gradient. With remat
-    `dots` the merged (out, lse) are kept ("mask_attention"), so the backward reruns no forward part."""
-    return _split_fwd(q, k, v, first, out_x, lse_x, impl)[0]
+    `dots` the merged (out, lse) are kept ("mask_attention"), so the backward reruns no forward part.
+    `dq_kernel` (`resolve_dq_kernel`) picks the backward of the keys before the chunk under cuDNN."""
+    return _split_fwd(q, k, v, first, out_x, lse_x, impl, dq_kernel)[0]
 
 
-def _split_fwd(q, k, v, first, out_x, lse_x, impl):
+def _split_fwd(q, k, v, first, out_x, lse_x, impl, dq_kernel):
     part = _PARTS[resolve_impl(impl, q, k)][0]
     (out1, lse1), (out2, lse2) = (part(q, *p) for p in _split_parts(k, v, first, q.shape[1]))
     lse1 = jnp.where((first > 0)[:, None, None], lse1.astype(jnp.float32), _NEG)
@@ -269,9 +293,10 @@ def _split_fwd(q, k, v, first, out_x, lse_x, impl):
     return out, (q, k, v, first, out_x, lse_x, out, lse)
 
 
-def _split_bwd(impl, res, g):
+def _split_bwd(impl, dq_kernel, res, g):
     q, k, v, first, out_x, lse_x, out, lse = res
-    part_dq = _PARTS[resolve_impl(impl, q, k)][1]
+    which = resolve_dq_kernel(dq_kernel, resolve_impl(impl, q, k))
+    part_dq = _triton_part_dq if which == "triton" else _PARTS[which][1]
     dq1, dq2 = (part_dq(q, *p, out, lse, g) for p in _split_parts(k, v, first, q.shape[1]))
     dq = jnp.where((first > 0)[:, None, None, None], dq1, 0.0) + dq2
     w = jnp.exp(lse_x - lse)
@@ -289,14 +314,14 @@ def merge_lse(out1, lse1, out2, lse2):
 
 
 def mask_attend(prefix_mask: jax.Array | None, steps: int, impl: Impl = "xla", key_count: jax.Array | None = None,
-                first_anchor: jax.Array | None = None):
+                first_anchor: jax.Array | None = None, dq_kernel: str = "cudnn"):
     """Attention for mask tokens laid out as [batch, anchors * k] (anchor-major).
 
     `layer_state` = this layer's (k, v) [batch, keys, kv, d] of the regular stream (the decoder
     slices it from the stacked [layers, ...] K/V of `regular_attend`); `prefix_mask`
     [batch, 1, anchors, keys] says which regular keys each anchor sees; `key_count` [b] (optional,
     `chunk_key_count`) bounds them, changing nothing but the work cuDNN skips. With `first_anchor`
-    [b] the prefix needs no mask (`split_prefix_attention`: one example per row).
+    [b] the prefix needs no mask (`split_prefix_attention`: one example per row; `dq_kernel` its backward).
     """
 
     def attend(q, k, v, layer_state):
@@ -310,7 +335,8 @@ def mask_attend(prefix_mask: jax.Array | None, steps: int, impl: Impl = "xla", k
         out2, lse2 = block_attention(q5, k.reshape(b, a, steps, -1, d), v.reshape(b, a, steps, -1, d))
         if first_anchor is not None:
             fold = lambda x: jnp.swapaxes(x, 2, 3).reshape(b, a, h * steps, *x.shape[4:])  # noqa: E731
-            out = split_prefix_attention(q_folded, k_reg, v_reg, first_anchor, fold(out2), fold(lse2), impl)
+            out = split_prefix_attention(q_folded, k_reg, v_reg, first_anchor, fold(out2), fold(lse2), impl,
+                                         dq_kernel)
             return jnp.swapaxes(out.reshape(b, a, h, steps, d), 2, 3).reshape(b, t, h, d).astype(q.dtype), None
         out1, lse1 = prefix_attention(q_folded, k_reg, v_reg, prefix_mask, impl, key_count)
         out1 = jnp.swapaxes(out1.reshape(b, a, h, steps, d), 2, 3).astype(jnp.float32)

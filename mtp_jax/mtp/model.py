@@ -45,6 +45,9 @@ class MTPConfig:
     # prefix as the keys before each anchor chunk + its causal diagonal block, merged by LSE
     # (split_prefix_attention); exact only with one example per row, at its start (data.packing off)
     prefix_split: bool = False
+    # prefix_split under cuDNN: the backward of the keys before each chunk, dq only from mtp_kernels' Triton
+    # kernel ("triton", needs jax_triton) or cuDNN's full backward ("cudnn"); auto = triton where it imports
+    dq_kernel: Literal["auto", "cudnn", "triton"] = "cudnn"
 
     def __post_init__(self):
         if self.draft_length < 1:
@@ -85,7 +88,7 @@ class MTPModel(nn.Module):
         emb = jnp.broadcast_to(mask_embedding.astype(self.dtype), (b, c * k, self.config.hidden_size))
         if self.mtp.prefix_split:
             first = jnp.broadcast_to(anchor_index[..., 0], (b,))
-            attend = mask_attend(None, k, self.mtp.attention_impl, first_anchor=first)
+            attend = mask_attend(None, k, self.mtp.attention_impl, first_anchor=first, dq_kernel=self.mtp.dq_kernel)
         else:
             prefix_mask = segment_causal_mask(segment_ids, anchor_index)
             key_count = chunk_key_count(anchor_index, segment_ids.shape[1]) if self.mtp.bound_keys else None

@@ -1,0 +1,69 @@
+"""Bindings of the dq kernel (triton_dq.py). Shapes: q, g [B, T, H, D]; k, v [B, S, KVH, D]; lse, delta
+[B, T, H] float32 (delta = sum(g * out, -1) of the merged output); kv_len [B] int32. Returns dq
+[B, T, H, D] float32 for keys 0 .. kv_len[b] - 1 of row b. Each framework is imported when first called."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DQConfig:
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def check_shapes(q, k, v, g, lse, delta, kv_len) -> None:
+    b, t, h, d = q.shape
+    if k.ndim != 4 or k.shape[0] != b or k.shape[3] != d or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"attention_dq: k, v must be [B, S, KVH, {d}] alike, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if h % k.shape[2]:
+        raise ValueError(f"attention_dq: {h} query heads are not a multiple of {k.shape[2]} kv heads")
+    if tuple(g.shape) != tuple(q.shape) or tuple(lse.shape) != (b, t, h) or tuple(delta.shape) != (b, t, h):
+        raise ValueError(f"attention_dq: g {tuple(g.shape)} must be q's shape {tuple(q.shape)}, lse {tuple(lse.shape)} "
+                         f"and delta {tuple(delta.shape)} [B, T, H] = {(b, t, h)}")
+    if tuple(kv_len.shape) != (b,):
+        raise ValueError(f"attention_dq: kv_len must be [B] = ({b},), got {tuple(kv_len.shape)}")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"attention_dq: head dim {d} must be a power of two >= 16")
+
+
+def _launch_args(q, k, config: DQConfig):
+    b, t, h, d = q.shape
+    grid = (h, -(-t // config.block_m), b)
+    consts = dict(SCALE=d ** -0.5, HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+    return (t, h, k.shape[1], k.shape[2]), grid, consts
+
+
+def jax_attention_dq(q, k, v, g, lse, delta, kv_len, config: DQConfig = DQConfig()):
+    """JAX (GPU, jax_triton). q, k, v, g in one 16-bit dtype; no autodiff of its own (a backward's part)."""
+    import jax
+    import jax.numpy as jnp
+    import jax_triton as jt
+
+    from .triton_dq import attention_dq_kernel
+
+    check_shapes(q, k, v, g, lse, delta, kv_len)
+    scalars, grid, consts = _launch_args(q, k, config)
+    return jt.triton_call(
+        q, k, v, g.astype(q.dtype), lse.astype(jnp.float32), delta.astype(jnp.float32), kv_len.astype(jnp.int32),
+        *scalars, kernel=attention_dq_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32), grid=grid,
+        num_warps=config.num_warps, num_stages=config.num_stages, **consts)
+
+
+def torch_attention_dq(q, k, v, g, lse, delta, kv_len, config: DQConfig = DQConfig()):
+    """PyTorch: CUDA tensors, or CPU tensors when Triton was imported under TRITON_INTERPRET=1."""
+    import torch
+
+    from .triton_dq import INTERPRETED, attention_dq_kernel
+
+    check_shapes(q, k, v, g, lse, delta, kv_len)
+    if not q.is_cuda and not INTERPRETED:
+        raise ValueError("attention_dq: CPU tensors run only under TRITON_INTERPRET=1 (tests); use CUDA tensors")
+    scalars, grid, consts = _launch_args(q, k, config)
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    args = [a.contiguous() for a in (q, k, v, g.to(q.dtype), lse.float(), delta.float(), kv_len.to(torch.int32))]
+    attention_dq_kernel[grid](*args, *scalars, dq, num_warps=config.num_warps, num_stages=config.num_stages, **consts)
+    return dq
