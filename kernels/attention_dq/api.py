@@ -12,7 +12,7 @@ class DQConfig:
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def check_shapes(q, k, v, g, lse, delta, kv_len) -> None:
