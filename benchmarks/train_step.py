@@ -90,7 +90,7 @@ def main():
                     help="MTPConfig.bound_keys: causal and per-chunk key lengths for cuDNN")
     ap.add_argument("--prefix_split", action="store_true",
                     help="MTPConfig.prefix_split: the prefix attention without a mask (one example per row)")
-    ap.add_argument("--dq_kernel", default="cudnn", choices=["auto", "cudnn", "triton"],
+    ap.add_argument("--dq_kernel", default="auto", choices=["auto", "cudnn", "triton"],
                     help="MTPConfig.dq_kernel: the split's backward for the keys before each chunk")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")

@@ -9,9 +9,11 @@ the interpreted cases run in a child pytest process (Triton picks the interprete
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
+from conftest import cpu_devices_flags
 
 from mtp_kernels.attention_dq import DQConfig, torch_attention_dq
 
@@ -97,3 +99,61 @@ def test_bad_shapes_raise(change, match):
              kv_len=torch.zeros(1, dtype=torch.int32))
     with pytest.raises(ValueError, match=match):
         torch_attention_dq(**change(a))
+
+
+@pytest.mark.skipif(INTERPRET, reason="a JAX child of its own")
+def test_jax_op_runs_per_shard_of_rows():
+    """partition_rows (the JAX op's custom partitioning) under a jit whose rows are split over a 2 x 2 CPU mesh:
+    the local function sees one row per device, the result equals the unsharded one and stays split, and XLA
+    gathers no operand. A jnp dq of the kernel's contract stands in for the Triton call (GPU only)."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from mtp_kernels.attention_dq.api import partition_rows
+        seen = []
+
+        def local(q, k, v, g, lse, delta, kv_len):
+            seen.append(q.shape[0])
+            h, d = q.shape[2], q.shape[3]
+            kk, vv = (jnp.repeat(x, h // x.shape[2], axis=2) for x in (k, v))
+            s = jnp.einsum("bthd,bshd->bths", q, kk) * d ** -0.5
+            keep = jnp.arange(k.shape[1])[None, None, None, :] < kv_len[:, None, None, None]
+            p = jnp.where(keep, jnp.exp(s - lse[..., None]), 0.0)
+            ds = p * (jnp.einsum("bthd,bshd->bths", g, vv) - delta[..., None])
+            return jnp.einsum("bths,bshd->bthd", ds, kk) * d ** -0.5
+
+        keys = jax.random.split(jax.random.key(0), 6)
+        q, g = (jax.random.normal(kk, (4, 8, 4, 16)) for kk in keys[:2])
+        k, v = (jax.random.normal(kk, (4, 12, 2, 16)) for kk in keys[2:4])
+        lse, delta = (jax.random.normal(kk, (4, 8, 4)) + 3.0 for kk in keys[4:])
+        args = (q, k, v, g, lse, delta, jnp.array([12, 0, 5, 7], jnp.int32))
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
+        rows = lambda a: jax.device_put(a, NamedSharding(mesh, P(("data", "fsdp"), *[None] * (a.ndim - 1))))
+        sharded = [rows(a) for a in args]
+        f = jax.jit(partition_rows(local))
+        out = f(*sharded)
+        assert seen[-1] == 1, seen  # traced once whole (abstract evaluation), then lowered per shard
+        np.testing.assert_allclose(out, local(*args), rtol=1e-5, atol=1e-6)
+        assert out.sharding.spec[0] == ("data", "fsdp"), out.sharding
+        assert "all-gather" not in f.lower(*sharded).compile().as_text()
+        print("OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS=cpu_devices_flags(4), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_resolve_dq_kernel():
+    """The split's backward choice: XLA attention keeps its own; a bad name or a Triton request without
+    jax_triton (as on CPU CI) is refused; auto falls back to cuDNN's backward without jax_triton."""
+    from mtp_jax.mtp.attention import resolve_dq_kernel
+    from mtp_kernels.soft_ce.jax_op import has_jax_triton
+
+    assert resolve_dq_kernel("triton", "xla") == "xla"
+    assert resolve_dq_kernel("cudnn", "cudnn") == "cudnn"
+    assert resolve_dq_kernel("auto", "cudnn") == ("triton" if has_jax_triton() else "cudnn")
+    with pytest.raises(ValueError, match="dq_kernel must be one of"):
+        resolve_dq_kernel("pallas", "cudnn")
+    if not has_jax_triton():
+        with pytest.raises(ValueError, match="needs the jax_triton package"):
+            resolve_dq_kernel("triton", "cudnn")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,19 +39,55 @@ def _launch_args(q, k, config: DQConfig):
 
 
 def jax_attention_dq(q, k, v, g, lse, delta, kv_len, config: DQConfig = DQConfig()):
-    """JAX (GPU, jax_triton). q, k, v, g in one 16-bit dtype; no autodiff of its own (a backward's part)."""
+    """JAX (GPU, jax_triton). q, k, v, g in one 16-bit dtype; no autodiff of its own (a backward's part).
+    With several devices it runs under `partition_rows`: a sharded jit keeps the rows (axis 0) split as q's
+    are and gathers the other axes. On one device it is the bare kernel call (as measured)."""
+    import jax.numpy as jnp
+
+    check_shapes(q, k, v, g, lse, delta, kv_len)
+    return _jax_call(config)(q, k, v, g.astype(q.dtype), lse.astype(jnp.float32), delta.astype(jnp.float32),
+                             kv_len.astype(jnp.int32))
+
+
+@functools.cache
+def _jax_call(config: DQConfig):
     import jax
     import jax.numpy as jnp
     import jax_triton as jt
 
     from .triton_dq import attention_dq_kernel
 
-    check_shapes(q, k, v, g, lse, delta, kv_len)
-    scalars, grid, consts = _launch_args(q, k, config)
-    return jt.triton_call(
-        q, k, v, g.astype(q.dtype), lse.astype(jnp.float32), delta.astype(jnp.float32), kv_len.astype(jnp.int32),
-        *scalars, kernel=attention_dq_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32), grid=grid,
-        num_warps=config.num_warps, num_stages=config.num_stages, **consts)
+    def call(q, k, v, g, lse, delta, kv_len):
+        scalars, grid, consts = _launch_args(q, k, config)
+        return jt.triton_call(
+            q, k, v, g, lse, delta, kv_len, *scalars, kernel=attention_dq_kernel,
+            out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32), grid=grid, num_warps=config.num_warps,
+            num_stages=config.num_stages, **consts)
+
+    return partition_rows(call) if jax.device_count() > 1 else call
+
+
+def partition_rows(local):
+    """`local(q, k, v, g, lse, delta, kv_len) -> dq` as a jax custom_partitioning op that a sharded jit runs
+    per shard of rows: every operand's axis 0 split as q's is, the others whole on each device. A bare
+    custom call (jax_triton's) would otherwise be run on every device over all rows."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    op = custom_partitioning(local)
+
+    def shardings(mesh, arg_shapes):
+        spec = getattr(arg_shapes[0].sharding, "spec", ())
+        rows = spec[0] if len(spec) else None
+        return tuple(NamedSharding(mesh, PartitionSpec(rows, *[None] * (len(a.shape) - 1))) for a in arg_shapes)
+
+    def partition(mesh, arg_shapes, result_shape):
+        args = shardings(mesh, arg_shapes)
+        return mesh, local, args[0], args
+
+    op.def_partition(partition=partition, infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[0],
+                     sharding_rule="b t h d, b s k d, b s k d, b t h d, b t h, b t h, b -> b t h d")
+    return op
 
 
 def torch_attention_dq(q, k, v, g, lse, delta, kv_len, config: DQConfig = DQConfig()):

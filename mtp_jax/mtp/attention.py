@@ -268,7 +268,7 @@ def _split_parts(k, v, first, a):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str, dq_kernel: str = "cudnn"):
+def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str, dq_kernel: str = "auto"):
     """Softmax over a chunk of contiguous anchors' prefix keys and one more key set, for one example per
     row, without a mask: the regular keys before `first` ([b]; a key length, so cuDNN skips the rest),
     the causal diagonal block of keys first .. first + a - 1, and a part given as (out_x fp32, lse_x)
@@ -314,7 +314,7 @@ def merge_lse(out1, lse1, out2, lse2):
 
 
 def mask_attend(prefix_mask: jax.Array | None, steps: int, impl: Impl = "xla", key_count: jax.Array | None = None,
-                first_anchor: jax.Array | None = None, dq_kernel: str = "cudnn"):
+                first_anchor: jax.Array | None = None, dq_kernel: str = "auto"):
     """Attention for mask tokens laid out as [batch, anchors * k] (anchor-major).
 
     `layer_state` = this layer's (k, v) [batch, keys, kv, d] of the regular stream (the decoder

@@ -46,8 +46,9 @@ class MTPConfig:
     # (split_prefix_attention); exact only with one example per row, at its start (data.packing off)
     prefix_split: bool = False
     # prefix_split under cuDNN: the backward of the keys before each chunk, dq only from mtp_kernels' Triton
-    # kernel ("triton", needs jax_triton) or cuDNN's full backward ("cudnn"); auto = triton where it imports
-    dq_kernel: Literal["auto", "cudnn", "triton"] = "cudnn"
+    # kernel ("triton", needs jax_triton; 2x cuDNN's backward, which also forms dK/dV) or cuDNN's full backward
+    # ("cudnn"); auto = triton where jax_triton imports
+    dq_kernel: Literal["auto", "cudnn", "triton"] = "auto"
 
     def __post_init__(self):
         if self.draft_length < 1:
