@@ -6,6 +6,22 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Triton picks its interpreter when it is imported, for the whole process: a kernel test file's interpreted
+# cases run in a child pytest with TRITON_INTERPRET=1, which its `test_interpreted_suite` starts.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child (test_interpreted_suite)")
+
+
+def run_interpreted(test_file: str) -> None:
+    """Run `test_file` in a child pytest under TRITON_INTERPRET=1; fail with its output if it fails."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"interpreted {test_file} failed:\n" + proc.stdout[-6000:] + proc.stderr[-3000:]
+
 
 def cpu_devices_flags(n: int) -> str:
     """XLA_FLAGS for a child process with n emulated CPU devices. On 2 cores its device threads share the

@@ -13,21 +13,16 @@ import textwrap
 
 import pytest
 import torch
-from conftest import cpu_devices_flags
+from conftest import INTERPRET, cpu_devices_flags, interpreted, run_interpreted
 
 from mtp_kernels.attention_dq import DQConfig, torch_attention_dq
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child (test_interpreted_suite)")
 SMALL = DQConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the interpreted child")
 def test_interpreted_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, "interpreted attention-dq tests failed:\n" + proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_interpreted(__file__)
 
 
 def _grouped(x, heads):  # [B, S, KVH, D] -> [B, S, H, D]: query head h reads kv head h // (H // KVH)
@@ -147,7 +142,7 @@ def test_resolve_dq_kernel():
     """The split's backward choice: XLA attention keeps its own; a bad name or a Triton request without
     jax_triton (as on CPU CI) is refused; auto falls back to cuDNN's backward without jax_triton."""
     from mtp_jax.mtp.attention import resolve_dq_kernel
-    from mtp_kernels.soft_ce.jax_op import has_jax_triton
+    from mtp_kernels.jax_triton_support import has_jax_triton
 
     assert resolve_dq_kernel("triton", "xla") == "xla"
     assert resolve_dq_kernel("cudnn", "cudnn") == "cudnn"

@@ -6,28 +6,19 @@ the parent runs them through `test_interpreted_suite` and never sets the
 variable itself. To see each case: `TRITON_INTERPRET=1 pytest tests/test_soft_ce_triton.py`.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import INTERPRET, interpreted, run_interpreted
 
 from mtp_kernels.soft_ce import SoftCEConfig, torch_soft_ce
 from mtp_kernels.soft_ce import reference as ref
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child (test_interpreted_suite)")
 
 from soft_ce_tol import GRAD_T_TOL, GRAD_TOL, LOSS_TOL  # noqa: E402
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the interpreted child")
 def test_interpreted_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, "interpreted soft-CE tests failed:\n" + proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_interpreted(__file__)
 
 
 @pytest.mark.skipif(INTERPRET, reason="needs the compiled (not interpreted) kernels")

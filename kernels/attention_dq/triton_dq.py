@@ -78,4 +78,5 @@ def attention_dq_kernel(
         acc = _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, full, kv_len, qk_scale, BLOCK_N, HEAD_DIM, True)
     tl.store(dq_ptr + q_off, acc * SCALE, mask=in_rows[:, None])
 
+
 INTERPRETED = not isinstance(attention_dq_kernel, triton.runtime.JITFunction)

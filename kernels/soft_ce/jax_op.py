@@ -9,7 +9,6 @@ a GPU or without jax_triton the same custom_vjp runs the jnp path.
 from __future__ import annotations
 
 import functools
-import os
 import statistics
 import time
 
@@ -17,29 +16,12 @@ import jax
 import jax.numpy as jnp
 from jax import custom_batching
 
+from ..jax_triton_support import has_jax_triton
 from . import jnp_soft_ce
 from .config import DEFAULT, SoftCEConfig, get_config
 
 IMPLS = ("auto", "triton", "jnp")
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-@functools.cache
-def has_jax_triton() -> bool:
-    # jax_triton sets TRITON_CACHE_DIR="" on import, which breaks every later
-    # torch-side Triton compile in the process ("Could not create or locate
-    # cache dir"); it compiles through its own path, so put the variable back.
-    saved = os.environ.get("TRITON_CACHE_DIR")
-    try:
-        import jax_triton  # noqa: F401
-    except Exception:  # absent, or built against another jax
-        return False
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_CACHE_DIR", None)
-        else:
-            os.environ["TRITON_CACHE_DIR"] = saved
-    return True
 
 
 def resolve_impl(impl: str) -> str:

@@ -253,7 +253,7 @@ def resolve_dq_kernel(dq_kernel: str, impl: str) -> str:
         raise ValueError(f"dq_kernel must be one of {DQ_KERNELS}, got {dq_kernel!r}")
     if impl != "cudnn":
         return impl
-    from mtp_kernels.soft_ce.jax_op import has_jax_triton
+    from mtp_kernels.jax_triton_support import has_jax_triton
     if dq_kernel == "triton" and not has_jax_triton():
         raise ValueError("dq_kernel='triton' needs the jax_triton package (pip install jax-triton)")
     return "triton" if dq_kernel == "triton" or (dq_kernel == "auto" and has_jax_triton()) else "cudnn"
