@@ -37,7 +37,7 @@ from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.models import LoRAConfig, ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPConfig, MTPModel
-from mtp_jax.mtp.objective import init_params, loss_and_grads, regular_stream, split_params
+from mtp_jax.mtp.objective import init_params, layer_loop, loss_and_grads, regular_stream, split_params
 from mtp_jax.train import OptimConfig, count_params, make_optimizer, train_step
 from mtp_step import fmt, interleaved_layout, interleaved_loss, make_batch, measure, random_base, ratio  # noqa: F401
 
@@ -92,6 +92,8 @@ def main():
                     help="MTPConfig.prefix_split: the prefix attention without a mask (one example per row)")
     ap.add_argument("--dq_kernel", default="auto", choices=["auto", "cudnn", "triton"],
                     help="MTPConfig.dq_kernel: the split's backward for the keys before each chunk")
+    ap.add_argument("--layer_loop", action="store_true",
+                    help="MTPConfig.scan_layers off: the layers as straight-line code over per-layer weights")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")
     ap.add_argument("--reps", type=int, default=2, help="timed runs after a warm-up (0: time the warm-up)")
@@ -109,7 +111,7 @@ def main():
         lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"))
         mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=4096, attention_impl=args.impl,
                         soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys,
-                        prefix_split=args.prefix_split, dq_kernel=args.dq_kernel)
+                        prefix_split=args.prefix_split, dq_kernel=args.dq_kernel, scan_layers=not args.layer_loop)
         model = MTPModel(config, lora, mtp, dtype, dtype)
         # the straightforward step keeps remat full: with `dots` its whole interleaved row's matmul outputs stay
         baseline_model = MTPModel(config, lora, dataclasses.replace(mtp, remat="full"), dtype, dtype)
@@ -117,6 +119,8 @@ def main():
         n_base = count_params(base)
         mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
         trainable, frozen = split_params(model, init_params(model, base, mask_row, jax.random.key(1)))
+        del base
+        _, frozen = layer_loop(model, frozen)  # as the CLI passes it: per layer without the scan
         tx, schedule = make_optimizer(OptimConfig(lr=2e-4, warmup_steps=10), 1000)
 
         def fresh_state():
@@ -164,9 +168,10 @@ def main():
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "k": args.k, "chunk": args.chunk, "rank": args.rank,
               "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
-              "prefix_split": args.prefix_split, "dq_kernel": args.dq_kernel, "dtype": args.dtype, "rows": rows}
+              "prefix_split": args.prefix_split, "dq_kernel": args.dq_kernel, "scan_layers": not args.layer_loop,
+              "dtype": args.dtype, "rows": rows}
     print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} "
-          f"remat={args.remat} {args.dtype}")
+          f"remat={args.remat} {'layer loop' if args.layer_loop else 'scanned layers'} {args.dtype}")
     print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "
           f"{'baseline s':>10} {'GiB':>6} | speedup  memory | breakdown")
     for r in rows:

@@ -494,7 +494,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     from mtp_jax.models import load_tokenizer
     from mtp_jax.mtp.mask_token import add_mask_token, mask_embedding
     from mtp_jax.mtp.model import MTPModel
-    from mtp_jax.mtp.objective import init_params, trainable_keys
+    from mtp_jax.mtp.objective import init_params, layer_loop, trainable_keys
     from mtp_jax.sharding import (axes_across_processes, batch_sharding, host_to_global, logical_shardings, make_mesh,
                                   replicated)
 
@@ -540,6 +540,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
     if "mask_embedding" in keys:
         train_sh["mask_embedding"] = repl
     frozen = {"base": base, **({} if "mask_embedding" in keys else {"mask_embedding": mask_row})}
+    n_base = count_params(base)
+    del base  # with mtp.scan_layers off the step reads the layers per layer: no stacked copy stays
+    _, frozen = layer_loop(model, frozen)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
 
     def init_trainable(rng, row):
@@ -566,7 +569,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
         return state
 
     state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.train.seed), mask_row)
-    n_base, n_train = count_params(base), count_params(state["trainable"])
+    n_train = count_params(state["trainable"])
     log(f"model {cfg.model.path}: {n_base / 1e6:.1f}M frozen base params, {n_train / 1e6:.2f}M trainable, "
         f"k={cfg.mtp.draft_length}, <mask> row = mean of {min(text_vocab, config.vocab_size)} embedding rows")
 

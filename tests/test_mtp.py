@@ -155,6 +155,40 @@ def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk, remat)
     assert_trees_close(grads_s, grads, 1e-5, f"prefix_split chunk {chunk}")
 
 
+@pytest.mark.parametrize("split,chunk,remat", [(True, 3, "dots"), (False, 5, "full")])
+def test_layer_loop_equals_scan(setups, split, chunk, remat):
+    """mtp.scan_layers off (the layers as straight-line code) gives the scanned step's loss and gradients,
+    the latter in the stacked layout of the trainable tree, whether the frozen base comes stacked or
+    through unstack_layers; and what enters the anchor-chunk loop is each layer's own weights, never the
+    stacked ones a scan would slice a copy from for every chunk."""
+    from mtp_jax.models.llama import stack_layers, unstack_layers
+
+    mtp = MTPConfig(draft_length=3, soft_ce_impl="jnp", chunk_size=chunk, prefix_split=split, remat=remat)
+    model, params = build(setups["qwen3"], mtp)
+    loop = MTPModel(model.config, model.lora, dataclasses.replace(mtp, scan_layers=False))
+    batch = one_example_per_row(EXAMPLES, length=16) if split else make_batch(EXAMPLES, rows=3, length=16)[0]
+    trainable, frozen = split_params(model, params)
+    n = model.config.num_layers
+    unstacked = {**frozen, "base": unstack_layers(frozen["base"], n)}
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, stack_layers(unstacked["base"], n), frozen["base"]))
+    loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
+    for what, f in (("stacked base", frozen), ("unstacked base", unstacked)):
+        loss_l, grads_l, _ = jax.jit(functools.partial(loss_and_grads, loop))(trainable, f, batch)
+        assert float(loss_l) == pytest.approx(float(loss), rel=1e-6), what
+        assert jax.tree.structure(grads_l) == jax.tree.structure(grads), what
+        assert_trees_close(grads_l, grads, 1e-5, f"layer loop, {what}")
+
+    def chunk_loop_inputs(m, f):  # shapes of what the while loop over anchor chunks reads
+        jaxpr = jax.make_jaxpr(functools.partial(loss_and_grads, m))(trainable, f, batch).jaxpr
+        loops = [e for e in jaxpr.eqns if e.primitive.name == "while"]
+        return {tuple(v.aval.shape) for e in loops for v in e.params["body_jaxpr"].jaxpr.invars}
+
+    q_kernel = frozen["base"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape  # [layers, in, out]
+    assert q_kernel in chunk_loop_inputs(model, frozen)
+    inputs = chunk_loop_inputs(loop, unstacked)
+    assert q_kernel not in inputs and q_kernel[1:] in inputs
+
+
 def test_remat_dots_keeps_the_split_attention():
     """Remat `dots` keeps split_prefix_attention's merged (out, lse), so its backward reruns no forward
     part (one logsumexp's max in the gradient program, against two under `full`), and the gradient is

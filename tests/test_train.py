@@ -100,3 +100,17 @@ def test_prefix_split_run_equals_dense_mask_run(tmp_path, data_file):
     for dense, split in zip(runs["false"], runs["true"], strict=True):
         for key in ("loss/total", "grad_norm", "acc/step_1"):
             assert abs(dense[key] - split[key]) <= 1e-5 * max(1.0, abs(dense[key])), (key, dense, split)
+
+
+def test_layer_loop_run_equals_scanned_run(tmp_path, data_file):
+    """The CLI with mtp.scan_layers false (the per-layer frozen base, unstacked once before the loop) trains
+    the scanned run step for step, and its checkpoint keeps the stacked adapter layout that export and
+    decoding read."""
+    runs = {scan: run(tiny(tmp_path / scan, data_file, "--mtp.scan_layers", scan, "--train.max_steps", "3",
+                           "--train.save_steps", "3"))
+            for scan in ("true", "false")}
+    for scanned, loop in zip(runs["true"]["history"], runs["false"]["history"], strict=True):
+        for key in ("loss/total", "grad_norm", "acc/step_1"):
+            assert abs(scanned[key] - loop[key]) <= 1e-5 * max(1.0, abs(scanned[key])), (key, scanned, loop)
+    shapes = [jax.tree.map(jnp.shape, r["state"]["trainable"]) for r in runs.values()]
+    assert shapes[0] == shapes[1]

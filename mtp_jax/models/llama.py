@@ -3,15 +3,18 @@
 The decoder layers run as one `nn.scan` (the compiled program holds one layer body), so their
 parameters are stacked: `model.layers.self_attn.q_proj.kernel` [layers, in, out] holds
 transformers' `model.layers.{i}.self_attn.q_proj.weight` for every i; otherwise names mirror
-transformers', so HF checkpoints load tensor by tensor. Attention is delegated to an
+transformers', so HF checkpoints load tensor by tensor. `scan_layers=False` runs them as
+straight-line code over per-layer params `model.layers_{i}` (`unstack_layers`): the training step's
+anchor-chunk loop then reads each layer's weights in place instead of slicing a copy per chunk. Attention is delegated to an
 `attend(q, k, v, layer_state) -> (out, aux)` callable: plain causal attention here, a KV cache in
 generation, the two-stream prefix/block merge in MTP training. `layer_state` is this layer's slice
 of a [layers, ...] pytree the caller passes in (a cache, the regular stream's K/V); the layers'
-`aux` come back stacked the same way.
+`aux` come back stacked the same way (a tuple over layers without the scan).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -198,6 +201,30 @@ REMAT_POLICIES = {
 }
 
 
+def layer_slices(stacked, num_layers: int) -> tuple:
+    """A pytree of [layers, ...] leaves -> a tuple of its per-layer pytrees."""
+    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))
+
+
+def unstack_layers(tree: dict, num_layers: int) -> dict:
+    """A params or lora tree ({"model": {"layers": ...}, ...}) in the layout of `scan_layers=False`:
+    the stacked layers as `model.layers_{i}`. A tree already in that layout is returned as it is."""
+    model = tree["model"]
+    if "layers" not in model:
+        return tree
+    rest = {name: v for name, v in model.items() if name != "layers"}
+    per_layer = layer_slices(model["layers"], num_layers)
+    return {**tree, "model": {**rest, **{f"layers_{i}": p for i, p in enumerate(per_layer)}}}
+
+
+def stack_layers(tree: dict, num_layers: int) -> dict:
+    """The inverse of `unstack_layers`."""
+    model = tree["model"]
+    per_layer = [model[f"layers_{i}"] for i in range(num_layers)]
+    rest = {name: v for name, v in model.items() if not re.fullmatch(r"layers_\d+", name)}
+    return {**tree, "model": {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}}
+
+
 class Transformer(nn.Module):
     """transformers' `LlamaModel` / `Qwen3Model`: embeddings, layers, final norm."""
 
@@ -207,6 +234,7 @@ class Transformer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # a key of REMAT_POLICIES
     unroll: int = 1  # layers per scan iteration (num_layers: straight-line code, for small-batch decoding)
+    scan_layers: bool = True  # False: a Python loop over per-layer params (unstack_layers)
 
     def setup(self):
         c = self.config
@@ -217,21 +245,32 @@ class Transformer(nn.Module):
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         layer = DecoderLayer
         if self.remat != "none":  # static: the attend callable and deterministic (self is argument 0)
+            # a scan already keeps XLA from merging the recomputation into the forward; straight-line code not
             layer = nn.remat(DecoderLayer, static_argnums=(5, 7), policy=REMAT_POLICIES[self.remat],
-                             prevent_cse=False)  # scan already keeps XLA from merging the recomputation
-        # one layer body scanned over stacked params / adapters (leading "layers" axis) and layer_state
-        self.layers = nn.scan(
-            layer, variable_axes={"params": 0, LORA_COLLECTION: 0}, split_rngs={"params": True, "dropout": True},
-            in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_layers, unroll=self.unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"})(c, self.lora, self.dtype, self.param_dtype)
+                             prevent_cse=not self.scan_layers)
+        if self.scan_layers:  # one layer body over stacked params / adapters (leading "layers" axis), layer_state
+            self.layers = nn.scan(
+                layer, variable_axes={"params": 0, LORA_COLLECTION: 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_layers, unroll=self.unroll,
+                metadata_params={nn.PARTITION_NAME: "layers"})(c, self.lora, self.dtype, self.param_dtype)
+        else:  # named layers_0, layers_1, ... by flax
+            self.layers = [layer(c, self.lora, self.dtype, self.param_dtype) for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
     def __call__(self, x, positions, attend, layer_state=None, gate=None, deterministic=True):
-        """-> (final-normed hidden, aux stacked over layers); `layer_state` is a [layers, ...] pytree."""
+        """-> (final-normed hidden, aux stacked over layers); `layer_state` is a [layers, ...] pytree
+        (without the scan: aux and `layer_state` are tuples over layers)."""
         cos, sin = rope_cos_sin(positions, jnp.asarray(self.config.rope_inv_freq()), self.dtype,
                                 self.config.rope_attention_scaling)
-        x, aux = self.layers(x, layer_state, cos, sin, attend, gate, deterministic)
-        return self.norm(x), aux
+        if self.scan_layers:
+            x, aux = self.layers(x, layer_state, cos, sin, attend, gate, deterministic)
+            return self.norm(x), aux
+        aux = []
+        for i, layer in enumerate(self.layers):
+            x, layer_aux = layer(x, None if layer_state is None else layer_state[i], cos, sin, attend, gate,
+                                 deterministic)
+            aux.append(layer_aux)
+        return self.norm(x), tuple(aux)
 
 
 class OutputHead(nn.Module):
@@ -263,9 +302,11 @@ class CausalLM(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     unroll: int = 1  # Transformer.unroll
+    scan_layers: bool = True  # Transformer.scan_layers
 
     def setup(self):
-        self.model = Transformer(self.config, self.lora, self.dtype, self.param_dtype, self.remat, self.unroll)
+        self.model = Transformer(self.config, self.lora, self.dtype, self.param_dtype, self.remat, self.unroll,
+                                 self.scan_layers)
         if not self.config.tie_word_embeddings:
             self.lm_head = OutputHead(self.config.hidden_size, self.config.vocab_size, self.dtype,
                                       self.param_dtype)

@@ -49,6 +49,11 @@ class MTPConfig:
     # kernel ("triton", needs jax_triton; 2x cuDNN's backward, which also forms dK/dV) or cuDNN's full backward
     # ("cudnn"); auto = triton where jax_triton imports
     dq_kernel: Literal["auto", "cudnn", "triton"] = "auto"
+    # the training step's layers under nn.scan (one compiled layer body), or as straight-line code over
+    # per-layer weights: the scan slices a copy of every layer's weights (and zero-fills its residual stacks)
+    # once per anchor chunk; the loop reads them in place, for a longer compile. Checkpoints, export and
+    # decoding keep the stacked layout either way.
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.draft_length < 1:
@@ -71,13 +76,16 @@ class MTPModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     unroll: int = 1  # Transformer.unroll (decoding)
+    scan_layers: bool = True  # Transformer.scan_layers: the training step sets it from mtp.scan_layers
 
     def setup(self):
-        self.base = CausalLM(self.config, self.lora, self.dtype, self.param_dtype, self.mtp.remat, self.unroll)
+        self.base = CausalLM(self.config, self.lora, self.dtype, self.param_dtype, self.mtp.remat, self.unroll,
+                             self.scan_layers)
         self.sampler = SamplerHead(self.config.hidden_size, self.config.rms_norm_eps, self.dtype, self.param_dtype)
 
     def regular(self, tokens, positions, segment_ids):
-        """Base model over regular tokens: final hidden [b, l, d] and (k, v), each [layers, b, l, kv, d]."""
+        """Base model over regular tokens: final hidden [b, l, d] and (k, v), each [layers, b, l, kv, d]
+        (without the scan: a tuple over layers of (k, v), each [b, l, kv, d])."""
         return self.base(tokens, positions, regular_attend(segment_ids, self.mtp.attention_impl, self.mtp.bound_keys,
                                                            self.mtp.prefix_split))
 

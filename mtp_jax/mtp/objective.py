@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtp_jax.models.llama import stack_layers, unstack_layers
 from mtp_jax.mtp.layout import pair_valid
 from mtp_jax.mtp.model import MTPModel
 
@@ -59,7 +60,19 @@ def init_params(model: MTPModel, base_params, mask_row: jax.Array, rng: jax.Arra
     return {"base": base_params, "lora": lora, "sampler": sampler, "mask_embedding": jnp.asarray(mask_row, jnp.float32)}
 
 
+def layer_loop(model: MTPModel, params: Params) -> tuple[MTPModel, Params]:
+    """With `mtp.scan_layers` off: the model whose layers run as straight-line code, and `params` ('base'
+    and 'lora', where present) in its per-layer layout (`unstack_layers`; a tree already in it passes as
+    it is). Otherwise both as they are."""
+    if model.mtp.scan_layers:
+        return model, params
+    n = model.config.num_layers
+    return model.clone(scan_layers=False), {key: unstack_layers(v, n) if key in ("base", "lora") else v
+                                            for key, v in params.items()}
+
+
 def regular_stream(model: MTPModel, params: Params, batch: dict):
+    model, params = layer_loop(model, params)
     hidden, kv = model.apply(variables(params), batch["tokens"], batch["positions"], batch["segment_ids"],
                              method=MTPModel.regular)
     return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(kv)
@@ -108,7 +121,12 @@ def rows_ahead(x: jax.Array, anchor_index: jax.Array, steps: range) -> jax.Array
 
 def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: dict,
                    rng: jax.Array | None = None):
-    """(loss, grads wrt `trainable`, sown sums) for one batch, chunked over anchors."""
+    """(loss, grads wrt `trainable`, sown sums) for one batch, chunked over anchors.
+
+    With `mtp.scan_layers` off, `frozen["base"]` may come stacked (then a copy of the layer weights is
+    sliced every step) or, as the CLI and the benchmark pass it, through `layer_loop` once."""
+    _, frozen = layer_loop(model, frozen)
+    model, trainable = layer_loop(model, trainable)  # grads per layer, restacked at the end
     params = {**frozen, **trainable}
     hidden, kv = regular_stream(model, params, batch)
     c, active, valid, per_anchor = _chunks(model, batch)
@@ -142,6 +160,8 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
     loss_sum, grads, sums = jax.lax.fori_loop(0, active, lambda i, carry: jax.tree.map(jnp.add, carry, chunk(i)),
                                               zero)
     grads = jax.tree.map(lambda g: g / n_valid, grads)
+    if not model.scan_layers:
+        grads = {**grads, "lora": stack_layers(grads["lora"], model.config.num_layers)}
     return loss_sum / n_valid, grads, sums
 
 
