@@ -5,9 +5,9 @@ parameters are stacked: `model.layers.self_attn.q_proj.kernel` [layers, in, out]
 transformers' `model.layers.{i}.self_attn.q_proj.weight` for every i; otherwise names mirror
 transformers', so HF checkpoints load tensor by tensor. `scan_layers=False` runs them as
 straight-line code over per-layer params `model.layers_{i}` (`unstack_layers`): the training step's
-anchor-chunk loop then reads each layer's weights in place instead of slicing a copy per chunk. Attention is delegated to an
-`attend(q, k, v, layer_state) -> (out, aux)` callable: plain causal attention here, a KV cache in
-generation, the two-stream prefix/block merge in MTP training. `layer_state` is this layer's slice
+anchor-chunk loop then reads each layer's weights in place instead of slicing a copy per chunk.
+Attention is delegated to an `attend(q, k, v, layer_state) -> (out, aux)` callable: plain causal
+attention here, a KV cache in generation, the two-stream prefix/block merge in MTP training. `layer_state` is this layer's slice
 of a [layers, ...] pytree the caller passes in (a cache, the regular stream's K/V); the layers'
 `aux` come back stacked the same way (a tuple over layers without the scan).
 """
@@ -201,11 +201,6 @@ REMAT_POLICIES = {
 }
 
 
-def layer_slices(stacked, num_layers: int) -> tuple:
-    """A pytree of [layers, ...] leaves -> a tuple of its per-layer pytrees."""
-    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))
-
-
 def unstack_layers(tree: dict, num_layers: int) -> dict:
     """A params or lora tree ({"model": {"layers": ...}, ...}) in the layout of `scan_layers=False`:
     the stacked layers as `model.layers_{i}`. A tree already in that layout is returned as it is."""
@@ -213,8 +208,8 @@ def unstack_layers(tree: dict, num_layers: int) -> dict:
     if "layers" not in model:
         return tree
     rest = {name: v for name, v in model.items() if name != "layers"}
-    per_layer = layer_slices(model["layers"], num_layers)
-    return {**tree, "model": {**rest, **{f"layers_{i}": p for i, p in enumerate(per_layer)}}}
+    per_layer = {f"layers_{i}": jax.tree.map(lambda a: a[i], model["layers"]) for i in range(num_layers)}
+    return {**tree, "model": {**rest, **per_layer}}
 
 
 def stack_layers(tree: dict, num_layers: int) -> dict:
