@@ -83,6 +83,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--tail_chunk", type=int, default=0,
+                    help="MTPConfig.tail_chunk: anchors past the last full chunk in chunks of this size")
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank (MTP-GLoRA's 8B setting)")
     ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"])
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
@@ -109,7 +111,7 @@ def main():
     for path in args.model:
         config = ModelConfig.from_file(path)
         lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"))
-        mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=4096, attention_impl=args.impl,
+        mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, tail_chunk=args.tail_chunk, row_chunk=4096, attention_impl=args.impl,
                         soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys,
                         prefix_split=args.prefix_split, dq_kernel=args.dq_kernel, scan_layers=not args.layer_loop)
         model = MTPModel(config, lora, mtp, dtype, dtype)
@@ -166,11 +168,12 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "k": args.k, "chunk": args.chunk, "rank": args.rank,
+              "date": time.strftime("%Y-%m-%d"), "k": args.k, "chunk": args.chunk, "tail_chunk": args.tail_chunk,
+              "rank": args.rank,
               "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
               "prefix_split": args.prefix_split, "dq_kernel": args.dq_kernel, "scan_layers": not args.layer_loop,
               "dtype": args.dtype, "rows": rows}
-    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} "
+    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} tail={args.tail_chunk} "
           f"remat={args.remat} {'layer loop' if args.layer_loop else 'scanned layers'} {args.dtype}")
     print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "
           f"{'baseline s':>10} {'GiB':>6} | speedup  memory | breakdown")

@@ -120,13 +120,15 @@ def test_options_match_oracle(setups, option):
     assert_trees_close(grads, ref_grads, 1e-5, option)
 
 
-@pytest.mark.parametrize("chunk,remat,bound_keys", [(1, "dots", False), (5, "full", False), (5, "none", True)])
-def test_chunked_equals_unchunked(setups, chunk, remat, bound_keys):
-    """Anchor chunks (C = 1, and 5 not dividing 16), per-layer remat and key bounds change nothing."""
+@pytest.mark.parametrize("chunk,tail,remat,bound_keys", [
+    (1, 0, "dots", False), (5, 0, "full", False), (5, 0, "none", True), (6, 2, "dots", False), (24, 6, "none", False)])
+def test_chunked_equals_unchunked(setups, chunk, tail, remat, bound_keys):
+    """Anchor chunks (C = 1, and 5 not dividing 16), tail chunks (2 after a chunk of 6; 6 after a single
+    chunk cut to the row's 16, which 6 does not divide), per-layer remat and key bounds change nothing."""
     k = 3
     model, params = build(setups["qwen3"], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
     chunked = MTPModel(model.config, model.lora, dataclasses.replace(
-        model.mtp, chunk_size=chunk, row_chunk=4, remat=remat, bound_keys=bound_keys))
+        model.mtp, chunk_size=chunk, tail_chunk=tail, row_chunk=4, remat=remat, bound_keys=bound_keys))
     batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(model, params)
     loss, grads, sums = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
@@ -138,15 +140,16 @@ def test_chunked_equals_unchunked(setups, chunk, remat, bound_keys):
             np.testing.assert_allclose(sums_c[key][field], sums[key][field], rtol=1e-5, err_msg=f"{key}/{field}")
 
 
-@pytest.mark.parametrize("chunk,remat", [(3, "dots"), (16, "none")])
-def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk, remat):
+@pytest.mark.parametrize("chunk,tail,remat", [(3, 0, "dots"), (16, 0, "none"), (6, 2, "dots")])
+def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk, tail, remat):
     """mtp.prefix_split (no prefix mask: keys before the chunk + its causal diagonal block, its backward
     run from the merged output and LSE) gives the masked objective's loss and gradients when every row
-    holds one example, for chunks that start, span and end the anchors, with and without remat."""
+    holds one example, for chunks that start, span and end the anchors (tail chunks too), with and
+    without remat."""
     k = 3
     model, params = build(setups["llama"], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
-    split = MTPModel(model.config, model.lora,
-                     dataclasses.replace(model.mtp, chunk_size=chunk, prefix_split=True, remat=remat))
+    split = MTPModel(model.config, model.lora, dataclasses.replace(model.mtp, chunk_size=chunk, tail_chunk=tail,
+                                                                   prefix_split=True, remat=remat))
     batch = one_example_per_row(EXAMPLES, length=16)
     trainable, frozen = split_params(model, params)
     loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)

@@ -29,6 +29,9 @@ from mtp_jax.mtp.loss import argmax_rows, soft_ce_rows
 class MTPConfig:
     draft_length: int = 4  # k
     chunk_size: int = 0  # anchors per mask-stream chunk; 0 = all at once
+    # anchors left after the last full chunk run in chunks of this size (a divisor of chunk_size; 0 = off):
+    # fewer padded anchor slots, for a second compiled chunk body
+    tail_chunk: int = 0
     row_chunk: int = 1024  # soft-CE rows per chunk
     step_weights: tuple[float, ...] = ()  # per draft step; empty = all 1
     teacher_forcing: bool = False  # prev_j = real token x_{a+j} instead of the sampler's own draft
@@ -60,6 +63,9 @@ class MTPConfig:
             raise ValueError(f"draft_length (k) must be >= 1, got {self.draft_length}")
         if self.chunk_size < 0 or self.row_chunk < 1:
             raise ValueError(f"chunk_size must be >= 0 and row_chunk >= 1 (got {self.chunk_size}, {self.row_chunk})")
+        if self.tail_chunk and not (0 < self.tail_chunk < self.chunk_size and self.chunk_size % self.tail_chunk == 0):
+            raise ValueError(f"tail_chunk must be 0 or a divisor of chunk_size below it (got tail_chunk "
+                             f"{self.tail_chunk}, chunk_size {self.chunk_size})")
         if self.step_weights and len(self.step_weights) != self.draft_length:
             raise ValueError(f"step_weights has {len(self.step_weights)} entries; draft_length is {self.draft_length}")
         if self.lcm_weight < 0:

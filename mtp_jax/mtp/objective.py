@@ -79,8 +79,9 @@ def regular_stream(model: MTPModel, params: Params, batch: dict):
 
 
 def _chunks(model: MTPModel, batch: dict):
-    """Anchor-chunked views of the batch: the chunk size, how many chunks hold a valid pair, the
-    validity of every (anchor, step) pair, and the per-anchor arrays, each row's anchors with a valid
+    """Anchor-chunked views of the batch: the chunk size and the tail chunk's (0: none), the fullest
+    row's count of anchors with a valid pair, the validity of every (anchor, step) pair, and the
+    per-anchor arrays, each row's anchors with a valid
     pair first (in position order), so that prompt tokens, padding and the last token of each
     example cost nothing once chunks past the fullest row's count are skipped. Teacher hidden states
     are gathered per chunk (`rows_ahead`), never for all anchors at once ([b, length, k+1, hidden]:
@@ -89,14 +90,16 @@ def _chunks(model: MTPModel, batch: dict):
     b, length = batch["tokens"].shape
     c = model.mtp.chunk_size or length
     c = min(c, length)
-    n = -(-length // c)
-    padded = n * c
+    tail = model.mtp.tail_chunk if model.mtp.tail_chunk < c else 0
+    padded = -(-length // c) * c
+    if tail:  # tail chunks end at the anchors rounded up to `tail` (past the last full chunk, if c < chunk_size)
+        padded = max(padded, -(-length // tail) * tail)
     valid = pair_valid(batch["segment_ids"], batch["response_mask"].astype(bool), k)
     has_pair = valid[..., 0]  # a pair at step j > 1 implies one at step 1
     order = jnp.argsort(~has_pair, axis=1, stable=True)
     # past the end: index `length` + i, an anchor that sees nothing and whose pairs are all invalid
     order = jnp.concatenate([order, jnp.broadcast_to(length + jnp.arange(padded - length), (b, padded - length))], 1)
-    active = -(-jnp.max(jnp.sum(has_pair, axis=1)) // c)
+    anchors = jnp.max(jnp.sum(has_pair, axis=1))
 
     def gather(x):  # [b, length, ...] -> [b, padded, ...] in anchor order (zeros past the end)
         return rows_ahead(x, order, range(1))[:, :, 0]
@@ -107,7 +110,7 @@ def _chunks(model: MTPModel, batch: dict):
         "valid": gather(valid),
         "real_next": rows_ahead(batch["tokens"], order, range(1, k + 1)),
     }
-    return c, active, valid, per_anchor
+    return c, tail, anchors, valid, per_anchor
 
 
 def rows_ahead(x: jax.Array, anchor_index: jax.Array, steps: range) -> jax.Array:
@@ -129,13 +132,13 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
     model, trainable = layer_loop(model, trainable)  # grads per layer, restacked at the end
     params = {**frozen, **trainable}
     hidden, kv = regular_stream(model, params, batch)
-    c, active, valid, per_anchor = _chunks(model, batch)
+    c, tail, anchors, valid, per_anchor = _chunks(model, batch)
     n_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
     deterministic = rng is None or model.lora.dropout == 0.0
 
-    def chunk_loss(train, start, chunk_rng):
+    def chunk_loss(train, start, size, chunk_rng):
         p = {**frozen, **train}
-        sl = {key: jax.lax.dynamic_slice_in_dim(v, start, c, axis=1) for key, v in per_anchor.items()}
+        sl = {key: jax.lax.dynamic_slice_in_dim(v, start, size, axis=1) for key, v in per_anchor.items()}
         rngs = {"dropout": chunk_rng} if not deterministic else {}
         total, sown = model.apply(
             variables(p), p["mask_embedding"], sl["anchor_index"], sl["positions"], batch["segment_ids"], kv,
@@ -146,19 +149,26 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
 
     grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
 
-    def chunk(i):
-        chunk_rng = jax.random.fold_in(rng, i) if rng is not None else jax.random.key(0)
-        (total, sown), g = grad_fn(trainable, i * c, chunk_rng)
+    def chunk(index, start, size):  # the index-th chunk: anchors start .. start + size - 1
+        chunk_rng = jax.random.fold_in(rng, index) if rng is not None else jax.random.key(0)
+        (total, sown), g = grad_fn(trainable, start, size, chunk_rng)
         sown = {name: jax.tree.map(lambda *xs: sum(xs), *vals) for name, vals in sown.items()}
         return total, g, sown
 
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk, 0))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: chunk(0, 0, c)))
 
-    # Only the first `active` chunks hold a valid pair; the loop stops there. (A loop over all n chunks
-    # with a lax.cond skipping the empty ones deadlocked XLA:CPU's emulated multi-device meshes: the
-    # devices reached the cond's collectives and the ones outside it in different orders.)
-    loss_sum, grads, sums = jax.lax.fori_loop(0, active, lambda i, carry: jax.tree.map(jnp.add, carry, chunk(i)),
-                                              zero)
+    # Only chunks up to the fullest row's last anchor with a valid pair run; the loop stops there. (A loop
+    # over all chunks with a lax.cond skipping the empty ones deadlocked XLA:CPU's emulated multi-device
+    # meshes: the devices reached the cond's collectives and the ones outside it in different orders.)
+    # With a tail chunk, what the full chunks leave runs in chunks of `tail`: a second compiled body, for
+    # less padding (at 4k tokens, 513 of 4,096 anchor slots of 1,024-chunks held no anchor).
+    full = anchors // c if tail else -(-anchors // c)
+    carry = jax.lax.fori_loop(0, full, lambda i, carry: jax.tree.map(jnp.add, carry, chunk(i, i * c, c)), zero)
+    if tail:
+        tails = -(-(anchors - full * c) // tail)
+        carry = jax.lax.fori_loop(
+            0, tails, lambda i, carry: jax.tree.map(jnp.add, carry, chunk(full + i, full * c + i * tail, tail)), carry)
+    loss_sum, grads, sums = carry
     grads = jax.tree.map(lambda g: g / n_valid, grads)
     if not model.scan_layers:
         grads = {**grads, "lora": stack_layers(grads["lora"], model.config.num_layers)}
