@@ -105,15 +105,24 @@ def ratio(num, den) -> str:
     return f"{num / den:.2f}x" if num and den else "-"
 
 
-def measure(fn, *args, reps=3, trace_dir=None):
+def _peak_gib(mem) -> float | None:
+    """A compiled program's memory (XLA's analysis: temporaries, arguments, outputs) in GiB."""
+    if mem is None:
+        return None
+    return (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**30
+
+
+def measure(fn, *args, reps=3, trace_dir=None, compile_only=False):
     """Compile once, time `reps` runs after a warm-up (reps 0: time the warm-up itself, for steps of minutes);
-    with `trace_dir`, one more run under jax.profiler.
+    with `trace_dir`, one more run under jax.profiler; with `compile_only` (args may be abstract), no run.
     `fn` returns the loss first (reported, a sanity check that the step computed something finite)."""
     try:
         t0 = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
+        if compile_only:
+            return {"time_s": None, "peak_gib": _peak_gib(mem), "compile_s": compile_s}
         t0 = time.perf_counter()
         loss = float(jax.tree.leaves(jax.block_until_ready(compiled(*args)))[0])
         times = [time.perf_counter() - t0] if reps == 0 else []  # reps 0: the warm-up run is the timing
@@ -124,10 +133,7 @@ def measure(fn, *args, reps=3, trace_dir=None):
         if trace_dir:
             with jax.profiler.trace(trace_dir):
                 jax.block_until_ready(compiled(*args))
-        peak = None
-        if mem is not None:
-            peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**30
-        return {"time_s": float(np.median(times)), "peak_gib": peak, "compile_s": compile_s, "loss": loss}
+        return {"time_s": float(np.median(times)), "peak_gib": _peak_gib(mem), "compile_s": compile_s, "loss": loss}
     except Exception as e:  # XLA reports OOM as a runtime error
         msg = str(e).splitlines()[0][:160]
         return {"time_s": None, "peak_gib": None, "error": ("OOM: " if "memory" in msg.lower() else "") + msg}

@@ -39,7 +39,8 @@ from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, layer_loop, loss_and_grads, regular_stream, split_params
 from mtp_jax.train import OptimConfig, count_params, make_optimizer, train_step
-from mtp_step import fmt, interleaved_layout, interleaved_loss, make_batch, measure, random_base, ratio  # noqa: F401
+from mtp_step import fmt, interleaved_layout, interleaved_loss, make_batch, random_base, ratio  # noqa: F401
+from mtp_step import measure as measure_fn
 
 # GPU kernel names by kind (cuBLAS/CUTLASS/nvjet GEMMs, cuDNN/flash attention, our Triton soft-CE)
 KINDS = (("attention", r"fmha|flash|cudnn|attention|sdpa"), ("soft-CE kernel", r"soft_ce"),
@@ -102,6 +103,9 @@ def main():
     ap.add_argument("--breakdown_max", type=int, default=32768,
                     help="above this regular length, only the whole step (no separately compiled parts)")
     ap.add_argument("--trace_dir", default=None, help="profile one step per row and break kernel time down")
+    ap.add_argument("--compile_only", action="store_true",
+                    help="lower and compile at the real shapes without making any array: each program's memory "
+                         "(XLA's analysis) and compile seconds, to check a setting fits before running it")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
@@ -111,23 +115,29 @@ def main():
     for path in args.model:
         config = ModelConfig.from_file(path)
         lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"))
-        mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, tail_chunk=args.tail_chunk, row_chunk=4096, attention_impl=args.impl,
-                        soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys,
+        mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, tail_chunk=args.tail_chunk, row_chunk=4096,
+                        attention_impl=args.impl, soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys,
                         prefix_split=args.prefix_split, dq_kernel=args.dq_kernel, scan_layers=not args.layer_loop)
         model = MTPModel(config, lora, mtp, dtype, dtype)
         # the straightforward step keeps remat full: with `dots` its whole interleaved row's matmul outputs stay
         baseline_model = MTPModel(config, lora, dataclasses.replace(mtp, remat="full"), dtype, dtype)
-        base = random_base(CausalLM(config, None, dtype, dtype))
-        n_base = count_params(base)
-        mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
-        trainable, frozen = split_params(model, init_params(model, base, mask_row, jax.random.key(1)))
-        del base
-        _, frozen = layer_loop(model, frozen)  # as the CLI passes it: per layer without the scan
+
+        def build():
+            base = random_base(CausalLM(config, None, dtype, dtype))
+            mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
+            trainable, frozen = split_params(model, init_params(model, base, mask_row, jax.random.key(1)))
+            return trainable, layer_loop(model, frozen)[1]  # as the CLI passes it: per layer without the scan
+
+        trainable, frozen = jax.eval_shape(build) if args.compile_only else build()
+        n_base = count_params(frozen["base"])
         tx, schedule = make_optimizer(OptimConfig(lr=2e-4, warmup_steps=10), 1000)
 
         def fresh_state():
-            return {"step": jnp.int32(0), "rng": jax.random.key(0), "trainable": trainable,
-                    "opt_state": tx.init(trainable), "skipped": jnp.int32(0)}
+            state = lambda: {"step": jnp.int32(0), "rng": jax.random.key(0), "trainable": trainable,  # noqa: E731
+                             "opt_state": tx.init(trainable), "skipped": jnp.int32(0)}
+            return jax.eval_shape(state) if args.compile_only else state()
+
+        measure = functools.partial(measure_fn, reps=args.reps, compile_only=args.compile_only)
 
         def baseline_step(state, frozen, tokens, lay):
             loss, grads = jax.value_and_grad(functools.partial(interleaved_loss, baseline_model))(
@@ -144,12 +154,12 @@ def main():
             batch = make_batch(args.prompt, total - args.prompt, config.vocab_size)
             counted = step_flops(config, n_base, jax.tree.map(np.asarray, batch), args.k)
             row = {"model": path, "regular_tokens": total, "flops": counted,
-                   "step": measure(step, fresh_state(), frozen, batch, reps=args.reps, trace_dir=args.trace_dir)}
+                   "step": measure(step, fresh_state(), frozen, batch, trace_dir=args.trace_dir)}
             if total <= args.breakdown_max:
                 row["loss_and_grads"] = measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen,
-                                                batch, reps=args.reps)
+                                                batch)
                 row["regular_stream"] = measure(lambda t, f, b: (jnp.float32(0), regular_stream(model, {**f, **t}, b)),
-                                                trainable, frozen, batch, reps=args.reps)
+                                                trainable, frozen, batch)
             s = row["step"]
             if s.get("time_s"):
                 s["regular_tokens_per_s"] = counted["tokens"] / s["time_s"]
@@ -163,7 +173,7 @@ def main():
                     row["kernels_s"], _, top = kernel_stats(args.trace_dir, top=30)
                     row["top_kernels"] = {name: [c, round(t, 4)] for name, (c, t) in top.items()}  # [count, seconds]
             row["baseline"] = (measure(baseline_step, fresh_state(), frozen, batch["tokens"],
-                                       interleaved_layout(batch, args.k), reps=args.reps)
+                                       interleaved_layout(batch, args.k))
                                if total <= args.baseline_max else {"time_s": None, "error": "skipped (too large)"})
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -172,15 +182,17 @@ def main():
               "rank": args.rank,
               "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
               "prefix_split": args.prefix_split, "dq_kernel": args.dq_kernel, "scan_layers": not args.layer_loop,
-              "dtype": args.dtype, "rows": rows}
-    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} tail={args.tail_chunk} "
-          f"remat={args.remat} {'layer loop' if args.layer_loop else 'scanned layers'} {args.dtype}")
+              "dtype": args.dtype, "compile_only": args.compile_only, "rows": rows}
+    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} "
+          f"tail={args.tail_chunk} remat={args.remat} {'layer loop' if args.layer_loop else 'scanned layers'} "
+          f"{args.dtype}{'  (compiled only: memory and compile seconds, nothing run)' if args.compile_only else ''}")
     print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "
           f"{'baseline s':>10} {'GiB':>6} | speedup  memory | breakdown")
     for r in rows:
         s, b = r["step"], r["baseline"]
         sp, mem = ratio(b.get("time_s"), s.get("time_s")), ratio(s.get("peak_gib"), b.get("peak_gib"))
-        parts = " ".join(f"{k} {v:.3f}s" for k, v in {**r.get("breakdown_s", {}), **r.get("kernels_s", {})}.items())
+        parts = " ".join(f"{k} {v:.3f}s" for k, v in {"compile": s.get("compile_s"), **r.get("breakdown_s", {}),
+                                                       **r.get("kernels_s", {})}.items() if v is not None)
         print(f"{r['model'].split('/')[-1]:>24} {r['regular_tokens']:>8} | {fmt(s.get('time_s'), '7.3f')} "
               f"{fmt(s.get('peak_gib'), '6.1f')} {fmt(s.get('regular_tokens_per_s'), '7.0f')} "
               f"{fmt(s.get('mfu') and 100 * s['mfu'], '5.1f')}% | {fmt(b.get('time_s'), '10.3f')} "
