@@ -81,18 +81,17 @@ def regular_stream(model: MTPModel, params: Params, batch: dict):
 def _chunks(model: MTPModel, batch: dict):
     """Anchor-chunked views of the batch: the chunk size and the tail chunk's (0: none), the fullest
     row's count of anchors with a valid pair, the validity of every (anchor, step) pair, and the
-    per-anchor arrays, each row's anchors with a valid
-    pair first (in position order), so that prompt tokens, padding and the last token of each
-    example cost nothing once chunks past the fullest row's count are skipped. Teacher hidden states
-    are gathered per chunk (`rows_ahead`), never for all anchors at once ([b, length, k+1, hidden]:
-    5 GB at 128k tokens)."""
+    per-anchor arrays, each row's anchors with a valid pair first (in position order), so that prompt
+    tokens, padding and the last token of each example cost nothing once chunks past the fullest
+    row's count are skipped. Teacher hidden states are gathered per chunk (`rows_ahead`), never for all
+    anchors at once ([b, length, k+1, hidden]: 5 GB at 128k tokens)."""
     k = model.mtp.draft_length
     b, length = batch["tokens"].shape
     c = model.mtp.chunk_size or length
     c = min(c, length)
     tail = model.mtp.tail_chunk if model.mtp.tail_chunk < c else 0
     padded = -(-length // c) * c
-    if tail:  # tail chunks end at the anchors rounded up to `tail` (past the last full chunk, if c < chunk_size)
+    if tail:  # the tail chunks end at the anchor count rounded up to `tail`, past n * c if c was cut to the row
         padded = max(padded, -(-length // tail) * tail)
     valid = pair_valid(batch["segment_ids"], batch["response_mask"].astype(bool), k)
     has_pair = valid[..., 0]  # a pair at step j > 1 implies one at step 1
