@@ -192,6 +192,51 @@ def test_layer_loop_equals_scan(setups, split, chunk, remat):
     assert q_kernel not in inputs and q_kernel[1:] in inputs
 
 
+def _vocab_matmuls(jaxpr, vocab: int) -> int:
+    """dot_generals with a vocab-sized operand or result in a jaxpr and every jaxpr inside it."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            count += any(vocab in v.aval.shape for v in (*eqn.invars, *eqn.outvars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    count += _vocab_matmuls(inner, vocab)
+    return count
+
+
+def test_soft_ce_rows_gradient_is_autodiff_without_recompute():
+    """soft_ce_rows (row chunks of 4 over 10 rows, some invalid) gives the plain formula's values,
+    argmaxes and gradient wrt the student rows under any per-row cotangent, and its gradient program
+    runs 3 [rows, vocab] matmuls per chunk (student, teacher, the student's gradient), not the 5 of a
+    rematerialised chunk, which recomputed both logits in the backward."""
+    from mtp_jax.mtp.loss import soft_ce_rows
+
+    keys = jax.random.split(jax.random.key(3), 4)
+    vocab = 37
+    s, t = (jax.random.normal(kk, (10, 8)) for kk in keys[:2])
+    w = jax.random.normal(keys[2], (8, vocab))
+    valid = jnp.arange(10) % 4 != 1
+    cot = jax.random.uniform(keys[3], (10,))
+
+    def ref(s):
+        x, teacher = s @ w, t @ w
+        ce = -jnp.sum(jax.nn.softmax(teacher) * jax.nn.log_softmax(x), -1)
+        return jnp.where(valid, ce, 0.0), jnp.argmax(x, -1), jnp.argmax(teacher, -1)
+
+    def ours(s):
+        return soft_ce_rows(s, t, valid, w, row_chunk=4, impl="jnp")
+
+    for a, b in zip(ours(s), ref(s)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda s: jnp.sum(cot * ours(s)[0]))(s)
+    g_ref = jax.grad(lambda s: jnp.sum(cot * ref(s)[0]))(s)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+    program = jax.make_jaxpr(jax.grad(lambda s: jnp.sum(cot * ours(s)[0])))(s).jaxpr
+    assert _vocab_matmuls(program, vocab) == 3, _vocab_matmuls(program, vocab)
+
+
 def test_remat_dots_keeps_the_split_attention():
     """Remat `dots` keeps split_prefix_attention's merged (out, lse), so its backward reruns no forward
     part (one logsumexp's max in the gradient program, against two under `full`), and the gradient is

@@ -1,12 +1,15 @@
 """Draft losses over row chunks (SPEC §5-§6): soft cross-entropy of sampler logits against the
 base model's logits, without ever holding [all mask tokens, vocab] logits at once.
 
-Each row chunk projects student and teacher hidden states through the frozen output matrix,
-runs the soft-CE op (Triton on GPU, chunked jnp on CPU) and is rematerialised in the backward
-pass, so peak memory is O(row_chunk x vocab).
+Each row chunk projects student and teacher hidden states through the frozen output matrix, runs
+the soft-CE op (Triton on GPU, chunked jnp on CPU) and forms the gradient wrt the student's hidden
+rows in the same pass, as fused linear cross-entropy kernels do: the backward only scales it, so
+no logits are kept or recomputed and peak memory is O(row_chunk x vocab).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +36,34 @@ def soft_ce_rows(student_h: jax.Array, teacher_h: jax.Array, valid: jax.Array, o
     t = _pad_rows(jax.lax.stop_gradient(teacher_h), rows).reshape(rows // chunk, chunk, -1)
     m = _pad_rows(valid, rows).reshape(rows // chunk, chunk)
     w = jax.lax.stop_gradient(out_matrix)
-
-    @jax.checkpoint
-    def one(s_c, t_c, m_c):
-        x = s_c @ w.astype(s_c.dtype)
-        teacher = (t_c @ w.astype(t_c.dtype)).astype(x.dtype)
-        ce = jax_soft_ce(x, teacher, m_c, impl=impl)
-        return ce, jnp.argmax(x, -1).astype(jnp.int32), jnp.argmax(teacher, -1).astype(jnp.int32)
-
-    ce, s_arg, t_arg = jax.lax.map(lambda args: one(*args), (s, t, m))
+    ce, s_arg, t_arg = jax.lax.map(lambda args: _project_soft_ce(*args, w, impl), (s, t, m))
     return ce.reshape(rows)[:n], s_arg.reshape(rows)[:n], t_arg.reshape(rows)[:n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _project_soft_ce(s, t, mask, w, impl):
+    """One row chunk: (soft-CE of s @ w against t @ w, student argmax, teacher argmax). Differentiable
+    wrt s only (the teacher, mask and output matrix are constants of the objective)."""
+    return _project_soft_ce_fwd(s, t, mask, w, impl)[0]
+
+
+def _project_soft_ce_fwd(s, t, mask, w, impl):
+    # d ce / d s per row, formed now (the rows are independent, so the backward's cotangent only scales
+    # it): the backward then needs neither the [rows, vocab] logits nor a second pass of both matmuls,
+    # which a rematerialised chunk paid (2 of its 5 d x vocab matmuls per row).
+    x = s @ w.astype(s.dtype)
+    teacher = (t @ w.astype(t.dtype)).astype(x.dtype)
+    ce, vjp = jax.vjp(lambda x: jax_soft_ce(x, teacher, mask, impl=impl), x)
+    (dx,) = vjp(jnp.ones_like(ce))
+    ds = dx.astype(x.dtype) @ w.astype(s.dtype).T
+    return (ce, jnp.argmax(x, -1).astype(jnp.int32), jnp.argmax(teacher, -1).astype(jnp.int32)), ds
+
+
+def _project_soft_ce_bwd(impl, ds, g):
+    return (g[0][:, None] * ds).astype(ds.dtype), None, None, None
+
+
+_project_soft_ce.defvjp(_project_soft_ce_fwd, _project_soft_ce_bwd)
 
 
 def argmax_rows(h: jax.Array, out_matrix: jax.Array, row_chunk: int) -> jax.Array:
