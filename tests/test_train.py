@@ -104,8 +104,8 @@ def test_prefix_split_run_equals_dense_mask_run(tmp_path, data_file):
 
 def test_layer_loop_run_equals_scanned_run(tmp_path, data_file):
     """The CLI with mtp.scan_layers false (the per-layer frozen base, unstacked once before the loop) trains
-    the scanned run step for step, and its checkpoint keeps the stacked adapter layout that export and
-    decoding read."""
+    the scanned run step for step, and its trained adapters keep the stacked layout that checkpoints, export
+    and decoding use."""
     runs = {scan: run(tiny(tmp_path / scan, data_file, "--mtp.scan_layers", scan, "--train.max_steps", "3",
                            "--train.save_steps", "3"))
             for scan in ("true", "false")}
