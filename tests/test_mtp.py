@@ -152,10 +152,13 @@ def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk, tail, 
                                                                    prefix_split=True, remat=remat))
     batch = one_example_per_row(EXAMPLES, length=16)
     trainable, frozen = split_params(model, params)
-    loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
-    loss_s, grads_s, _ = jax.jit(functools.partial(loss_and_grads, split))(trainable, frozen, batch)
+    loss, grads, sums = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
+    loss_s, grads_s, sums_s = jax.jit(functools.partial(loss_and_grads, split))(trainable, frozen, batch)
     assert abs(float(loss) - float(loss_s)) < 1e-6 * abs(float(loss)), (float(loss), float(loss_s))
     assert_trees_close(grads_s, grads, 1e-5, f"prefix_split chunk {chunk}")
+    for key in sums:  # agreement and acceptance read the teacher's argmaxes (one logits block per chunk here)
+        for field in sums[key]:
+            np.testing.assert_allclose(sums_s[key][field], sums[key][field], rtol=1e-5, err_msg=f"{key}/{field}")
 
 
 @pytest.mark.parametrize("split,chunk,remat", [(True, 3, "dots"), (False, 5, "full")])

@@ -117,8 +117,10 @@ class MTPModel(nn.Module):
         """One chunk of anchors. Returns the weighted sum of losses over its valid pairs.
 
         anchor_index [c] or [b, c]; positions [b, c] (of the anchors); teacher_hidden [b, c, k+1, d] (base
-        hidden at a+0..a+k); valid [b, c, k]; real_next [b, c, k] (x_{a+1..a+k}: prev_j = x_{a+j} when
-        teacher forcing; otherwise prev_1 = the base argmax at a and prev_j = the sampler's draft j-1).
+        hidden at a+0..a+k) or, with prefix_split (each row's anchors contiguous from the chunk's first),
+        [b, c+k, d] (base hidden at first .. first+c+k-1), whose logits, formed once, serve every draft step;
+        valid [b, c, k]; real_next [b, c, k] (x_{a+1..a+k}: prev_j = x_{a+j} when teacher forcing; otherwise
+        prev_1 = the base argmax at a and prev_j = the sampler's draft j-1).
         """
         k = self.mtp.draft_length
         b, c = positions.shape
@@ -126,7 +128,18 @@ class MTPModel(nn.Module):
         mask_h = self.mask_hidden(mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic)
         out = self.base.output_matrix()
         teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
-        prev = argmax_rows(teacher_hidden[:, :, 0].reshape(b * c, d), out, self.mtp.row_chunk)
+        if self.mtp.prefix_split:  # one [b, c+k, vocab] block instead of k+1 teacher rows per anchor
+            teacher_logits = teacher_hidden @ out.astype(teacher_hidden.dtype)
+            prev = jnp.argmax(teacher_logits[:, :c], -1).astype(jnp.int32).reshape(b * c)
+
+            def teacher(j):  # draft step j's teacher rows (logits) and their hidden states
+                return (teacher_logits[:, j:j + c].reshape(b * c, -1), teacher_hidden[:, j:j + c].reshape(b * c, d))
+        else:
+            prev = argmax_rows(teacher_hidden[:, :, 0].reshape(b * c, d), out, self.mtp.row_chunk)
+
+            def teacher(j):
+                rows = teacher_hidden[:, :, j].reshape(b * c, d)
+                return rows, rows
         total = jnp.float32(0.0)
         agree_run = jnp.ones((b * c,), bool)
         accepted = jnp.zeros((b * c,), jnp.float32)
@@ -136,8 +149,9 @@ class MTPModel(nn.Module):
             h = mask_h[:, :, j - 1].reshape(b * c, d)
             v = valid[:, :, j - 1].reshape(b * c)
             s_in = self.sampler(self.base.embed(prev), h)
-            ce, s_arg, t_arg = soft_ce_rows(s_in, teacher_hidden[:, :, j].reshape(b * c, d), v, out,
-                                            self.mtp.row_chunk, self.mtp.soft_ce_impl)
+            teacher_rows, teacher_h = teacher(j)
+            ce, s_arg, t_arg = soft_ce_rows(s_in, teacher_rows, v, out, self.mtp.row_chunk, self.mtp.soft_ce_impl,
+                                            teacher_logits=self.mtp.prefix_split)
             agree = (s_arg == t_arg) & v
             agree_run = agree_run & agree
             accepted = accepted + agree_run
@@ -145,7 +159,7 @@ class MTPModel(nn.Module):
                     "agree": jnp.sum(agree).astype(jnp.float32)}
             total = total + self.mtp.weight(j) * step["loss"]
             if self.mtp.lcm_weight > 0:
-                target = teacher_hidden[:, :, j].reshape(b * c, d).astype(jnp.float32)
+                target = teacher_h.astype(jnp.float32)
                 dist = jnp.mean((h.astype(jnp.float32) - target) ** 2, axis=-1)
                 step["lcm"] = jnp.sum(jnp.where(v, dist, 0.0))
                 total = total + self.mtp.lcm_weight * step["lcm"]
