@@ -91,6 +91,13 @@ def assert_trees_close(ours, ref, tol, what):
         assert r < tol, f"{what}: {jax.tree_util.keystr(path)} rel diff {r:.2e}"
 
 
+def assert_sums_close(ours, ref):
+    """Every sown sum (per-step loss, count, agreement; acceptance) within 1e-5."""
+    for key in ref:
+        for field in ref[key]:
+            np.testing.assert_allclose(ours[key][field], ref[key][field], rtol=1e-5, err_msg=f"{key}/{field}")
+
+
 @pytest.mark.parametrize("kind,k", [("llama", 1), ("qwen3", 3), ("llama", 4)])
 def test_two_stream_equals_interleaved_oracle(setups, kind, k):
     model, params = build(setups[kind], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
@@ -135,9 +142,7 @@ def test_chunked_equals_unchunked(setups, chunk, tail, remat, bound_keys):
     loss_c, grads_c, sums_c = jax.jit(functools.partial(loss_and_grads, chunked))(trainable, frozen, batch)
     assert abs(float(loss) - float(loss_c)) < 1e-6 * abs(float(loss))
     assert_trees_close(grads_c, grads, 1e-5, f"chunk {chunk}")
-    for key in sums:
-        for field in sums[key]:
-            np.testing.assert_allclose(sums_c[key][field], sums[key][field], rtol=1e-5, err_msg=f"{key}/{field}")
+    assert_sums_close(sums_c, sums)
 
 
 @pytest.mark.parametrize("chunk,tail,remat", [(3, 0, "dots"), (16, 0, "none"), (6, 2, "dots")])
@@ -156,9 +161,7 @@ def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk, tail, 
     loss_s, grads_s, sums_s = jax.jit(functools.partial(loss_and_grads, split))(trainable, frozen, batch)
     assert abs(float(loss) - float(loss_s)) < 1e-6 * abs(float(loss)), (float(loss), float(loss_s))
     assert_trees_close(grads_s, grads, 1e-5, f"prefix_split chunk {chunk}")
-    for key in sums:  # agreement and acceptance read the teacher's argmaxes (one logits block per chunk here)
-        for field in sums[key]:
-            np.testing.assert_allclose(sums_s[key][field], sums[key][field], rtol=1e-5, err_msg=f"{key}/{field}")
+    assert_sums_close(sums_s, sums)  # agreement and acceptance read the teacher's argmaxes (one logits block here)
 
 
 @pytest.mark.parametrize("split,chunk,remat", [(True, 3, "dots"), (False, 5, "full")])

@@ -7,9 +7,10 @@ transformers', so HF checkpoints load tensor by tensor. `scan_layers=False` runs
 straight-line code over per-layer params `model.layers_{i}` (`unstack_layers`): the training step's
 anchor-chunk loop then reads each layer's weights in place instead of slicing a copy per chunk.
 Attention is delegated to an `attend(q, k, v, layer_state) -> (out, aux)` callable: plain causal
-attention here, a KV cache in generation, the two-stream prefix/block merge in MTP training. `layer_state` is this layer's slice
-of a [layers, ...] pytree the caller passes in (a cache, the regular stream's K/V); the layers'
-`aux` come back stacked the same way (a tuple over layers without the scan).
+attention here, a KV cache in generation, the two-stream prefix/block merge in MTP training.
+`layer_state` is this layer's slice of a [layers, ...] pytree the caller passes in (a cache, the
+regular stream's K/V); the layers' `aux` come back stacked the same way (a tuple over layers without
+the scan).
 """
 
 from __future__ import annotations
