@@ -5,6 +5,12 @@
     python benchmarks/decode.py --only smollm2-135m --adapter RUN_DIR --distill
     python benchmarks/decode.py --smoke               # tiny shapes, CPU, end to end
 
+On the GPU machine, in calls of at most 10 minutes (SmolLM2 from its GGUF, e.g. --smollm2 PATH.gguf,
+where the alias cannot be fetched), then one report:
+    python benchmarks/decode.py --only qwen3-8b --no_exactness --out $OUT/decode_qwen.json
+    python benchmarks/decode.py --only llama-3.1-8b,smollm2-135m [--adapter RUN] --distill --out $OUT/decode_rest.json
+    python benchmarks/decode.py --merge decode_qwen.json decode_rest.json --out benchmarks/results/decode_DATE_h100.json
+
 Rows, for each model (`qwen3-8b`, `llama-3.1-8b`: random bf16 weights at configs/models/*.json shapes;
 `smollm2-135m`: its real weights) and batch: `plain` (our greedy decoding), `spec_all` / `spec_0`
 (speculative, k drafts, mask-block layout `all` or `0`; random adapters unless `--adapter`, so their
@@ -71,7 +77,7 @@ SMOKE_SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 # The decoding API, in one place: when decoding moves to mtp_jax/decoding/, switch the imports here.
 # ---------------------------------------------------------------------------------------------------
 from mtp_jax.decode import for_decoding, load_adapter, speculative_generate  # noqa: E402
-from mtp_jax.generate import generate  # noqa: E402
+from mtp_jax.generate import compile_seconds, generate  # noqa: E402
 
 
 def supports_exact() -> bool:
@@ -122,7 +128,10 @@ def median_seconds(fn, repeats: int) -> tuple[float, object]:
 def per_call(fn, new_tokens: int, batch: int, repeats: int) -> dict:
     """ms_per_call and tokens_per_s of `fn(n) -> (tokens per row, calls)` from generations of n and of 1
     token (each compiled / warmed up first)."""
-    fn(1), fn(new_tokens), fn(new_tokens)  # compile; CUDA graphs record on a later call
+    t0 = time.perf_counter()
+    with compile_seconds() as compiling:  # JAX's; torch compiles inside these warm-up calls too
+        fn(1), fn(new_tokens), fn(new_tokens)  # compile; CUDA graphs record on a later call
+    warmup_s = time.perf_counter() - t0
     t1, _ = median_seconds(lambda: fn(1), repeats)
     tn, (tokens, calls) = median_seconds(lambda: fn(new_tokens), repeats)
     decode_s = max(tn - t1, 1e-9)
@@ -132,7 +141,8 @@ def per_call(fn, new_tokens: int, batch: int, repeats: int) -> dict:
     return {"below_noise": tn <= t1,  # the N-token generation was not slower: no figure (tiny CPU shapes)
             "ms_per_call": round(1e3 * decode_s / max(calls - 1, 1), 4),
             "tokens_per_s": round((n_tokens - batch) / decode_s, 2), "calls": calls,
-            "ms_generate": round(1e3 * tn, 3), "ms_prefill": round(1e3 * t1, 3)}
+            "ms_generate": round(1e3 * tn, 3), "ms_prefill": round(1e3 * t1, 3), "warmup_s": round(warmup_s, 1),
+            "jax_compile_s": round(compiling[0], 1)}
 
 
 # ---------------------------------------------------------------- floor
@@ -207,7 +217,7 @@ def read_prompts(per_domain: int | None = None) -> list[dict]:
 
 # ---------------------------------------------------------------- the torch peer
 def hf_rows(name: str, hf_config: dict, smollm2: str, batches: list[int], new_tokens: int, repeats: int,
-            prompts_of, pad_id: int, smoke: bool) -> list[dict]:
+            prompts_of, pad_id: int, over) -> list[dict]:
     """hf_generate (and hf_generate_compiled) rows; a failure becomes a row with `error`."""
     import torch
     import transformers
@@ -231,6 +241,9 @@ def hf_rows(name: str, hf_config: dict, smollm2: str, batches: list[int], new_to
         variants["hf_generate_compiled"] = [(mode, dict(compile_config=transformers.CompileConfig(mode=mode)))
                                             for mode in ("reduce-overhead", "default")]
     for batch in batches:
+        if over():
+            rows.append({"model": name, "batch": batch, "method": "hf_generate", "error": "skipped: --budget_s"})
+            continue
         tokens, pad_len = left_pad(prompts_of(batch), pad_id)
         input_ids = torch.as_tensor(tokens, dtype=torch.long, device=device)
         mask = torch.as_tensor(np.arange(tokens.shape[1])[None] >= pad_len[:, None], dtype=torch.long, device=device)
@@ -270,7 +283,7 @@ def hf_rows(name: str, hf_config: dict, smollm2: str, batches: list[int], new_to
 
 # ---------------------------------------------------------------- ours
 def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_tokens: int, prompts_of, pad_id: int,
-             bytes_per_ms: float, exact: bool) -> tuple[list[dict], dict]:
+             bytes_per_ms: float, exact: bool, over) -> tuple[list[dict], dict]:
     dtype = jnp.bfloat16
     lm = CausalLM(config, None, dtype, dtype)
     if MODELS[name] is None and args.adapter:
@@ -291,6 +304,9 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
         methods[method] = lambda p, n, x, a=anchors: spec_decode(spec_m, spec_p, p, n, NEVER, pad_id, a, exact=x)
     rows = []
     for batch in batches:
+        if over():
+            rows.append({"model": name, "batch": batch, "method": "plain", "error": "skipped: --budget_s"})
+            continue
         prompts = prompts_of(batch)
         variants = [(m, False) for m in methods] + ([("plain", True), ("spec_0", True)] if exact and batch == 1 else [])
         for method, x in variants:
@@ -425,20 +441,22 @@ def exactness(args, pad_id, exact: bool) -> dict:
 
 # ---------------------------------------------------------------- report
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | method | ms/call | tokens/s | floor ms | x floor | x plain (ms) | tokens/s vs hf |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | batch | method | ms/call | tokens/s | floor ms | x floor | x plain (ms) | tokens/s vs hf "
+             "| vs hf compiled |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | error: {r['error'][:60]} | | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | error: {r['error'][:60]} | | | | | | |")
             continue
         same = [x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"] and "error" not in x]
         plain = next((x for x in same if x["method"] == "plain"), None)
         hf = next((x for x in same if x["method"] == "hf_generate"), None)
+        hf_c = next((x for x in same if x["method"] == "hf_generate_compiled"), None)
         floor = r.get("floor_ms")
         ratio = lambda x, y: f"{x / y:.2f}" if y else ""
         cells = [f"{r['ms_per_call']:.3f}", f"{r['tokens_per_s']:.1f}", f"{floor:.3f}" if floor else "",
                  ratio(r["ms_per_call"], floor), ratio(r["ms_per_call"], plain and plain["ms_per_call"]),
-                 ratio(r["tokens_per_s"], hf and hf["tokens_per_s"])]
+                 ratio(r["tokens_per_s"], hf and hf["tokens_per_s"]),
+                 ratio(r["tokens_per_s"], hf_c and hf_c["tokens_per_s"])]
         lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -452,7 +470,8 @@ def device_names() -> tuple[str, str]:
 
 def commit() -> str:
     run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = run("status", "--porcelain", "--untracked-files=no")
+    return run("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
 def main(argv=None):
@@ -478,9 +497,10 @@ def main(argv=None):
     ap.add_argument("--distill_tokens", type=int, default=256)
     ap.add_argument("--copy_gb", type=float, default=2.0, help="size of the array timed for the copy bandwidth")
     ap.add_argument("--budget_s", type=float, default=None, help="skip what is left once this many seconds have "
-                                                                 "passed (checked before each model)")
+                                                                 "passed (checked before each model and batch)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_<date>_<device>.json)")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 new-token figure of 4, CPU-sized")
+    ap.add_argument("--smoke", action="store_true", help="tiny random shapes for the 8B models, batch 2, 8 new "
+                                                         "tokens, one exactness prompt: the whole path on a CPU")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only merge the reports of split runs (same device) into --out and print the table")
     args = ap.parse_args(argv)
@@ -517,7 +537,7 @@ def main(argv=None):
                 continue
             print(f"[{time.perf_counter() - t_start:.0f} s] transformers {name}", flush=True)
             rows += hf_rows(name, configs[name][1], args.smollm2, batches[name], new_tokens[name], args.repeats,
-                            prompts_of[name], pad_id, args.smoke)
+                            prompts_of[name], pad_id, over)
             if args.distill and MODELS[name] is None:
                 distill["hf_generate"] = hf_distill_rows(args, pad_id)
 
@@ -529,7 +549,7 @@ def main(argv=None):
             continue
         print(f"[{time.perf_counter() - t_start:.0f} s] ours {name}", flush=True)
         got, info = jax_rows(name, configs[name][0], args, batches[name], new_tokens[name], prompts_of[name], pad_id,
-                             bandwidth / 1e3, exact)
+                             bandwidth / 1e3, exact, over)
         rows += got
         ours_distill = info.pop("distill")
         if ours_distill:
@@ -560,7 +580,7 @@ def main(argv=None):
                                  "disable_compile=True; _compiled: compile_config=CompileConfig(mode=reduce-overhead)"},
               "versions": versions(), "models": models, "rows": rows, "exactness": exact_report,
               "distill": distill or None, "skipped": skipped, "seconds": round(time.perf_counter() - t_start, 1)}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"decode_{datetime.date.today()}_{short}.json"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"decode_{datetime.date.today()}_{short}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"\nDecoding on {device}, commit {report['commit']}, copy bandwidth {bandwidth / 1e12:.3f} TB/s\n")
@@ -589,7 +609,8 @@ def merge(paths: list[str], out: str | None) -> None:
               "distill": next((p["distill"] for p in parts if p.get("distill")), None),
               "skipped": [s for p in parts for s in p.get("skipped", [])],
               "parts": [{"file": path, "commit": p["commit"], "command": p["command"], "seconds": p["seconds"],
-                         "copy_bandwidth_bytes_per_s": p["copy_bandwidth_bytes_per_s"]} for path, p in zip(paths, parts)],
+                         "copy_bandwidth_bytes_per_s": p["copy_bandwidth_bytes_per_s"]}
+                        for path, p in zip(paths, parts)],
               "commit": ",".join(dict.fromkeys(p["commit"] for p in parts))}
     target = Path(out) if out else ROOT / "benchmarks" / "results" / f"decode_{first['date']}_merged.json"
     target.write_text(json.dumps(report, indent=1))
