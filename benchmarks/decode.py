@@ -590,6 +590,8 @@ def main(argv=None):
               f"{exact_report['mismatches']} of {exact_report['prompts']} prompts differ from plain greedy, "
               f"{exact_report['mismatches_not_near_tie']} not at a near-tie; exact mode: "
               f"{exact_report['exact_mode_mismatches']}")
+    for method, got in (distill or {}).items():
+        print("distill " + method + ": " + ", ".join(f"batch {d['batch']} {d['tokens_per_s']:.0f} tokens/s" for d in got))
     if skipped:
         print(f"skipped (budget): {skipped}")
     print(f"wrote {out} in {report['seconds']:.0f} s")
