@@ -23,10 +23,9 @@ from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.models import LoRAConfig, ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.loading import abstract_params
-from mtp_jax.mtp.attention import resolve_impl
 from mtp_jax.mtp.model import MTPConfig, MTPModel
-from mtp_jax.mtp.objective import init_params, layer_loop, loss_and_grads, split_params
-from mtp_jax.train import count_params
+from mtp_jax.mtp.objective import init_params, loss_and_grads, split_params, training_layout
+from mtp_jax.train.state import count_params
 
 
 def random_base(model: CausalLM, seed: int = 0):
@@ -71,21 +70,21 @@ def interleaved_layout(batch, k: int) -> dict:
 def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
     """Baseline: the whole interleaved sequence through the decoder with a dense [L, L] mask
     (cuDNN fused attention where available), then XLA softmax cross-entropy over all rows."""
-    model, p = layer_loop(model, {**frozen, **trainable})
+    p = {**frozen, **training_layout(model, trainable)}  # frozen: in the training layout already
     reg_index, step = lay["reg_index"], lay["step"]
     m = step > 0
     ids = jnp.where(m, 0, tokens[0][reg_index])
     q_reg, k_reg = reg_index[:, None], reg_index[None, :]
     mask = (~m[None, :] & (k_reg <= q_reg)) | (m[:, None] & m[None, :] & (k_reg == q_reg) & (step[None] <= step[:, None]))
     lm = CausalLM(model.config, model.lora, model.dtype, model.param_dtype, model.mtp.remat,
-                  scan_layers=model.scan_layers)
+                  scan_layers=model.mtp.scan_layers)
     v = {"params": p["base"], "lora": p["lora"]}
     emb = lm.apply(v, ids[None], method=lm.embed)
     emb = jnp.where(m[None, :, None], p["mask_embedding"].astype(emb.dtype), emb)
 
     def attend(q, kk, vv, layer_state):
         return jax.nn.dot_product_attention(q, kk, vv, mask=mask[None, None],
-                                            implementation=resolve_impl(model.mtp.attention_impl, q, kk)), None
+                                            implementation=model.attention.impl_for(q, kk)), None
 
     hidden, _ = lm.apply(v, None, (reg_index + step)[None], attend, gate=m[None].astype(model.dtype), embeddings=emb)
     logits = lm.apply(v, hidden[0], method=lm.logits).astype(jnp.float32)

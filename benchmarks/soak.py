@@ -86,7 +86,7 @@ def result(ws: Path) -> tuple[dict, list]:
     import jax
 
     from mtp_jax.checkpoints import restore_trainable
-    from mtp_jax.train import metrics_by_step
+    from mtp_jax.train.metrics import metrics_by_step
 
     traj = {s: {k: v for k, v in r.items() if k.startswith(TRAJECTORY)} for s, r in metrics_by_step(ws / "run").items()}
     return traj, jax.tree.leaves(restore_trainable(ws / "run")[1])

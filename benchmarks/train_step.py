@@ -37,8 +37,10 @@ from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.models import LoRAConfig, ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPConfig, MTPModel
-from mtp_jax.mtp.objective import init_params, layer_loop, loss_and_grads, regular_stream, split_params
-from mtp_jax.train import OptimConfig, count_params, make_optimizer, train_step
+from mtp_jax.mtp.objective import init_params, loss_and_grads, regular_stream, split_params, training_layout
+from mtp_jax.train.config import OptimConfig
+from mtp_jax.train.state import count_params
+from mtp_jax.train.step import make_optimizer, train_step
 from mtp_step import fmt, interleaved_layout, interleaved_loss, make_batch, random_base, ratio  # noqa: F401
 from mtp_step import measure as measure_fn
 
@@ -126,7 +128,7 @@ def main():
             base = random_base(CausalLM(config, None, dtype, dtype))
             mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
             trainable, frozen = split_params(model, init_params(model, base, mask_row, jax.random.key(1)))
-            return trainable, layer_loop(model, frozen)[1]  # as the CLI passes it: per layer without the scan
+            return trainable, training_layout(model, frozen)  # as the CLI passes it: per layer without the scan
 
         trainable, frozen = jax.eval_shape(build) if args.compile_only else build()
         n_base = count_params(frozen["base"])
@@ -147,7 +149,7 @@ def main():
                           "opt_state": opt_state}
 
         def step(state, frozen, batch):  # the CLI's step; its loss first for measure()
-            state, metrics = train_step(model, tx, schedule, 1, state, frozen, batch)
+            state, metrics = train_step(model, tx, schedule, state, frozen, jax.tree.map(lambda x: x[None], batch))
             return metrics["loss/total"], state, metrics
 
         for total in args.lengths:
@@ -158,7 +160,7 @@ def main():
             if total <= args.breakdown_max:
                 row["loss_and_grads"] = measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen,
                                                 batch)
-                row["regular_stream"] = measure(lambda t, f, b: (jnp.float32(0), regular_stream(model, {**f, **t}, b)),
+                row["regular_stream"] = measure(lambda t, f, b: (jnp.float32(0), regular_stream(model, {**f, **training_layout(model, t)}, b)),
                                                 trainable, frozen, batch)
             s = row["step"]
             if s.get("time_s"):

@@ -112,3 +112,8 @@ def host_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dic
 
     return {k: multihost_utils.host_local_array_to_global_array(v, sharding.mesh, sharding.spec)
             for k, v in batch.items()}
+
+
+def to_host(tree):
+    """Replicated (or single-process) arrays -> numpy; works where other processes hold devices too."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)

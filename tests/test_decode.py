@@ -316,7 +316,8 @@ def test_smollm2_trained_adapter(tmp_path, capsys):
     plain greedy (batch of 3); the CLI streams and reports; another model is refused."""
     from conftest import make_hf_model, save_hf
     from mtp_jax.config import load_config
-    from mtp_jax.train import Config, run
+    from mtp_jax.train import Config
+    from mtp_jax.train.loop import run
 
     cfg = load_config(Config, Path(__file__).parents[1] / "configs" / "smollm2_k4.yaml", [
         "--train.save_dir", str(tmp_path / "run"), "--train.max_steps", "4", "--optim.warmup_steps", "0",

@@ -204,10 +204,10 @@ REMAT_POLICIES = {
 
 def unstack_layers(tree: dict, num_layers: int) -> dict:
     """A params or lora tree ({"model": {"layers": ...}, ...}) in the layout of `scan_layers=False`:
-    the stacked layers as `model.layers_{i}`. A tree already in that layout is returned as it is."""
+    the stacked layers as `model.layers_{i}`."""
     model = tree["model"]
     if "layers" not in model:
-        return tree
+        raise ValueError("unstack_layers: the tree holds no stacked `model.layers` (already per layer?)")
     rest = {name: v for name, v in model.items() if name != "layers"}
     per_layer = {f"layers_{i}": jax.tree.map(lambda a: a[i], model["layers"]) for i in range(num_layers)}
     return {**tree, "model": {**rest, **per_layer}}
