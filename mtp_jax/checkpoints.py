@@ -12,6 +12,7 @@ the save is complete, so an interrupted save never shows up as a step here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ from mtp_jax.models import ModelConfig, load_model
 from mtp_jax.models.loading import SafetensorsReader, resolve_model_dir
 from mtp_jax.mtp.mask_token import mask_embedding
 from mtp_jax.mtp.model import MTPModel
+from mtp_jax.mtp.objective import stored_layout
 from mtp_jax.sharding import to_host
 from mtp_jax.train.config import Config
 
@@ -153,7 +155,7 @@ def load_run(run_dir: str | Path, step: int | None = None, load_base: bool = Tru
         table = SafetensorsReader(model_dir).get("model.embed_tokens.weight")
         train_dtype = jnp.dtype(cfg.model.param_dtype or cfg.model.dtype)
         row = mask_embedding(jnp.asarray(table, train_dtype), min(text_vocab, table.shape[0]))
-    model = MTPModel(config, cfg.lora, dataclasses.replace(cfg.mtp, scan_layers=True), compute, params_dtype)
+    model = stored_layout(MTPModel(config, cfg.lora, cfg.mtp, compute, params_dtype))
     params = {"base": base, "lora": trainable["lora"], "sampler": trainable["sampler"], "mask_embedding": row}
     return Run(run_dir, step, cfg, model, params, tokenizer, mask_id, text_vocab)
 
@@ -247,7 +249,7 @@ class Checkpointer:
                             f"{self.last_good()}")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
                                   config=ocp.args.JsonSave(config))
-        self.guard(f"saving checkpoint step {step}", step, self.manager.save, step, args)
+        self.guard(f"saving checkpoint step {step}", step, functools.partial(self.manager.save, step, args=args))
 
     def check(self, step: int):
         """Raises the error of a finished async save, if any."""

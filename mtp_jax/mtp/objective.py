@@ -9,6 +9,7 @@ trainable leaves (adapters, sampler, optionally the mask row) on one side.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -45,12 +46,20 @@ def init_args(model: MTPModel, mask_row) -> tuple:
             teacher, jnp.ones((1, 2, k), bool), jnp.zeros((1, 2, k), jnp.int32))
 
 
+def stored_layout(model: MTPModel) -> MTPModel:
+    """`model` with its layers stacked (scanned): the layout params are initialised, checkpointed, exported
+    and decoded in, whatever `mtp.scan_layers` the training step runs with (`training_layout`)."""
+    return model if model.mtp.scan_layers else model.clone(mtp=dataclasses.replace(model.mtp, scan_layers=True))
+
+
 def init_params(model: MTPModel, base_params, mask_row: jax.Array, rng: jax.Array) -> Params:
-    """Fresh adapters (A Kaiming-uniform, B = 0) and sampler beside the given base params.
+    """Fresh adapters (A Kaiming-uniform, B = 0) and sampler beside the given base params, in the
+    stacked layout (`stored_layout`).
 
     The init runs under jit and returns only the small trainable trees, so XLA drops the
     base-model initialisation (an 8B random init never materialises).
     """
+    model = stored_layout(model)
     args = init_args(model, mask_row)
 
     def init(r):

@@ -9,6 +9,7 @@ state is placed, never built whole on one device. The frozen base is put in the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -27,7 +28,7 @@ from mtp_jax.models.loading import abstract_params
 from mtp_jax.mtp.attention import plan_attention
 from mtp_jax.mtp.mask_token import add_mask_token, mask_embedding
 from mtp_jax.mtp.model import MTPModel
-from mtp_jax.mtp.objective import init_args, init_params, trainable_keys, training_layout
+from mtp_jax.mtp.objective import init_args, init_params, stored_layout, trainable_keys, training_layout
 from mtp_jax.sharding import axes_across_processes, logical_shardings, make_mesh, replicated
 from mtp_jax.train.config import Config
 from mtp_jax.train.metrics import log
@@ -108,7 +109,8 @@ def load_base(cfg: Config, config: ModelConfig, mesh: Mesh, rules):
 
 
 def abstract_trainable(model: MTPModel) -> dict:
-    """Boxed abstract {'lora', 'sampler'} trees of `model` (logical axes kept)."""
+    """Boxed abstract {'lora', 'sampler'} trees of `model` in the stacked layout (logical axes kept)."""
+    model = stored_layout(model)
     args = init_args(model, jnp.zeros((model.config.hidden_size,)))
     v = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
     return {"lora": v["lora"]["base"], "sampler": v["params"]["sampler"]}
@@ -166,7 +168,7 @@ def build(cfg: Config, config: ModelConfig, mesh: Mesh, rules, text_vocab: int) 
     del base, table  # with mtp.scan_layers off only the per-layer copy stays
     frozen = training_layout(model, frozen)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.max_steps)
-    abstract_opt = jax.eval_shape(tx.init, jax.eval_shape(_fresh_trainable, model, jax.random.key(0), mask_row))
+    abstract_opt = jax.eval_shape(tx.init, jax.eval_shape(functools.partial(_fresh_trainable, model), jax.random.key(0), mask_row))
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, train_sh, transform_non_params=lambda _: repl)
     state_sh = {"step": repl, "trainable": train_sh, "opt_state": opt_sh, "rng": repl, "skipped": repl}
     init = jax.jit(lambda rng, row: _fresh_state(model, tx, cfg.train.seed, rng, row), out_shardings=state_sh)
