@@ -26,7 +26,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 from jax.experimental import multihost_utils
-from orbax.checkpoint import utils as ocp_utils
 from transformers import AutoTokenizer
 
 from mtp_jax.config import ConfigError, from_dict
@@ -35,6 +34,7 @@ from mtp_jax.models.loading import SafetensorsReader, resolve_model_dir
 from mtp_jax.mtp.mask_token import mask_embedding
 from mtp_jax.mtp.model import MTPModel
 from mtp_jax.mtp.objective import stored_layout
+from mtp_jax.paths import absolute
 from mtp_jax.sharding import to_host
 from mtp_jax.train.config import Config
 
@@ -45,6 +45,27 @@ class CheckpointError(Exception):
 
 class SaveError(RuntimeError):
     """A save (or a write beside it) that failed or was refused; the message names the last good checkpoint."""
+
+
+# What reading a damaged step raises: missing files (OSError) and tensorstore's data-loss and decode
+# errors or garbled JSON (ValueError). Anything else is the library failing on files it never judged
+# (a TypeError inside orbax, say): such a step is reported as unreadable by this orbax, never as torn,
+# and never set aside.
+TORN_ERRORS = (OSError, ValueError)
+
+
+def is_torn(error: BaseException) -> bool:
+    return isinstance(error, TORN_ERRORS)
+
+
+def describe_failure(path: Path, step: int, error: BaseException) -> str:
+    """What went wrong reading `path` (committed step `step`), for logs and errors."""
+    what = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    if is_torn(error):
+        return f"{path}: checkpoint of step {step} is torn or unreadable ({what})"
+    return (f"{path}: reading checkpoint of step {step} failed inside orbax-checkpoint {ocp.__version__} ({what}); "
+            "its files were not found damaged, so it is left in place; check the installed versions "
+            "(pip install -e . pins the tested ones)")
 
 
 @dataclasses.dataclass
@@ -61,17 +82,17 @@ class Run:
 
 def committed_steps(run_dir: str | Path) -> list[int]:
     """Steps whose save completed, ascending."""
-    ckpt = Path(run_dir) / "checkpoints"
+    ckpt = absolute(run_dir) / "checkpoints"
     if not ckpt.is_dir():
         return []
     return sorted(int(p.name) for p in ckpt.iterdir()
-                  if p.is_dir() and p.name.isdigit() and ocp_utils.is_checkpoint_finalized(p))
+                  if p.is_dir() and p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p))
 
 
 def set_aside(run_dir: str | Path, step: int) -> Path:
     """Moves committed step `step`, found torn on resume, out of checkpoints/ into torn_checkpoints/ (kept
     for inspection, never restored); returns its new path. Resuming rewrites the step from the one before."""
-    run_dir = Path(run_dir)
+    run_dir = absolute(run_dir)
     target = run_dir / "torn_checkpoints" / str(step)
     n = 1
     while target.exists():
@@ -96,7 +117,7 @@ def _saved_config(run_dir: Path):
 
 def restore_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int, dict]:
     """(step, trainable tree as numpy arrays) of a committed checkpoint; the latest by default."""
-    run_dir = Path(run_dir)
+    run_dir = absolute(run_dir)
     steps = committed_steps(run_dir)
     if not steps:
         raise CheckpointError(f"{run_dir / 'checkpoints'}: no committed checkpoint (was the run saved? "
@@ -110,24 +131,26 @@ def restore_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int
     try:
         logging.getLogger("absl").setLevel(logging.ERROR)  # item dirs have no step-level metadata file
         meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+        if meta is None:  # orbax gives no metadata where it cannot read it: a full restore raises the cause
+            return step, jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path)["trainable"])
         tree = {"trainable": meta["trainable"]}
         restore_args = ocp.checkpoint_utils.construct_restore_args(
             jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), restore_args,
-                                                  is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
+                                    is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
         with ocp.PyTreeCheckpointer() as ckptr:
             state = ckptr.restore(path, args=ocp.args.PyTreeRestore(tree, restore_args=restore_args,
                                                                     partial_restore=True))
-    except Exception as e:  # orbax raises many types for missing/garbled files
-        raise CheckpointError(f"{path}: checkpoint of step {step} is torn or unreadable "
-                              f"({type(e).__name__}: {e}); pick another of the committed steps: {steps}") from None
+    except Exception as e:  # orbax raises many types: is_torn tells damaged files from a library failure
+        raise CheckpointError(describe_failure(path, step, e) + f"; pick another of the committed steps: {steps}") \
+            from None
     return step, state["trainable"]
 
 
 def load_run(run_dir: str | Path, step: int | None = None, load_base: bool = True, dtype: str | None = None) -> Run:
     """The model, params and tokenizer of a run at `step` (default: the latest committed one); the model
     reads the stacked layer layout that checkpoints hold, whatever mtp.scan_layers the run trained with."""
-    run_dir = Path(run_dir)
+    run_dir = absolute(run_dir)
     cfg = _saved_config(run_dir)
     if cfg.model.random_init:
         raise CheckpointError(f"{run_dir}: trained on a randomly initialised base (model.random_init); "
@@ -177,7 +200,7 @@ class Checkpointer:
     at the next call) raises SaveError naming the last good checkpoint."""
 
     def __init__(self, run_dir: Path, save_limit: int, async_save: bool, main_process: bool = True):
-        self.run_dir = Path(run_dir).absolute()
+        self.run_dir = absolute(run_dir)
         self.dir, self.main_process = self.run_dir / "checkpoints", main_process
         self.options = ocp.CheckpointManagerOptions(max_to_keep=save_limit, cleanup_tmp_directories=True,
                                                     enable_async_checkpointing=async_save)
@@ -212,6 +235,9 @@ class Checkpointer:
             try:
                 state = self._restore(step, abstract_state, data_iter)
             except Exception as e:  # orbax/tensorstore raise many types for missing or garbled files
+                if not (is_torn(e) or isinstance(e, CheckpointError)):  # a library failure: move nothing, stop
+                    self.manager.close()
+                    raise CheckpointError(describe_failure(self.step_dir(step), step, e)) from e
                 failed.append(step)
                 _log(f"checkpoint step {step} ({self.step_dir(step)}) is torn or unreadable: "
                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")

@@ -50,6 +50,7 @@ from mtp_jax.models.config import ModelConfig
 from mtp_jax.models.lora import adapters_into_base, fuse_adapters
 from mtp_jax.mtp.model import MTPModel
 from mtp_jax.mtp.objective import Params, variables
+from mtp_jax.paths import absolute
 
 
 class DecodeState(NamedTuple):
@@ -409,6 +410,7 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
     from mtp_jax.models import load_model, load_tokenizer
     from mtp_jax.models.loading import resolve_model_dir
 
+    run_dir = absolute(run_dir)
     if model_path is None:
         run = load_run(run_dir, step, dtype=dtype)
         return run.model, jax.device_put(run.params), run.tokenizer  # numpy leaves would be copied per call

@@ -12,6 +12,7 @@ from mtp_jax.config import ConfigError
 from mtp_jax.data.config import DataConfig
 from mtp_jax.models.lora import LoRAConfig
 from mtp_jax.mtp.model import MTPConfig
+from mtp_jax.paths import absolute, absolute_if_local
 from mtp_jax.sharding import MeshConfig
 
 
@@ -26,6 +27,9 @@ class ModelSection:
     param_dtype: str | None = None  # default: dtype
 
     def __post_init__(self):
+        object.__setattr__(self, "path", absolute_if_local(self.path))
+        if self.tokenizer:
+            object.__setattr__(self, "tokenizer", absolute_if_local(self.tokenizer))
         if self.config_overrides and not self.random_init:
             raise ValueError("model.config_overrides needs model.random_init: true (real weights fix the shapes)")
         if self.random_init and not self.tokenizer:
@@ -73,6 +77,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
 
     def __post_init__(self):
+        object.__setattr__(self, "save_dir", str(absolute(self.save_dir)))
         if self.max_steps < 1 or self.log_every < 1 or self.save_limit < 1 or self.max_consecutive_nonfinite < 0:
             raise ValueError("train: need max_steps >= 1, log_every >= 1, save_limit >= 1, "
                              "max_consecutive_nonfinite >= 0")

@@ -29,6 +29,7 @@ from mtp_jax.config import ConfigError, to_dict
 from mtp_jax.data import batch_iterator, prepare
 from mtp_jax.data.readers import DataError, resolve_data_file
 from mtp_jax.flops import device_peak_flops, step_flops
+from mtp_jax.paths import absolute, absolute_if_local
 from mtp_jax.sharding import host_to_global, replicated, to_host
 from mtp_jax.train.config import RESUME_KEYS, Config, dotted
 from mtp_jax.train.metrics import MetricWriter, Source, Window, log, progress_line
@@ -58,7 +59,7 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
         except (DataError, FileNotFoundError, OSError) as e:
             raise ConfigError(f"data.{key}: {e}; point it at a .json/.jsonl file or builtin:NAME") from None
     model_config(cfg)
-    run_dir = Path(cfg.train.save_dir).expanduser().absolute()
+    run_dir = absolute(cfg.train.save_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write_probe_{os.getpid()}"
@@ -70,6 +71,8 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():  # with nothing there, --resume starts the run (a requeued job killed early)
         old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+        if isinstance((old.get("model") or {}).get("path"), str):  # runs saved before paths were made absolute
+            old["model"]["path"] = absolute_if_local(old["model"]["path"])
         diff = [f"{k}: checkpoint {dotted(old, k)!r}, now {dotted(new, k)!r}" for k in RESUME_KEYS
                 if dotted(old, k) != dotted(new, k)]
         if diff:
