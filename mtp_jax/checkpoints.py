@@ -26,7 +26,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 from jax.experimental import multihost_utils
-from transformers import AutoTokenizer
 
 from mtp_jax.config import ConfigError, from_dict
 from mtp_jax.models import ModelConfig, load_model
@@ -159,6 +158,8 @@ def load_run(run_dir: str | Path, step: int | None = None, load_base: bool = Tru
     tok_dir = run_dir / "tokenizer"
     if not tok_dir.is_dir():
         raise CheckpointError(f"{tok_dir}: missing (the run saves its tokenizer with <mask> there)")
+    from transformers import AutoTokenizer  # here: importing it imports torch, which the JAX path never needs
+
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     mask_id = tokenizer.convert_tokens_to_ids(cfg.mtp.mask_token)
     if mask_id is None or mask_id == tokenizer.unk_token_id:
