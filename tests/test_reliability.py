@@ -172,9 +172,9 @@ def test_sigterm_saves_the_current_step_then_resume_is_exact(tmp_path, data_file
     """SIGTERM (a scheduler's preemption notice, `timeout`) during step 3: the step finishes and is saved
     although save_steps is 2, the run stops with exit status 1 naming the step, and --resume gives the
     reference run bit for bit."""
-    import mtp_jax.flops
+    import mtp_jax.train.loop
 
-    count, calls = mtp_jax.flops.step_flops, [0]
+    count, calls = mtp_jax.train.loop.step_flops, [0]
 
     def signalling_count(*a, **k):  # runs on each batch just before its step
         calls[0] += 1
@@ -182,7 +182,7 @@ def test_sigterm_saves_the_current_step_then_resume_is_exact(tmp_path, data_file
             os.kill(os.getpid(), signal.SIGTERM)
         return count(*a, **k)
 
-    monkeypatch.setattr(mtp_jax.flops, "step_flops", signalling_count)
+    monkeypatch.setattr(mtp_jax.train.loop, "step_flops", signalling_count)
     with pytest.raises(RunStopped, match="stopped by SIGTERM after optimizer step 3"):
         run(tiny(tmp_path, data_file, *RUN))
     assert committed_steps(tmp_path / "run") == [2, 3]
