@@ -17,11 +17,37 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import yaml
+
+from mtp_jax.paths import absolute
 
 
 class CheckpointError(Exception):
     """A run directory or checkpoint that cannot be read as asked."""
+
+
+# What reading a damaged step raises: missing files (OSError) and tensorstore's data-loss and decode
+# errors or garbled JSON (ValueError). Anything else is the library failing on files it never judged
+# (a TypeError inside orbax, say): such a step is reported as unreadable by this orbax, never as torn,
+# and never set aside.
+TORN_ERRORS = (OSError, ValueError)
+
+
+def is_torn(error: BaseException) -> bool:
+    return isinstance(error, TORN_ERRORS)
+
+
+def describe_failure(path: Path, step: int, error: BaseException) -> str:
+    """What went wrong reading `path` (committed step `step`), for logs and errors."""
+    what = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    if is_torn(error):
+        return f"{path}: checkpoint of step {step} is torn or unreadable ({what})"
+    return (f"{path}: reading checkpoint of step {step} failed inside orbax-checkpoint {ocp.__version__} ({what}); "
+            "its files were not found damaged, so it is left in place; check the installed versions "
+            "(pip install -e . pins the tested ones)")
 
 
 @dataclasses.dataclass
@@ -38,19 +64,17 @@ class Run:
 
 def committed_steps(run_dir: str | Path) -> list[int]:
     """Steps whose save completed, ascending."""
-    from orbax.checkpoint import utils
-
-    ckpt = Path(run_dir) / "checkpoints"
+    ckpt = absolute(run_dir) / "checkpoints"
     if not ckpt.is_dir():
         return []
     return sorted(int(p.name) for p in ckpt.iterdir()
-                  if p.is_dir() and p.name.isdigit() and utils.is_checkpoint_finalized(p))
+                  if p.is_dir() and p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p))
 
 
 def set_aside(run_dir: str | Path, step: int) -> Path:
     """Moves committed step `step`, found torn on resume, out of checkpoints/ into torn_checkpoints/ (kept
     for inspection, never restored); returns its new path. Resuming rewrites the step from the one before."""
-    run_dir = Path(run_dir)
+    run_dir = absolute(run_dir)
     target = run_dir / "torn_checkpoints" / str(step)
     n = 1
     while target.exists():
@@ -78,10 +102,7 @@ def _saved_config(run_dir: Path):
 
 def restore_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int, dict]:
     """(step, trainable tree as numpy arrays) of a committed checkpoint; the latest by default."""
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    run_dir = Path(run_dir)
+    run_dir = absolute(run_dir)
     steps = committed_steps(run_dir)
     if not steps:
         raise CheckpointError(f"{run_dir / 'checkpoints'}: no committed checkpoint (was the run saved? "
@@ -95,17 +116,19 @@ def restore_trainable(run_dir: str | Path, step: int | None = None) -> tuple[int
     try:
         logging.getLogger("absl").setLevel(logging.ERROR)  # item dirs have no step-level metadata file
         meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+        if meta is None:  # orbax gives no metadata where it cannot read it: a full restore raises the cause
+            return step, jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path)["trainable"])
         tree = {"trainable": meta["trainable"]}
         restore_args = ocp.checkpoint_utils.construct_restore_args(
-            __import__("jax").tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
-        restore_args = __import__("jax").tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), restore_args,
-                                                  is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
+            jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), restore_args,
+                                    is_leaf=lambda x: isinstance(x, ocp.RestoreArgs))
         with ocp.PyTreeCheckpointer() as ckptr:
             state = ckptr.restore(path, args=ocp.args.PyTreeRestore(tree, restore_args=restore_args,
                                                                     partial_restore=True))
-    except Exception as e:  # orbax raises many types for missing/garbled files
-        raise CheckpointError(f"{path}: checkpoint of step {step} is torn or unreadable "
-                              f"({type(e).__name__}: {e}); pick another of the committed steps: {steps}") from None
+    except Exception as e:  # orbax raises many types: is_torn tells damaged files from a library failure
+        raise CheckpointError(describe_failure(path, step, e) + f"; pick another of the committed steps: {steps}") \
+            from None
     return step, state["trainable"]
 
 
@@ -120,7 +143,7 @@ def load_run(run_dir: str | Path, step: int | None = None, load_base: bool = Tru
     from mtp_jax.mtp.mask_token import mask_embedding
     from mtp_jax.mtp.model import MTPModel
 
-    run_dir = Path(run_dir)
+    run_dir = absolute(run_dir)
     cfg = _saved_config(run_dir)
     if cfg.model.random_init:
         raise CheckpointError(f"{run_dir}: trained on a randomly initialised base (model.random_init); "

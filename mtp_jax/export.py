@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
+from mtp_jax.paths import absolute
+
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 ADAPTER_FILE = "mtp_adapter.safetensors"
 MTP_CONFIG_FILE = "mtp_config.json"
@@ -306,7 +308,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    run_dir, out = Path(run_dir), Path(out).expanduser()
+    run_dir, out = absolute(run_dir), absolute(out)
     check_out_dir(out, overwrite, [run_dir])  # before reading anything
     run = load_run(run_dir, step, load_base=False)
     src_dir = resolve_model_dir(run.config.model.path)
@@ -344,9 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m mtp_jax.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run_dir", required=True, help="save_dir of a `python -m mtp_jax.train` run")
+    ap.add_argument("--run_dir", required=True, type=absolute, help="save_dir of a `python -m mtp_jax.train` run")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    ap.add_argument("--out", required=True, help="output directory (created; must be empty unless --overwrite)")
+    ap.add_argument("--out", required=True, type=absolute, help="output directory (created; must be empty unless --overwrite)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)

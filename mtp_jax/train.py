@@ -28,6 +28,7 @@ from mtp_jax.config import ConfigError, load_config, to_dict
 from mtp_jax.data.config import DataConfig
 from mtp_jax.models.lora import LoRAConfig
 from mtp_jax.mtp.model import MTPConfig
+from mtp_jax.paths import absolute, absolute_if_local
 from mtp_jax.sharding import MeshConfig
 
 
@@ -44,6 +45,9 @@ class ModelSection:
     param_dtype: str | None = None  # default: dtype
 
     def __post_init__(self):
+        object.__setattr__(self, "path", absolute_if_local(self.path))
+        if self.tokenizer:
+            object.__setattr__(self, "tokenizer", absolute_if_local(self.tokenizer))
         if self.config_overrides and not self.random_init:
             raise ValueError("model.config_overrides needs model.random_init: true (real weights fix the shapes)")
         if self.random_init and not self.tokenizer:
@@ -91,6 +95,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
 
     def __post_init__(self):
+        object.__setattr__(self, "save_dir", str(absolute(self.save_dir)))
         if self.max_steps < 1 or self.log_every < 1 or self.save_limit < 1 or self.max_consecutive_nonfinite < 0:
             raise ValueError("train: need max_steps >= 1, log_every >= 1, save_limit >= 1, "
                              "max_consecutive_nonfinite >= 0")
@@ -279,6 +284,8 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():  # with nothing there, --resume starts the run (a requeued job killed early)
         old = yaml.safe_load(saved.read_text())
+        if isinstance((old.get("model") or {}).get("path"), str):  # runs saved before paths were made absolute
+            old["model"]["path"] = absolute_if_local(old["model"]["path"])
         new = to_dict(cfg)
         diff = [f"{k}: checkpoint {_dotted(old, k)!r}, now {_dotted(new, k)!r}" for k in RESUME_KEYS
                 if _dotted(old, k) != _dotted(new, k)]
@@ -489,7 +496,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     from jax.experimental import multihost_utils
     from tqdm import tqdm
 
-    from mtp_jax.checkpoints import CheckpointError, committed_steps, set_aside
+    from mtp_jax.checkpoints import CheckpointError, committed_steps, describe_failure, is_torn, set_aside
     from mtp_jax.data import batch_iterator, prepare
     from mtp_jax.models import load_tokenizer
     from mtp_jax.mtp.mask_token import add_mask_token, mask_embedding
@@ -614,6 +621,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
         try:
             state = restore(step)
         except Exception as e:  # orbax/tensorstore raise many types for missing or garbled files
+            if not (is_torn(e) or isinstance(e, CheckpointError)):  # a library failure: move nothing, stop
+                manager.close()
+                raise CheckpointError(describe_failure(ckpt_dir / str(step), step, e)) from e
             failed.append(step)
             log(f"checkpoint step {step} ({ckpt_dir / str(step)}) is torn or unreadable: "
                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mtp_jax.data.readers import DataError, Record, read_records
+from mtp_jax.paths import absolute, absolute_file
 
 
 @dataclasses.dataclass
@@ -121,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mtp_jax.data.distill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="HF dir, .gguf file or alias")
-    ap.add_argument("--prompts", required=True, help='JSON/JSONL file of {"input": ...} (optional "id")')
-    ap.add_argument("--out", required=True, help="JSONL output, appended to on reruns")
+    ap.add_argument("--prompts", required=True, type=absolute_file, help='JSON/JSONL file of {"input": ...} (optional "id")')
+    ap.add_argument("--out", required=True, type=absolute, help="JSONL output, appended to on reruns")
     ap.add_argument("--max_new_tokens", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

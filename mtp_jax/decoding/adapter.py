@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from mtp_jax.decoding.layout import prepare
 from mtp_jax.models.config import ModelConfig
 from mtp_jax.mtp.model import MTPModel
+from mtp_jax.paths import absolute
 
 
 class AdapterMismatchError(ValueError):
@@ -50,6 +51,7 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
     from mtp_jax.models import load_model, load_tokenizer
     from mtp_jax.models.loading import resolve_model_dir
 
+    run_dir = absolute(run_dir)
     if model_path is None:
         run = load_run(run_dir, step, dtype=dtype)
         return (*prepare(run.model, run.params), run.tokenizer)

@@ -24,6 +24,7 @@ from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.request import encode_prompt, eos_ids_of, pad_id_of
 from mtp_jax.decoding.sampling import Sampling
 from mtp_jax.decoding.speculative import speculative_generate, speculative_stream
+from mtp_jax.paths import absolute, absolute_file
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF dir, .gguf file or alias (default: the adapter run's base, "
                                                   "else smollm2-135m-instruct)")
-    ap.add_argument("--adapter", default=None, help="training run dir: decode speculatively with its MTP drafts")
+    ap.add_argument("--adapter", default=None, type=absolute, help="training run dir: decode speculatively with its MTP drafts")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of --adapter (default: latest)")
     ap.add_argument("--draft_length", type=int, default=None, help="drafts per step (default: the run's k)")
     ap.add_argument("--anchors", default=None, help="mask-block offsets, e.g. '0' (default: all of 0..k)")
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="LOSSY, ConfAdapt-style: also accept drafts whose sampler probability is >= this where the "
                          "base model disagrees; the output is then NOT the model's greedy output (greedy only)")
     ap.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    ap.add_argument("--prompts", help='JSON/JSONL file of {"input": ...} records (builtin:NAME for shipped ones)')
+    ap.add_argument("--prompts", type=absolute_file, help='JSON/JSONL file of {"input": ...} records (builtin:NAME for shipped ones)')
     ap.add_argument("--batch_size", type=int, default=1, help="prompts decoded together (1: streamed)")
     ap.add_argument("--max_new_tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)

