@@ -257,7 +257,7 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
     from mtp_jax.data.readers import DataError, resolve_data_file
 
     if cfg.lora.a_in_base:
-        raise ConfigError("lora.a_in_base is the decoding layout (mtp_jax.decode.for_decoding builds it from a "
+        raise ConfigError("lora.a_in_base is the decoding layout (mtp_jax.decoding.layout.prepare builds it from a "
                           "trained run); training needs it off")
     if cfg.mtp.prefix_split and cfg.data.packing:
         raise ConfigError("mtp.prefix_split: the mask-free prefix attention needs one example per row, and "
