@@ -67,9 +67,13 @@ def run_distill(model, params, model_config, tokenizer, prompts_path, out_path, 
     """Generates the missing responses of `prompts_path` into `out_path` (JSONL, appended)."""
     from tqdm import tqdm
 
-    from mtp_jax.generate import Sampling, encode_prompt, eos_ids_of, generate, pad_id_of
+    from mtp_jax.decoding.layout import prepare
+    from mtp_jax.decoding.plain import generate
+    from mtp_jax.decoding.request import encode_prompt, eos_ids_of, pad_id_of
+    from mtp_jax.decoding.sampling import Sampling
 
     sampling = sampling or Sampling()
+    model, params = prepare(model, params)  # the decoding layout once, not per batch
     out_path = Path(out_path)
     records = list(read_records(prompts_path, require_output=False))[:limit]
     keys = [prompt_key(r) for r in records]
@@ -112,7 +116,7 @@ def run_distill(model, params, model_config, tokenizer, prompts_path, out_path, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from mtp_jax.generate import Sampling
+    from mtp_jax.decoding.sampling import Sampling
     from mtp_jax.models.loading import load_model, load_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m mtp_jax.data.distill", description=__doc__,

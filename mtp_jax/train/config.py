@@ -110,7 +110,7 @@ class Config:
 
     def __post_init__(self):
         if self.lora.a_in_base:
-            raise ConfigError("lora.a_in_base is the decoding layout (mtp_jax.decode.for_decoding builds it from a "
+            raise ConfigError("lora.a_in_base is the decoding layout (mtp_jax.decoding.layout.prepare builds it from a "
                               "trained run); training needs it off")
         if self.mtp.prefix_split and self.data.packing:
             raise ConfigError("mtp.prefix_split: the mask-free prefix attention needs one example per row, and "
