@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(f"python -m mtp_jax.data: {e}")
         m = cache.manifest
         print(f"{split}: {m['examples']} examples, {m['tokens']} tokens ({m['response_tokens']} response), "
-              f"{m['skipped']} bad records skipped, {m['truncated']} truncated, {m['short_responses']} responses "
+              f"{m['skipped']} bad records skipped, {m['truncated']} truncated, {cache.short_responses(args.draft_length)} responses "
               f"shorter than k={args.draft_length}; {'built' if cache.built else 'reused'} {cache.path}")
 
 
