@@ -159,8 +159,9 @@ def test_cli_reports_skipped_records(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"input": "q", "output": "a"}) + "\n" + json.dumps({"input": "q", "output": 1}) + "\n")
     argv = ["--data.train_file", str(data), "--data.eval_file", "null", "--data.cache_dir", str(tmp_path / "c")]
-    with pytest.raises(SystemExit, match=r"record 2 \(line 2\): \"output\" must be a string"):
-        main(argv)
-    main(argv + ["--on_bad_record", "skip"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and 'record 2 (line 2): "output" must be a string' in err, err
+    assert main(argv + ["--on_bad_record", "skip"]) == 0
     out = capsys.readouterr().out
     assert "train: 1 examples" in out and "1 bad records skipped" in out, out
