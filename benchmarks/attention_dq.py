@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from mtp_jax.mtp.attention import _cudnn_part, _cudnn_part_dq
 from mtp_kernels.attention_dq import DQConfig, jax_attention_dq
-from mtp_step import fmt, measure, ratio
+from _report import environment, fmt, header, ratio, write_json
+from mtp_step import measure
 
 CONFIGS = [DQConfig(128, 64, 8, 2), DQConfig(128, 64, 8, 3), DQConfig(128, 128, 8, 2), DQConfig(64, 64, 4, 3),
            DQConfig(64, 128, 4, 2), DQConfig(128, 32, 4, 3), DQConfig(64, 64, 4, 4)]
@@ -67,16 +68,14 @@ def main():
                            rel_diff=float(jnp.max(jnp.abs(dq - ref)) / jnp.max(jnp.abs(ref))))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{jax.devices()[0].device_kind}  jax {jax.__version__}  L={length} C={c} heads={n} "
+    env = environment()
+    print(f"\n{header(env)}  L={length} C={c} heads={n} "
           f"(h={args.heads} x k={args.k}) kv={args.kv_heads} d={d}")
     print(f"{'chunk start':>11} {'variant':>24} {'ms':>8} {'TFLOP/s':>8} {'vs cuDNN':>8} {'rel diff':>9}")
     for r in rows:
         print(f"{r['start']:>11} {r['variant']:>24} {fmt(r.get('ms'), '8.3f')} {fmt(r.get('tflops'), '8.0f')} "
               f"{r.get('speedup', '-'):>8} {fmt(r.get('rel_diff'), '9.2e')} {r.get('error') or ''}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "args": vars(args),
-                       "rows": rows}, f, indent=1)
+    write_json(args.out, {**env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.mtp.attention import prefix_attention, split_prefix_attention
-from mtp_step import fmt, measure
+from _report import environment, fmt, header, write_json
+from mtp_step import measure
 
 
 def variants(impl: str, start: int, c: int):
@@ -88,16 +89,14 @@ def main():
                 row.update(ms=1e3 * m["time_s"], tflops_needed=needed / m["time_s"] / 1e12)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{jax.devices()[0].device_kind}  jax {jax.__version__}  L={length} C={c} "
+    env = environment()
+    print(f"\n{header(env)}  L={length} C={c} "
           f"heads={n} (h={args.heads} x k={args.k}) kv={args.kv_heads} d={args.head_dim}")
     print(f"{'chunk start':>11} {'variant':>9} {'ms':>8} {'TFLOP/s':>8} {'max |diff|':>10}")
     for r in rows:
         print(f"{r['start']:>11} {r['variant']:>9} {fmt(r.get('ms'), '8.3f')} {fmt(r.get('tflops_needed'), '8.0f')} "
               f"{r['max_abs_diff_vs_mask']:>10.2e}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "args": vars(args),
-                       "rows": rows}, f, indent=1)
+    write_json(args.out, {**env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
