@@ -51,7 +51,7 @@ def _is_oom(e: Exception) -> bool:
 
 
 # ---------------------------------------------------------------- torch worker
-# Each worker process imports only its own framework (and its GPU allocator), hence the imports in the workers.
+# Each worker process imports its own framework, whose GPU allocator then owns the device: imports stay in the workers.
 def torch_worker(shapes, impls):
     import torch
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from mtp_jax.data.readers import DataError, ReadStats, read_records, resolve_data_file
 from mtp_jax.data.tokenize import Example, TokenizeParams, tokenize_records, tokenizer_fingerprint
@@ -155,8 +156,6 @@ def _chunks(it: Iterator, size: int):
 
 def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: str, params: BuildParams,
            key: str) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     t0 = time.perf_counter()
     stats = ReadStats()
     tok_params = params.tokenize
