@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -64,6 +65,20 @@ def fmt(x, spec: str) -> str:
 def ratio(num, den) -> str:
     """`num / den` as 'N.NNx', '-' when either is missing."""
     return f"{num / den:.2f}x" if num and den else "-"
+
+
+def text_table(columns: Sequence[tuple[str, str, str]], rows: Sequence[dict]) -> str:
+    """A fixed-width table for the terminal. Each column is (title, row key, format spec), the spec
+    starting with the width ('8.3f', '>24'; '' for a last free-width column); a missing value is '-'."""
+    def width(spec: str) -> int:
+        digits = re.match(r"[<>^]?(\d*)", spec).group(1)
+        return int(digits) if digits else 0
+
+    lines = [" ".join(f"{title:>{width(spec)}}" for title, _, spec in columns)]
+    for row in rows:
+        lines.append(" ".join(f"{row[key]:{spec}}" if row.get(key) is not None
+                              else f"{'-' if width(spec) else '':>{width(spec)}}" for _, key, spec in columns))
+    return "\n".join(lines)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool] = ()) -> list[str]:
