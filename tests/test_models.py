@@ -22,6 +22,12 @@ def torch_logits(model, ids):
         return model(torch.as_tensor(np.asarray(ids))).logits.numpy()
 
 
+def assert_logits_match(model, params, hf, ids, what: str):
+    """The Flax model's logits equal transformers' within float32 noise."""
+    diff = np.abs(flax_logits(model, params, ids) - torch_logits(hf, ids)).max()
+    assert diff < 1e-4, f"{what}: max |logit diff| {diff}"
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_tiny_logits_match_transformers(kind, sharded, tmp_path):
@@ -32,8 +38,7 @@ def test_tiny_logits_match_transformers(kind, sharded, tmp_path):
     model, params, config = load_model(path)
     assert config.qk_norm == (kind == "qwen3") and config.tie_word_embeddings == (kind == "qwen3")
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 37))
-    diff = np.abs(flax_logits(model, params, ids) - torch_logits(hf, ids)).max()
-    assert diff < 1e-4, f"{kind} ({'sharded' if sharded else 'single'}): max |logit diff| {diff}"
+    assert_logits_match(model, params, hf, ids, f"{kind} ({'sharded' if sharded else 'single'})")
 
 
 def test_llama3_rope_scaling_is_applied(tiny_hf):
@@ -73,8 +78,7 @@ def test_yarn_rope_logits_match_transformers(rope, tmp_path):
     plain = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim))
     assert not np.allclose(config.rope_inv_freq(), plain), "yarn left frequencies unchanged"
     ids = np.random.default_rng(4).integers(0, config.vocab_size, (1, 192))
-    diff = np.abs(flax_logits(model, params, ids) - torch_logits(hf, ids)).max()
-    assert diff < 1e-4, f"yarn: max |logit diff| {diff}"
+    assert_logits_match(model, params, hf, ids, "yarn")
 
 
 def test_padding_keys_are_hidden(tiny_hf):
