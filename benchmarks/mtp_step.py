@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import subprocess
 import time
 
 import jax
@@ -26,6 +25,7 @@ from mtp_jax.models.loading import abstract_params
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, loss_and_grads, split_params, training_layout
 from mtp_jax.train.state import count_params
+from _report import environment, fmt, header, ratio, write_json
 
 
 def random_base(model: CausalLM, seed: int = 0):
@@ -94,16 +94,6 @@ def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
     return jnp.sum(jnp.where(lay["valid"], ce, 0.0)) / jnp.sum(lay["valid"])
 
 
-def fmt(x, spec: str) -> str:
-    """A table cell: `x` formatted by `spec`, '-' when missing."""
-    return f"{x:{spec}}" if x is not None else "-"
-
-
-def ratio(num, den) -> str:
-    """`num / den` as 'N.NNx', '-' when either is missing."""
-    return f"{num / den:.2f}x" if num and den else "-"
-
-
 def _peak_gib(mem) -> float | None:
     """A compiled program's memory (XLA's analysis: temporaries, arguments, outputs) in GiB."""
     if mem is None:
@@ -167,7 +157,6 @@ def main():
     trainable, frozen = split_params(model, params)
     n_base = count_params(base)
     peak = device_peak_flops(jax.devices()[0])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
     for total in args.lengths:
         batch = make_batch(args.prompt, total - args.prompt, config.vocab_size)
@@ -182,20 +171,18 @@ def main():
             ours["mfu"] = counted["flops"] / (ours["time_s"] * peak)
         rows.append({"regular_tokens": total, "two_stream": ours, "interleaved": base_r, "flops": counted})
         print(json.dumps(rows[-1]), flush=True)
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "model": args.model, "k": args.k, "chunk": args.chunk,
+    env = environment()
+    report = {**env, "model": args.model, "k": args.k, "chunk": args.chunk,
               "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
               "prefix_split": args.prefix_split, "rows": rows}
-    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  {args.model}  k={args.k} chunk={args.chunk}")
+    print(f"\n{header(env)}  {args.model}  k={args.k} chunk={args.chunk}")
     print(f"{'regular':>8} | {'two-stream s':>12} {'GiB':>7} | {'interleaved s':>13} {'GiB':>7} | speedup")
     for r in rows:
         o, b = r["two_stream"], r["interleaved"]
         print(f"{r['regular_tokens']:>8} | {fmt(o['time_s'], '12.3f')} {fmt(o['peak_gib'], '7.1f')} | "
               f"{fmt(b['time_s'], '13.3f')} {fmt(b['peak_gib'], '7.1f')} | {ratio(b['time_s'], o['time_s'])}  "
               f"{'MFU %.1f%%' % (100 * o['mfu']) if o.get('mfu') else ''} {o.get('error', '')}{b.get('error', '')}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

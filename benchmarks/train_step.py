@@ -25,13 +25,12 @@ import functools
 import glob
 import json
 import re
-import subprocess
-import time
 from collections import defaultdict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.profiler import ProfileData
 
 from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.models import LoRAConfig, ModelConfig
@@ -41,7 +40,8 @@ from mtp_jax.mtp.objective import init_params, loss_and_grads, regular_stream, s
 from mtp_jax.train.config import OptimConfig
 from mtp_jax.train.state import count_params
 from mtp_jax.train.step import make_optimizer, train_step
-from mtp_step import fmt, interleaved_layout, interleaved_loss, make_batch, random_base, ratio  # noqa: F401
+from _report import environment, fmt, header, ratio, write_json
+from mtp_step import interleaved_layout, interleaved_loss, make_batch, random_base
 from mtp_step import measure as measure_fn
 
 # GPU kernel names by kind (cuBLAS/CUTLASS/nvjet GEMMs, cuDNN/flash attention, our Triton soft-CE)
@@ -51,8 +51,6 @@ KINDS = (("attention", r"fmha|flash|cudnn|attention|sdpa"), ("soft-CE kernel", r
 
 def kernel_events(trace_dir: str):
     """(name, seconds) of every GPU kernel in the newest trace under `trace_dir` (none without a GPU)."""
-    from jax.profiler import ProfileData
-
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
     for plane in ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:GPU"):
@@ -112,7 +110,6 @@ def main():
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
     peak = device_peak_flops(jax.devices()[0])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
     for path in args.model:
         config = ModelConfig.from_file(path)
@@ -179,13 +176,13 @@ def main():
                                if total <= args.baseline_max else {"time_s": None, "error": "skipped (too large)"})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "k": args.k, "chunk": args.chunk, "tail_chunk": args.tail_chunk,
+    env = environment()
+    report = {**env, "k": args.k, "chunk": args.chunk, "tail_chunk": args.tail_chunk,
               "rank": args.rank,
               "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
               "prefix_split": args.prefix_split, "dq_kernel": args.dq_kernel, "scan_layers": not args.layer_loop,
               "dtype": args.dtype, "compile_only": args.compile_only, "rows": rows}
-    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} "
+    print(f"\n{header(env)}  k={args.k} chunk={args.chunk} "
           f"tail={args.tail_chunk} remat={args.remat} {'layer loop' if args.layer_loop else 'scanned layers'} "
           f"{args.dtype}{'  (compiled only: memory and compile seconds, nothing run)' if args.compile_only else ''}")
     print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "
@@ -199,9 +196,7 @@ def main():
               f"{fmt(s.get('peak_gib'), '6.1f')} {fmt(s.get('regular_tokens_per_s'), '7.0f')} "
               f"{fmt(s.get('mfu') and 100 * s['mfu'], '5.1f')}% | {fmt(b.get('time_s'), '10.3f')} "
               f"{fmt(b.get('peak_gib'), '6.1f')} | {sp:>7} {mem:>7} | {parts} {s.get('error', '')}{b.get('error', '')}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":
