@@ -13,7 +13,6 @@ GPU only (cuDNN, jax_triton).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
@@ -21,30 +20,20 @@ import jax.numpy as jnp
 
 from mtp_jax.mtp.attention import _cudnn_part, _cudnn_part_dq
 from mtp_kernels.attention_dq import DQConfig, jax_attention_dq
-from mtp_step import fmt, measure, ratio
+from _report import environment, header, ratio, text_table, write_json
+from mtp_step import measure
+from prefix_attention import chunk_inputs, chunk_parser, chunk_starts
 
 CONFIGS = [DQConfig(128, 64, 8, 2), DQConfig(128, 64, 8, 3), DQConfig(128, 128, 8, 2), DQConfig(64, 64, 4, 3),
            DQConfig(64, 128, 4, 2), DQConfig(128, 32, 4, 3), DQConfig(64, 64, 4, 4)]
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--length", type=int, default=16384, help="regular keys L")
-    ap.add_argument("--chunk", type=int, default=1024, help="anchors per chunk C")
-    ap.add_argument("--heads", type=int, default=32, help="query heads h (Qwen3-8B: 32)")
-    ap.add_argument("--kv_heads", type=int, default=8)
-    ap.add_argument("--head_dim", type=int, default=128)
-    ap.add_argument("--k", type=int, default=4, help="draft steps folded into the heads")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = chunk_parser(__doc__, reps=10).parse_args()
     n, c, length, d = args.heads * args.k, args.chunk, args.length, args.head_dim
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (1, c, n, d), jnp.bfloat16)
-    k, v = (jax.random.normal(kk, (1, length, args.kv_heads, d), jnp.bfloat16) for kk in keys[1:3])
-    g = jax.random.normal(keys[3], q.shape, jnp.float32)
+    q, k, v, g = chunk_inputs(args, jnp.bfloat16, jnp.float32)
     rows = []
-    for start in sorted({length // 4, length // 2, length - c}):
+    for start in chunk_starts(args):
         kv_len = jnp.full((1,), start, jnp.int32)
         out, lse = jax.jit(lambda q, k, v: _cudnn_part(q, k, v, kv_len, False))(q, k, v)
         out = out.astype(jnp.float32)
@@ -67,16 +56,13 @@ def main():
                            rel_diff=float(jnp.max(jnp.abs(dq - ref)) / jnp.max(jnp.abs(ref))))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{jax.devices()[0].device_kind}  jax {jax.__version__}  L={length} C={c} heads={n} "
+    env = environment()
+    print(f"\n{header(env)}  L={length} C={c} heads={n} "
           f"(h={args.heads} x k={args.k}) kv={args.kv_heads} d={d}")
-    print(f"{'chunk start':>11} {'variant':>24} {'ms':>8} {'TFLOP/s':>8} {'vs cuDNN':>8} {'rel diff':>9}")
-    for r in rows:
-        print(f"{r['start']:>11} {r['variant']:>24} {fmt(r.get('ms'), '8.3f')} {fmt(r.get('tflops'), '8.0f')} "
-              f"{r.get('speedup', '-'):>8} {fmt(r.get('rel_diff'), '9.2e')} {r.get('error') or ''}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "args": vars(args),
-                       "rows": rows}, f, indent=1)
+    print(text_table([("chunk start", "start", ">11"), ("variant", "variant", ">24"), ("ms", "ms", "8.3f"),
+                      ("TFLOP/s", "tflops", "8.0f"), ("vs cuDNN", "speedup", ">8"), ("rel diff", "rel_diff", "9.2e"),
+                      ("", "error", "")], rows))
+    write_json(args.out, {**env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

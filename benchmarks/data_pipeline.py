@@ -7,16 +7,17 @@ python benchmarks/data_pipeline.py [--examples 10000] [--out benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import dataclasses
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from mtp_jax.data import DataConfig, make_batches, prepare
+from mtp_jax.models import load_tokenizer
+from _report import cpu_name, environment, header, markdown_table, write_text
 
 
 def synthetic_file(path: Path, n: int, seed: int = 0) -> Path:
@@ -38,11 +39,6 @@ def padding_fraction(batches) -> float:
 
 
 def main() -> None:
-    import jax
-
-    from mtp_jax.data import DataConfig, make_batches, prepare
-    from mtp_jax.models import load_tokenizer
-
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--examples", type=int, default=10_000)
     ap.add_argument("--batch_size", type=int, default=8)
@@ -75,35 +71,27 @@ def main() -> None:
         shapes = sorted({b["tokens"].shape[1] for b in batches})
         rows.append((name, len(batches), len(cache) / secs, padding_fraction(batches), len(shapes)))
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "?"
+    env = environment(("jax", "grain"), device=cpu_name())
     lines = [
-        f"# Data pipeline benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        f"# Data pipeline benchmark ({env['date']})",
         "",
-        f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs; "
-        f"python {platform.python_version()}, jax {jax.__version__}, grain {importlib.metadata.version('grain')}; "
-        f"commit {commit}",
+        header(env),
         f"data: {len(cache)} synthetic chat examples ({cache.manifest['tokens']} tokens, SmolLM2 tokenizer), "
         f"batch_size {cfg.batch_size} rows, max_total_tokens {cfg.max_total_tokens}; iteration = one eval-order "
         "pass, single thread (num_workers 0)",
         "",
-        "| stage | examples/s | seconds |",
-        "|---|---:|---:|",
-        f"| cache build (read + chat template + tokenize + ArrayRecord write) | {len(cache) / build_s:,.0f} | "
-        f"{build_s:.2f} |",
-        f"| cache hit (fingerprint + open) | - | {hit_s:.3f} |",
+        *markdown_table(["stage", "examples/s", "seconds"], [
+            ["cache build (read + chat template + tokenize + ArrayRecord write)", f"{len(cache) / build_s:,.0f}",
+             f"{build_s:.2f}"],
+            ["cache hit (fingerprint + open)", "-", f"{hit_s:.3f}"]], right=[False, True, True]),
         "",
-        "| batching | batches | iteration examples/s | padding fraction | distinct L |",
-        "|---|---:|---:|---:|---:|",
+        *markdown_table(["batching", "batches", "iteration examples/s", "padding fraction", "distinct L"],
+                        [[n, b, f"{eps:,.0f}", f"{pad:.3f}", s] for n, b, eps, pad, s in rows],
+                        right=[False, True, True, True, True]),
     ]
-    lines += [f"| {n} | {b} | {eps:,.0f} | {pad:.3f} | {s} |" for n, b, eps, pad, s in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import subprocess
 import time
 
 import jax
@@ -23,10 +22,10 @@ from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.models import LoRAConfig, ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.loading import abstract_params
-from mtp_jax.mtp.attention import resolve_impl
 from mtp_jax.mtp.model import MTPConfig, MTPModel
-from mtp_jax.mtp.objective import init_params, layer_loop, loss_and_grads, split_params
-from mtp_jax.train import count_params
+from mtp_jax.mtp.objective import init_params, loss_and_grads, split_params, training_layout
+from mtp_jax.train.state import count_params
+from _report import environment, fmt, header, ratio, write_json
 
 
 def random_base(model: CausalLM, seed: int = 0):
@@ -71,21 +70,21 @@ def interleaved_layout(batch, k: int) -> dict:
 def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
     """Baseline: the whole interleaved sequence through the decoder with a dense [L, L] mask
     (cuDNN fused attention where available), then XLA softmax cross-entropy over all rows."""
-    model, p = layer_loop(model, {**frozen, **trainable})
+    p = {**frozen, **training_layout(model, trainable)}  # frozen: in the training layout already
     reg_index, step = lay["reg_index"], lay["step"]
     m = step > 0
     ids = jnp.where(m, 0, tokens[0][reg_index])
     q_reg, k_reg = reg_index[:, None], reg_index[None, :]
     mask = (~m[None, :] & (k_reg <= q_reg)) | (m[:, None] & m[None, :] & (k_reg == q_reg) & (step[None] <= step[:, None]))
     lm = CausalLM(model.config, model.lora, model.dtype, model.param_dtype, model.mtp.remat,
-                  scan_layers=model.scan_layers)
+                  scan_layers=model.mtp.scan_layers)
     v = {"params": p["base"], "lora": p["lora"]}
     emb = lm.apply(v, ids[None], method=lm.embed)
     emb = jnp.where(m[None, :, None], p["mask_embedding"].astype(emb.dtype), emb)
 
     def attend(q, kk, vv, layer_state):
         return jax.nn.dot_product_attention(q, kk, vv, mask=mask[None, None],
-                                            implementation=resolve_impl(model.mtp.attention_impl, q, kk)), None
+                                            implementation=model.attention.impl_for(q, kk)), None
 
     hidden, _ = lm.apply(v, None, (reg_index + step)[None], attend, gate=m[None].astype(model.dtype), embeddings=emb)
     logits = lm.apply(v, hidden[0], method=lm.logits).astype(jnp.float32)
@@ -93,16 +92,6 @@ def interleaved_loss(model: MTPModel, trainable, frozen, tokens, lay):
     t = teacher[lay["target"]]
     ce = -jnp.sum(jax.nn.softmax(t) * jax.nn.log_softmax(logits[lay["mask_rows"]]), -1)
     return jnp.sum(jnp.where(lay["valid"], ce, 0.0)) / jnp.sum(lay["valid"])
-
-
-def fmt(x, spec: str) -> str:
-    """A table cell: `x` formatted by `spec`, '-' when missing."""
-    return f"{x:{spec}}" if x is not None else "-"
-
-
-def ratio(num, den) -> str:
-    """`num / den` as 'N.NNx', '-' when either is missing."""
-    return f"{num / den:.2f}x" if num and den else "-"
 
 
 def _peak_gib(mem) -> float | None:
@@ -168,7 +157,6 @@ def main():
     trainable, frozen = split_params(model, params)
     n_base = count_params(base)
     peak = device_peak_flops(jax.devices()[0])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
     for total in args.lengths:
         batch = make_batch(args.prompt, total - args.prompt, config.vocab_size)
@@ -183,20 +171,18 @@ def main():
             ours["mfu"] = counted["flops"] / (ours["time_s"] * peak)
         rows.append({"regular_tokens": total, "two_stream": ours, "interleaved": base_r, "flops": counted})
         print(json.dumps(rows[-1]), flush=True)
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "model": args.model, "k": args.k, "chunk": args.chunk,
+    env = environment()
+    report = {**env, "model": args.model, "k": args.k, "chunk": args.chunk,
               "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
               "prefix_split": args.prefix_split, "rows": rows}
-    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  {args.model}  k={args.k} chunk={args.chunk}")
+    print(f"\n{header(env)}  {args.model}  k={args.k} chunk={args.chunk}")
     print(f"{'regular':>8} | {'two-stream s':>12} {'GiB':>7} | {'interleaved s':>13} {'GiB':>7} | speedup")
     for r in rows:
         o, b = r["two_stream"], r["interleaved"]
         print(f"{r['regular_tokens']:>8} | {fmt(o['time_s'], '12.3f')} {fmt(o['peak_gib'], '7.1f')} | "
               f"{fmt(b['time_s'], '13.3f')} {fmt(b['peak_gib'], '7.1f')} | {ratio(b['time_s'], o['time_s'])}  "
               f"{'MFU %.1f%%' % (100 * o['mfu']) if o.get('mfu') else ''} {o.get('error', '')}{b.get('error', '')}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.mtp.attention import prefix_attention, split_prefix_attention
-from mtp_step import fmt, measure
+from _report import environment, header, text_table, write_json
+from mtp_step import measure
 
 
 def variants(impl: str, start: int, c: int):
@@ -54,26 +55,42 @@ def variants(impl: str, start: int, c: int):
     }
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def chunk_parser(doc: str, reps: int) -> argparse.ArgumentParser:
+    """Options of one anchor chunk against the regular keys (this benchmark's and attention_dq's)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=16384, help="regular keys L")
     ap.add_argument("--chunk", type=int, default=1024, help="anchors per chunk C")
     ap.add_argument("--heads", type=int, default=32, help="query heads h (Qwen3-8B: 32)")
     ap.add_argument("--kv_heads", type=int, default=8)
     ap.add_argument("--head_dim", type=int, default=128)
     ap.add_argument("--k", type=int, default=4, help="draft steps folded into the heads")
-    ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=reps)
     ap.add_argument("--out", default=None)
+    return ap
+
+
+def chunk_inputs(args, dtype, grad_dtype):
+    """Random q [1, C, k*h, d], k and v [1, L, kv, d], and an output cotangent g like q."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (1, args.chunk, args.heads * args.k, args.head_dim), dtype)
+    k, v = (jax.random.normal(kk, (1, args.length, args.kv_heads, args.head_dim), dtype) for kk in keys[1:3])
+    return q, k, v, jax.random.normal(keys[3], q.shape, grad_dtype)
+
+
+def chunk_starts(args) -> list[int]:
+    """Chunks at a quarter, half and the end of the sequence."""
+    return sorted({args.length // 4, args.length // 2, args.length - args.chunk})
+
+
+def main():
+    ap = chunk_parser(__doc__, reps=5)
+    ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"])
     args = ap.parse_args()
     dtype = jnp.bfloat16 if args.impl == "cudnn" else jnp.float32
     n, c, length = args.heads * args.k, args.chunk, args.length
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (1, c, n, args.head_dim), dtype)
-    k, v = (jax.random.normal(kk, (1, length, args.kv_heads, args.head_dim), dtype) for kk in keys[1:3])
-    g = jax.random.normal(keys[3], q.shape, dtype)
+    q, k, v, g = chunk_inputs(args, dtype, dtype)
     rows = []
-    for start in sorted({length // 4, length // 2, length - c}):
+    for start in chunk_starts(args):
         needed = sum(start + i + 1 for i in range(c)) * 4 * args.head_dim * n * 3  # fwd + 2x fwd backward
         ref = None
         for name, f in variants(args.impl, start, c).items():
@@ -88,16 +105,12 @@ def main():
                 row.update(ms=1e3 * m["time_s"], tflops_needed=needed / m["time_s"] / 1e12)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{jax.devices()[0].device_kind}  jax {jax.__version__}  L={length} C={c} "
+    env = environment()
+    print(f"\n{header(env)}  L={length} C={c} "
           f"heads={n} (h={args.heads} x k={args.k}) kv={args.kv_heads} d={args.head_dim}")
-    print(f"{'chunk start':>11} {'variant':>9} {'ms':>8} {'TFLOP/s':>8} {'max |diff|':>10}")
-    for r in rows:
-        print(f"{r['start']:>11} {r['variant']:>9} {fmt(r.get('ms'), '8.3f')} {fmt(r.get('tflops_needed'), '8.0f')} "
-              f"{r['max_abs_diff_vs_mask']:>10.2e}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "args": vars(args),
-                       "rows": rows}, f, indent=1)
+    print(text_table([("chunk start", "start", ">11"), ("variant", "variant", ">9"), ("ms", "ms", "8.3f"),
+                      ("TFLOP/s", "tflops_needed", "8.0f"), ("max |diff|", "max_abs_diff_vs_mask", ">10.2e")], rows))
+    write_json(args.out, {**env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

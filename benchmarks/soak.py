@@ -27,7 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import jax
+import numpy as np
+
+from mtp_jax.checkpoints import committed_steps, restore_trainable
+from mtp_jax.train.metrics import metrics_by_step
+from _report import ROOT, cpu_name, environment, markdown_table, write_text
 TRAJECTORY = ("loss/", "acc/", "accept_len", "grad_norm", "lr", "skipped", "nonfinite")
 
 
@@ -70,8 +75,6 @@ def phase(stderr: str, new_leftovers: set[str]) -> str:
 
 
 def tear_newest(ws: Path) -> int | None:
-    from mtp_jax.checkpoints import committed_steps
-
     steps = committed_steps(ws / "run")
     if len(steps) < 2:
         return None
@@ -83,18 +86,11 @@ def tear_newest(ws: Path) -> int | None:
 
 def result(ws: Path) -> tuple[dict, list]:
     """({step: trajectory metrics}, final params as numpy leaves) of a finished run."""
-    import jax
-
-    from mtp_jax.checkpoints import restore_trainable
-    from mtp_jax.train import metrics_by_step
-
     traj = {s: {k: v for k, v in r.items() if k.startswith(TRAJECTORY)} for s, r in metrics_by_step(ws / "run").items()}
     return traj, jax.tree.leaves(restore_trainable(ws / "run")[1])
 
 
 def same(a: tuple[dict, list], b: tuple[dict, list]) -> tuple[bool, str]:
-    import numpy as np
-
     if a[0] != b[0]:
         bad = [s for s in sorted(set(a[0]) | set(b[0])) if a[0].get(s) != b[0].get(s)]
         return False, f"metrics differ at steps {bad}"
@@ -179,24 +175,16 @@ def main(argv=None) -> int:
 
 
 def write_report(args, rows, summary, baseline_s, warm_s, baseline, rerun):
-    import platform
-
-    import grain
-    import jax
-    import orbax.checkpoint as ocp
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    env = environment(("jax", "orbax-checkpoint", "grain"), device=cpu_name())
     lines = [
-        f"# Kill/resume soak, {time.strftime('%Y-%m-%d')}",
+        f"# Kill/resume soak, {env['date']}",
         "",
         f"`python benchmarks/soak.py --cycles {args.cycles} --steps {args.steps} --seed {args.seed}"
         + (" --tear" if args.tear else "") + "`",
         "",
-        f"Commit {commit}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with "
-        f"other jobs, load average {os.getloadavg()[0]:.1f} at the end); jax {jax.__version__}, "
-        f"orbax-checkpoint {ocp.__version__}, grain {getattr(grain, '__version__', '?')}, Python "
-        f"{platform.python_version()}.",
+        f"Commit {env['commit']}; {env['device']} (shared with other jobs, load average "
+        f"{os.getloadavg()[0]:.1f} at the end); jax {env['jax']}, orbax-checkpoint {env['orbax-checkpoint']}, "
+        f"grain {env['grain']}, Python {env['python']}.",
         "",
         f"Baseline (uninterrupted, its own process): configs/tiny_test.yaml on the shipped SmolLM2 data, "
         f"{args.steps} steps, async checkpoint every 2; {baseline_s:.1f} s with a cold compile, {warm_s:.1f} s "
@@ -207,11 +195,10 @@ def write_report(args, rows, summary, baseline_s, warm_s, baseline, rerun):
         "",
         f"**{summary}**",
         "",
-        "| cycle | kills (delay: where it landed) | final invocation (s) | vs baseline (metrics.jsonl + params) |",
-        "| --- | --- | --- | --- |",
+        *markdown_table(["cycle", "kills (delay: where it landed)", "final invocation (s)",
+                         "vs baseline (metrics.jsonl + params)"], [[c, "<br>".join(k), t, why] for c, k, t, why in rows]),
     ]
-    lines += [f"| {c} | {'<br>'.join(k)} | {t} | {why} |" for c, k, t, why in rows]
-    args.out.write_text("\n".join(lines) + "\n")
+    write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

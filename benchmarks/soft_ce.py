@@ -14,14 +14,14 @@ Writes soft_ce.md and soft_ce.json to --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from _report import environment, markdown_table, write_json, write_text
 
 SHAPES = [(n, v) for n in (4096, 16384, 32768) for v in (32000, 128256, 151936)]
 IMPLS = {
@@ -51,6 +51,7 @@ def _is_oom(e: Exception) -> bool:
 
 
 # ---------------------------------------------------------------- torch worker
+# Each worker process imports its own framework, whose GPU allocator then owns the device: imports stay in the workers.
 def torch_worker(shapes, impls):
     import torch
 
@@ -192,10 +193,7 @@ def _fmt_ms(s):
 
 def table(rows, copy_bw):
     """Markdown table; bandwidth % against the torch-measured copy."""
-    lines = [
-        "| N | V | impl | fwd ms | fwd %copy | fwd+bwd ms | fwd+bwd %copy | fwd+bwd peak GB | vs naive torch |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    cells = []
     naive = {(r["N"], r["V"]): r.get("fwd_bwd_s") for r in rows if r["impl"] == "naive_torch"}
     for r in rows:
         elems = r["N"] * r["V"]
@@ -207,12 +205,12 @@ def table(rows, copy_bw):
         base = naive.get((r["N"], r["V"]))
         speedup = "—" if fb is None or base is None else f"{base / fb:.1f}x"
         peak = r.get("fwd_bwd_peak_gb")
-        lines.append(
-            f"| {r['N']} | {r['V']} | {r['impl']} | {_fmt_ms(r.get('fwd_s'))}{' ' + r['fwd_err'] if 'fwd_err' in r else ''}"
-            f" | {pct['fwd']} | {_fmt_ms(fb)}{' ' + r['fwd_bwd_err'] if 'fwd_bwd_err' in r else ''} | {pct['fwd_bwd']}"
-            f" | {'—' if peak is None else f'{peak:.1f}'} | {speedup} |"
-        )
-    return "\n".join(lines)
+        cells.append([r["N"], r["V"], r["impl"], _fmt_ms(r.get("fwd_s")) + (" " + r["fwd_err"] if "fwd_err" in r else ""),
+                      pct["fwd"], _fmt_ms(fb) + (" " + r["fwd_bwd_err"] if "fwd_bwd_err" in r else ""), pct["fwd_bwd"],
+                      "—" if peak is None else f"{peak:.1f}", speedup])
+    return "\n".join(markdown_table(
+        ["N", "V", "impl", "fwd ms", "fwd %copy", "fwd+bwd ms", "fwd+bwd %copy", "fwd+bwd peak GB", "vs naive torch"],
+        cells, right=[True, True, False] + [True] * 6))
 
 
 def targets(rows, copy_bw, n=16384, v=151936):
@@ -271,10 +269,8 @@ def main():
         info.update(res["info"])
         rows += res["rows"]
 
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True).stdout.strip()
-    info.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                commit=commit or "unknown", python=platform.python_version())
+    env = environment(packages=(), device=info.get("device", info.get("jax_device")) or "unknown")  # the workers'
+    info.update(date=env["date"], commit=args.commit or env["commit"], python=env["python"])
     copy_bw = info.get("copy_bw") or info.get("copy_bw_jax")
     if not copy_bw:
         sys.exit("no worker produced results")
@@ -295,10 +291,8 @@ def main():
     md = head + table(rows, copy_bw) + "\n\n" + targets(rows, copy_bw) + "\n"
     print(md)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "soft_ce.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out, "soft_ce.json"), "w") as f:
-        json.dump(dict(info=info, rows=rows), f, indent=1)
+    write_text(os.path.join(args.out, "soft_ce.md"), md)
+    write_json(os.path.join(args.out, "soft_ce.json"), dict(info=info, rows=rows))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mtp_jax.decode import for_decoding, load_adapter, speculative_generate
-from mtp_jax.generate import compile_seconds, encode_prompt, eos_ids_of, generate, pad_id_of
+from mtp_jax.decoding.adapter import load_adapter
+from mtp_jax.decoding.cli import compile_seconds
+from mtp_jax.decoding.layout import prepare
+from mtp_jax.decoding.plain import generate
+from mtp_jax.decoding.request import encode_prompt, eos_ids_of, pad_id_of
+from mtp_jax.decoding.speculative import speculative_generate
 from mtp_jax.models.llama import CausalLM
 
 DOMAINS = ("code", "math", "chat")
@@ -117,8 +121,6 @@ def main(argv=None):
                                                        "lists or 'all' (quadratic), e.g. 'all;0;0,4'")
     ap.add_argument("--out_dir", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name tag (default: <date>_<device>)")
-    ap.add_argument("--unroll", type=int, default=1, help="decoder layers per scan iteration, for plain and "
-                                                         "speculative alike (0: all, straight-line code)")
     ap.add_argument("--trace_dir", default=None, help="also profile one batch-1 generation per method: GPU "
                                                       "kernels per model call and their time by kind")
     args = ap.parse_args(argv)
@@ -134,10 +136,9 @@ def main(argv=None):
         pad_id = pad_id_of(tokenizer, eos)
         prompts = read_prompts(args.prompts, args.per_domain)
         ids = {d: [encode_prompt(tokenizer, t, chat=True) for t in texts] for d, texts in prompts.items()}
-    unroll = args.unroll or model.config.num_layers
-    lm = CausalLM(model.config, None, model.dtype, model.param_dtype, unroll=unroll)
-    base = params["base"]  # plain decoding's; the decoding layout is built once here, outside the timings
-    model, params = for_decoding(model.clone(unroll=unroll), params)
+    # the decoding layout (unstacked layers, folded adapters) is built once here, outside the timings
+    lm, base = prepare(CausalLM(model.config, None, model.dtype, model.param_dtype), params["base"])
+    model, params = prepare(model, params)
     domains = list(ids)
     layouts = args.layouts.replace(";", " ").split() if ";" in args.layouts else args.layouts.split(",")
     layouts = [lay for lay in layouts if lay]
@@ -198,7 +199,7 @@ def main(argv=None):
     source = f"random weights at the shapes of {args.random}" if args.random else args.model or "the run's base"
     report = {"device": kind, "jax": jax.__version__, "commit": commit, "adapter": args.adapter or "random",
               "model": source, "domains": domains, "dtype": str(np.dtype(model.dtype)), "k": k,
-              "max_new_tokens": n, "unroll": unroll, "prompts": args.prompts, "per_domain": args.per_domain,
+              "max_new_tokens": n, "prompts": args.prompts, "per_domain": args.per_domain,
               "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])), "results": results,
               "profile": profile}
     out = Path(args.out_dir)
@@ -256,7 +257,7 @@ def markdown(report: dict, layouts: list[str], batch_sizes: list[int], tag: str)
              + (f"{report['per_domain']} random ones of {RANDOM_PROMPT_TOKENS} tokens, no EOS" if domains == ["random"]
                 else f"the first {report['per_domain']} code, math and chat prompts of `{report['prompts']}` "
                      "(held out from training), chat template")
-             + f", up to {report['max_new_tokens']} new tokens, greedy; decoder layers unrolled {report.get('unroll', 1)} per scan step.",
+             + f", up to {report['max_new_tokens']} new tokens, greedy.",
              f"Command: `python {report['command']}`", "",
              "tokens/step = generated tokens / model calls (the prompt's call included; plain decoding: 1 per row). "
              "Time excludes compilation (measured and subtracted). Layout `all` = a mask block after every "

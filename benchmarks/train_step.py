@@ -25,21 +25,23 @@ import functools
 import glob
 import json
 import re
-import subprocess
-import time
 from collections import defaultdict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.profiler import ProfileData
 
 from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.models import LoRAConfig, ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPConfig, MTPModel
-from mtp_jax.mtp.objective import init_params, layer_loop, loss_and_grads, regular_stream, split_params
-from mtp_jax.train import OptimConfig, count_params, make_optimizer, train_step
-from mtp_step import fmt, interleaved_layout, interleaved_loss, make_batch, random_base, ratio  # noqa: F401
+from mtp_jax.mtp.objective import init_params, loss_and_grads, regular_stream, split_params, training_layout
+from mtp_jax.train.config import OptimConfig
+from mtp_jax.train.state import count_params
+from mtp_jax.train.step import make_optimizer, train_step
+from _report import environment, fmt, header, ratio, write_json
+from mtp_step import interleaved_layout, interleaved_loss, make_batch, random_base
 from mtp_step import measure as measure_fn
 
 # GPU kernel names by kind (cuBLAS/CUTLASS/nvjet GEMMs, cuDNN/flash attention, our Triton soft-CE)
@@ -49,8 +51,6 @@ KINDS = (("attention", r"fmha|flash|cudnn|attention|sdpa"), ("soft-CE kernel", r
 
 def kernel_events(trace_dir: str):
     """(name, seconds) of every GPU kernel in the newest trace under `trace_dir` (none without a GPU)."""
-    from jax.profiler import ProfileData
-
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
     for plane in ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:GPU"):
@@ -110,7 +110,6 @@ def main():
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
     peak = device_peak_flops(jax.devices()[0])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
     for path in args.model:
         config = ModelConfig.from_file(path)
@@ -126,7 +125,7 @@ def main():
             base = random_base(CausalLM(config, None, dtype, dtype))
             mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
             trainable, frozen = split_params(model, init_params(model, base, mask_row, jax.random.key(1)))
-            return trainable, layer_loop(model, frozen)[1]  # as the CLI passes it: per layer without the scan
+            return trainable, training_layout(model, frozen)  # as the CLI passes it: per layer without the scan
 
         trainable, frozen = jax.eval_shape(build) if args.compile_only else build()
         n_base = count_params(frozen["base"])
@@ -147,7 +146,7 @@ def main():
                           "opt_state": opt_state}
 
         def step(state, frozen, batch):  # the CLI's step; its loss first for measure()
-            state, metrics = train_step(model, tx, schedule, 1, state, frozen, batch)
+            state, metrics = train_step(model, tx, schedule, state, frozen, jax.tree.map(lambda x: x[None], batch))
             return metrics["loss/total"], state, metrics
 
         for total in args.lengths:
@@ -158,7 +157,7 @@ def main():
             if total <= args.breakdown_max:
                 row["loss_and_grads"] = measure(lambda t, f, b: loss_and_grads(model, t, f, b)[:2], trainable, frozen,
                                                 batch)
-                row["regular_stream"] = measure(lambda t, f, b: (jnp.float32(0), regular_stream(model, {**f, **t}, b)),
+                row["regular_stream"] = measure(lambda t, f, b: (jnp.float32(0), regular_stream(model, {**f, **training_layout(model, t)}, b)),
                                                 trainable, frozen, batch)
             s = row["step"]
             if s.get("time_s"):
@@ -177,13 +176,13 @@ def main():
                                if total <= args.baseline_max else {"time_s": None, "error": "skipped (too large)"})
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "k": args.k, "chunk": args.chunk, "tail_chunk": args.tail_chunk,
+    env = environment()
+    report = {**env, "k": args.k, "chunk": args.chunk, "tail_chunk": args.tail_chunk,
               "rank": args.rank,
               "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
               "prefix_split": args.prefix_split, "dq_kernel": args.dq_kernel, "scan_layers": not args.layer_loop,
               "dtype": args.dtype, "compile_only": args.compile_only, "rows": rows}
-    print(f"\n{report['device']}  jax {report['jax']}  commit {commit}  k={args.k} chunk={args.chunk} "
+    print(f"\n{header(env)}  k={args.k} chunk={args.chunk} "
           f"tail={args.tail_chunk} remat={args.remat} {'layer loop' if args.layer_loop else 'scanned layers'} "
           f"{args.dtype}{'  (compiled only: memory and compile seconds, nothing run)' if args.compile_only else ''}")
     print(f"{'model':>24} {'regular':>8} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "
@@ -197,9 +196,7 @@ def main():
               f"{fmt(s.get('peak_gib'), '6.1f')} {fmt(s.get('regular_tokens_per_s'), '7.0f')} "
               f"{fmt(s.get('mfu') and 100 * s['mfu'], '5.1f')}% | {fmt(b.get('time_s'), '10.3f')} "
               f"{fmt(b.get('peak_gib'), '6.1f')} | {sp:>7} {mem:>7} | {parts} {s.get('error', '')}{b.get('error', '')}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

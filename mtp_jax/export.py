@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -22,8 +23,18 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import flax.linen as nn
+import jax
 import ml_dtypes
 import numpy as np
+
+from mtp_jax import cli
+from mtp_jax.checkpoints import CheckpointError, load_run
+from mtp_jax.models.llama import CausalLM
+from mtp_jax.models.loading import SafetensorsReader, abstract_params, hf_name, hf_tensors, resolve_model_dir
+from mtp_jax.models.lora import FUSED_MODULES
+from mtp_jax.mtp.mask_token import table_rows_after
+from mtp_jax.paths import absolute
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 ADAPTER_FILE = "mtp_adapter.safetensors"
@@ -54,8 +65,7 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def log(msg: str):
-    print(f"[export] {msg}", file=sys.stderr, flush=True)
+log = functools.partial(cli.log, "export")
 
 
 # ----------------------------------------------------------------------------- safetensors, streamed
@@ -127,12 +137,6 @@ def write_model_weights(out: Path, specs: Sequence[TensorSpec], dtype: str, fetc
 
 def base_specs(config, rows: int) -> list[TensorSpec]:
     """HF names and [out, in] shapes of every base tensor our decoder uses, with `rows` vocab rows."""
-    import flax.linen as nn
-    import jax
-
-    from mtp_jax.models.llama import CausalLM
-    from mtp_jax.models.loading import abstract_params, hf_tensors
-
     boxed = abstract_params(CausalLM(dataclasses.replace(config, vocab_size=rows)))
     flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
     return [TensorSpec(name, hf_shape) for key_path, leaf in flat
@@ -172,7 +176,7 @@ def hf_config(src: dict, rows: int, dtype: str) -> dict:
 
 def write_generation_config(src_dir: Path, out: Path, mask_id: int):
     """The base model's generation config (or one derived from config.json), with `<mask>` suppressed."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig  # imports torch: only an export pays for it
 
     if (src_dir / "generation_config.json").is_file():
         gen = GenerationConfig.from_pretrained(src_dir)
@@ -193,10 +197,6 @@ def adapter_tensors(lora_tree: dict, lora, config) -> tuple[dict[str, np.ndarray
     copy; B's columns are split by output; the scale stays that of the fused adapter (alpha 3a,
     rank 3r), so every projection computes exactly the delta it had in training.
     """
-    import jax
-
-    from mtp_jax.models.lora import FUSED_MODULES
-
     sizes = {"q": config.q_features, "k": config.kv_features, "v": config.kv_features, "o": config.hidden_size,
              "gate": config.intermediate_size, "up": config.intermediate_size, "down": config.hidden_size}
     tensors, scales = {}, {}
@@ -234,10 +234,6 @@ def _add_adapter(tensors: dict, prefix: str, leaves: dict):
 
 def sampler_tensors(sampler_tree: dict) -> dict[str, np.ndarray]:
     """`mtp_sampler.fc1.weight` [d, 2d], `fc2.weight` [d, d], `norm1.weight`, `norm2.weight` (torch layout)."""
-    import jax
-
-    from mtp_jax.models.loading import hf_name
-
     out = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(sampler_tree)[0]:
         name, transpose = hf_name(tuple(k.key for k in key_path))
@@ -300,13 +296,9 @@ def replace_dir(tmp: Path, out: Path):
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype: str = "bfloat16",
            overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Writes the HF directory + MTP adapter of `run_dir` at `step` (default: latest) to `out`."""
-    from mtp_jax.checkpoints import load_run
-    from mtp_jax.models.loading import SafetensorsReader, resolve_model_dir
-    from mtp_jax.mtp.mask_token import table_rows_after
-
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    run_dir, out = Path(run_dir), Path(out).expanduser()
+    run_dir, out = absolute(run_dir), absolute(out)
     check_out_dir(out, overwrite, [run_dir])  # before reading anything
     run = load_run(run_dir, step, load_base=False)
     src_dir = resolve_model_dir(run.config.model.path)
@@ -339,22 +331,20 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mtp_jax.checkpoints import CheckpointError
-    from mtp_jax.models.loading import ModelLoadError
+    """Exit status 0: exported; 2: refused (bad run, checkpoint, model or --out), nothing written."""
+    return cli.run_main(_main, argv, errors=(ExportError, CheckpointError))
 
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m mtp_jax.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run_dir", required=True, help="save_dir of a `python -m mtp_jax.train` run")
+    ap.add_argument("--run_dir", required=True, type=absolute, help="save_dir of a `python -m mtp_jax.train` run")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    ap.add_argument("--out", required=True, help="output directory (created; must be empty unless --overwrite)")
+    ap.add_argument("--out", required=True, type=absolute, help="output directory (created; must be empty unless --overwrite)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
-    try:
-        out = export(args.run_dir, args.out, args.step, args.dtype, args.overwrite)
-    except (ExportError, CheckpointError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = export(args.run_dir, args.out, args.step, args.dtype, args.overwrite)
     log(f"wrote {out} (peak host RSS {peak_rss_mib():.0f} MiB)")
     return 0
 

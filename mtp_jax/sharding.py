@@ -12,6 +12,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
@@ -74,8 +75,6 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = cfg.shape(len(devices))
     try:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     except Exception:  # CPU / odd topologies: plain order
         grid = np.asarray(devices).reshape(shape)
@@ -108,7 +107,10 @@ def host_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dic
     """Process-local rows -> one global array per key (the rows of all processes, in process order)."""
     if jax.process_count() == 1:
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-    from jax.experimental import multihost_utils
-
     return {k: multihost_utils.host_local_array_to_global_array(v, sharding.mesh, sharding.spec)
             for k, v in batch.items()}
+
+
+def to_host(tree):
+    """Replicated (or single-process) arrays -> numpy; works where other processes hold devices too."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)

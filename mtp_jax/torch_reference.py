@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from mtp_jax.export import ADAPTER_FILE, MTP_CONFIG_FILE, SAMPLER_PREFIX
 
@@ -161,9 +163,6 @@ class MTPReference:
 
 def load(out_dir: str | Path, dtype: torch.dtype = torch.float32) -> MTPReference:
     """The exported model in transformers with its gated LoRA and sampler head, in `dtype`."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
     out_dir = Path(out_dir)
     config = json.loads((out_dir / MTP_CONFIG_FILE).read_text())
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()

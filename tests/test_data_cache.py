@@ -1,4 +1,4 @@
-"""ArrayRecord cache: hit on rerun, miss when the file, tokenizer or k changes, atomic and lock-safe."""
+"""ArrayRecord cache: hit on rerun and for any k, miss when the file or tokenizer changes, atomic and lock-safe."""
 
 import copy
 import json
@@ -11,11 +11,12 @@ import time
 import numpy as np
 import pytest
 
+from mtp_jax.data import DataConfig, prepare
 from mtp_jax.data.cache import BuildParams, build_cache, decode_example, is_complete
 from mtp_jax.data.readers import DataError
 from mtp_jax.data.tokenize import TokenizeParams
 
-PARAMS = BuildParams(TokenizeParams("chat", 128, 256), draft_length=4)
+PARAMS = BuildParams(TokenizeParams("chat", 128, 256))
 
 BUILD_SCRIPT = """
 import json, sys
@@ -23,7 +24,7 @@ from transformers import AutoTokenizer
 from mtp_jax.data.cache import BuildParams, build_cache
 from mtp_jax.data.tokenize import TokenizeParams
 tok = AutoTokenizer.from_pretrained(sys.argv[3])
-c = build_cache(sys.argv[1], tok, BuildParams(TokenizeParams("chat", 128, 256), draft_length=4), sys.argv[2])
+c = build_cache(sys.argv[1], tok, BuildParams(TokenizeParams("chat", 128, 256)), sys.argv[2])
 print(json.dumps({"built": c.built, "path": str(c.path), "pid": c.manifest["builder_pid"]}), flush=True)
 """
 
@@ -78,11 +79,14 @@ def test_miss_after_tokenizer_change(tmp_path, tok):
     assert b.built and b.path != a.path
 
 
-def test_miss_after_draft_length_change(tmp_path, tok):
+def test_draft_lengths_share_one_cache(tmp_path, tok):
+    """Two data configs that differ only in k: the second reuses the first's cache folder."""
     data = write_data(tmp_path / "d.jsonl", 20)
-    a = build_cache(data, tok, PARAMS, tmp_path / "cache")
-    b = build_cache(data, tok, BuildParams(PARAMS.tokenize, draft_length=3), tmp_path / "cache")
-    assert b.built and b.path != a.path
+    cfg = DataConfig(train_file=str(data), eval_file=None, cache_dir=str(tmp_path / "cache"), max_prompt_tokens=128,
+                     max_total_tokens=256)
+    a, b = prepare(cfg, tok, draft_length=4), prepare(cfg, tok, draft_length=3)
+    assert a.built and not b.built and a.path == b.path, (a.path, b.path)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [a.path.name]
 
 
 def test_rebuild_forces(tmp_path, tok):
@@ -98,15 +102,15 @@ def test_skip_policy_counts_bad_records(tmp_path, tok):
     with pytest.raises(DataError, match="record 2"):
         build_cache(data, tok, PARAMS, tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*/_SUCCESS")), "a failed build left a cache"
-    c = build_cache(data, tok, BuildParams(PARAMS.tokenize, 4, "skip"), tmp_path / "cache")
+    c = build_cache(data, tok, BuildParams(PARAMS.tokenize, "skip"), tmp_path / "cache")
     assert c.manifest["examples"] == 1 and c.manifest["skipped"] == 2
 
 
 def test_short_responses_are_counted(tmp_path, tok):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"input": "q", "output": "ok"}) + "\n")
-    c = build_cache(data, tok, BuildParams(PARAMS.tokenize, draft_length=8), tmp_path / "cache")
-    assert c.manifest["short_responses"] == 1
+    c = build_cache(data, tok, PARAMS, tmp_path / "cache")
+    assert (c.short_responses(8), c.short_responses(1)) == (1, 0)
 
 
 def _spawn(data, cache):
@@ -155,8 +159,9 @@ def test_cli_reports_skipped_records(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"input": "q", "output": "a"}) + "\n" + json.dumps({"input": "q", "output": 1}) + "\n")
     argv = ["--data.train_file", str(data), "--data.eval_file", "null", "--data.cache_dir", str(tmp_path / "c")]
-    with pytest.raises(SystemExit, match=r"record 2 \(line 2\): \"output\" must be a string"):
-        main(argv)
-    main(argv + ["--on_bad_record", "skip"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and 'record 2 (line 2): "output" must be a string' in err, err
+    assert main(argv + ["--on_bad_record", "skip"]) == 0
     out = capsys.readouterr().out
     assert "train: 1 examples" in out and "1 bad records skipped" in out, out

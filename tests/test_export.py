@@ -32,7 +32,8 @@ from mtp_jax.models import load_model
 from mtp_jax.models.loading import ModelLoadError
 from mtp_jax.mtp.model import MTPModel
 from mtp_jax.mtp.objective import variables
-from mtp_jax.train import Config, run
+from mtp_jax.train import Config
+from mtp_jax.train.loop import run
 from test_train import COMPILE_CACHE, write_data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -112,15 +112,6 @@ def test_bad_k():
         MTPConfig(draft_length=0)
 
 
-def test_sequence_beyond_max_positions():
-    from mtp_jax.mtp.layout import check_batch
-
-    batch = {k: np.zeros((1, 8), np.int32) for k in ("tokens", "segment_ids", "response_mask")}
-    batch["positions"] = np.arange(8)[None] + 60
-    with pytest.raises(ValueError, match=r"reaches position 71.*max_position_embeddings 64"):
-        check_batch(batch, 4, 64)
-
-
 def test_tokenizer_that_already_has_mask(smollm2_dir):
     from transformers import AutoTokenizer
 

@@ -167,10 +167,11 @@ def test_prefix_split_equals_masked_on_one_example_per_row(setups, chunk, tail, 
 @pytest.mark.parametrize("split,chunk,remat", [(True, 3, "dots"), (False, 5, "full")])
 def test_layer_loop_equals_scan(setups, split, chunk, remat):
     """mtp.scan_layers off (the layers as straight-line code) gives the scanned step's loss and gradients,
-    the latter in the stacked layout of the trainable tree, whether the frozen base comes stacked or
-    through unstack_layers; and what enters the anchor-chunk loop is each layer's own weights, never the
-    stacked ones a scan would slice a copy from for every chunk."""
-    from mtp_jax.models.llama import stack_layers, unstack_layers
+    the latter in the stacked layout of the trainable tree, from the frozen base in the training layout
+    (converted once; a stacked one is refused); and what enters the anchor-chunk loop is each layer's own
+    weights, never the stacked ones a scan would slice a copy from for every chunk."""
+    from mtp_jax.models.llama import stack_layers
+    from mtp_jax.mtp.objective import training_layout
 
     mtp = MTPConfig(draft_length=3, soft_ce_impl="jnp", chunk_size=chunk, prefix_split=split, remat=remat)
     model, params = build(setups["qwen3"], mtp)
@@ -178,14 +179,16 @@ def test_layer_loop_equals_scan(setups, split, chunk, remat):
     batch = one_example_per_row(EXAMPLES, length=16) if split else make_batch(EXAMPLES, rows=3, length=16)[0]
     trainable, frozen = split_params(model, params)
     n = model.config.num_layers
-    unstacked = {**frozen, "base": unstack_layers(frozen["base"], n)}
+    unstacked = training_layout(loop, frozen)
+    assert training_layout(model, frozen) is frozen
     assert jax.tree.all(jax.tree.map(jnp.array_equal, stack_layers(unstacked["base"], n), frozen["base"]))
     loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
-    for what, f in (("stacked base", frozen), ("unstacked base", unstacked)):
-        loss_l, grads_l, _ = jax.jit(functools.partial(loss_and_grads, loop))(trainable, f, batch)
-        assert float(loss_l) == pytest.approx(float(loss), rel=1e-6), what
-        assert jax.tree.structure(grads_l) == jax.tree.structure(grads), what
-        assert_trees_close(grads_l, grads, 1e-5, f"layer loop, {what}")
+    loss_l, grads_l, _ = jax.jit(functools.partial(loss_and_grads, loop))(trainable, unstacked, batch)
+    assert float(loss_l) == pytest.approx(float(loss), rel=1e-6)
+    assert jax.tree.structure(grads_l) == jax.tree.structure(grads)
+    assert_trees_close(grads_l, grads, 1e-5, "layer loop")
+    with pytest.raises(ValueError, match="training_layout"):
+        loss_and_grads(loop, trainable, frozen, batch)
 
     def chunk_loop_inputs(m, f):  # shapes of what the while loop over anchor chunks reads
         jaxpr = jax.make_jaxpr(functools.partial(loss_and_grads, m))(trainable, f, batch).jaxpr
@@ -270,20 +273,6 @@ def test_remat_dots_keeps_the_split_attention():
     assert maxes == {"full": 4, "dots": 2}, maxes
 
 
-def test_private_cudnn_backward_binding_still_fits():
-    """split_prefix_attention's cuDNN backward binds jax's private backward primitive (jax 0.10-0.11): its
-    abstract evaluation, which runs without a GPU, still takes these operands and parameters and gives dq
-    in q's shape, for both parts (a key length; causal). Run on cuDNN in tests/test_mtp_gpu.py."""
-    from mtp_jax.mtp.attention import _cudnn_part_dq
-
-    q = jax.ShapeDtypeStruct((2, 64, 32, 128), jnp.bfloat16)
-    lse = jax.ShapeDtypeStruct((2, 64, 32), jnp.float32)
-    for keys, kv_len, causal in ((256, jnp.array([3, 100]), False), (64, None, True)):
-        k = jax.ShapeDtypeStruct((2, keys, 8, 128), jnp.bfloat16)
-        dq = jax.eval_shape(lambda q, k, lse: _cudnn_part_dq(q, k, k, kv_len, causal, q, lse, q), q, k, lse)
-        assert (dq.shape, dq.dtype) == (q.shape, jnp.float32)
-
-
 def test_key_count_bounds_the_prefix():
     """chunk_key_count is the last real anchor + 1; prefix attention masks keys at or past it, so a
     count one too small changes the output and the exact count changes nothing."""
@@ -306,17 +295,27 @@ def test_key_count_bounds_the_prefix():
 
 
 def test_auto_attention_picks_cudnn_only_where_it_runs(monkeypatch):
-    from mtp_jax.mtp.attention import resolve_impl
+    """The attention plan resolves attention_impl 'auto' once: cuDNN on a GPU in bf16/fp16 with a head dim it
+    takes, else XLA; a call with an odd length runs on XLA only where cuDNN was chosen automatically."""
+    from mtp_jax.mtp.attention import AttentionPlan, plan_attention
 
-    q, k = jnp.zeros((1, 512, 36, 64), jnp.bfloat16), jnp.zeros((1, 512, 3, 64), jnp.bfloat16)
-    assert resolve_impl("auto", q, k) == "xla"  # this CPU
-    assert resolve_impl("cudnn", q, k) == "cudnn"
+    def impl(attention_impl="auto", dtype=jnp.bfloat16, head_dim=64):
+        return plan_attention(MTPConfig(attention_impl=attention_impl), dtype, head_dim).impl
+
+    assert impl() == "xla"  # this CPU
+    assert impl("cudnn") == "cudnn"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert resolve_impl("auto", q, k) == "cudnn"
-    assert resolve_impl("xla", q, k) == "xla"
-    assert resolve_impl("auto", q.astype(jnp.float32), k.astype(jnp.float32)) == "xla"  # cuDNN: bf16/fp16 only
-    assert resolve_impl("auto", q[:, :511], k) == "xla"  # odd length with a mask in training
-    assert resolve_impl("auto", jnp.zeros((1, 512, 4, 60), jnp.bfloat16), k) == "xla"  # head dim not a multiple of 8
+    assert impl() == "cudnn"
+    assert impl("xla") == "xla"
+    assert impl(dtype=jnp.float32) == "xla"  # cuDNN: bf16/fp16 only
+    assert impl(head_dim=60) == "xla"  # head dim not a multiple of 8
+    q, k = jnp.zeros((1, 512, 36, 64), jnp.bfloat16), jnp.zeros((1, 512, 3, 64), jnp.bfloat16)
+    auto = plan_attention(MTPConfig(), jnp.bfloat16, 64)
+    assert auto.impl_for(q, k) == "cudnn"
+    assert auto.impl_for(q[:, :511], k) == "xla"  # odd length with a mask in training
+    assert AttentionPlan(impl="cudnn").impl_for(q[:, :511], k) == "cudnn"  # asked for: not overridden
+    split = plan_attention(MTPConfig(prefix_split=True, bound_keys=True, dq_kernel="cudnn"), jnp.bfloat16, 64)
+    assert (split.layout, split.dq_kernel, split.bound_keys) == ("split", "cudnn", True)
 
 
 def lse_case(variant: str, impl: str, dtype=jnp.float32, t=6, s=10, heads=4, kv=2, d=8):
@@ -367,7 +366,7 @@ def test_attention_lse_gradient_reaches_q(variant):
 def test_auto_attention_reaches_cudnn_with_its_arguments(monkeypatch):
     """On a GPU (faked) both streams call jax's cuDNN attention: 'auto' resolved, causality and key
     counts passed on (the kernels themselves run in tests/test_mtp_gpu.py)."""
-    from mtp_jax.mtp.attention import mask_attend, regular_attend
+    from mtp_jax.mtp.attention import mask_attend, plan_attention, regular_attend
 
     calls = []
 
@@ -380,10 +379,11 @@ def test_auto_attention_reaches_cudnn_with_its_arguments(monkeypatch):
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
     seg = jnp.ones((2, 8), jnp.int32)
     x = jnp.zeros((2, 8, 4, 8), jnp.bfloat16)
-    regular_attend(seg, "auto", bound_keys=True)(x, x[:, :, :2], x[:, :, :2], None)
+    plan = plan_attention(MTPConfig(bound_keys=True), jnp.bfloat16, 8)
+    regular_attend(seg, plan)(x, x[:, :, :2], x[:, :, :2], None)
     q = jnp.zeros((2, 4 * 2, 4, 8), jnp.bfloat16)  # 4 anchors x 2 steps
-    mask_attend(jnp.ones((2, 1, 4, 8), bool), 2, "auto", jnp.asarray([5, 8]))(q, q[:, :, :2], q[:, :, :2],
-                                                                                 (x[:, :, :2], x[:, :, :2]))
+    mask_attend(plan, 2, jnp.ones((2, 1, 4, 8), bool), jnp.asarray([5, 8]))(q, q[:, :, :2], q[:, :, :2],
+                                                                              (x[:, :, :2], x[:, :, :2]))
     assert calls == [("cudnn", True, None), ("cudnn", False, [5, 8])]
 
 

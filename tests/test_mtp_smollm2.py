@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from mtp_jax.generate import encode_prompt, eos_ids_of, generate
+from mtp_jax.decoding.plain import generate
+from mtp_jax.decoding.request import encode_prompt, eos_ids_of
 from mtp_jax.models import LoRAConfig, load_model, load_tokenizer
 from mtp_jax.mtp.mask_token import mask_embedding
 from mtp_jax.mtp.model import MTPConfig, MTPModel

@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 
 from conftest import cpu_devices_flags
-from mtp_jax.checkpoints import CheckpointError, committed_steps, restore_trainable
-from mtp_jax.train import RunStopped, main, metrics_by_step, run
+from mtp_jax.checkpoints import CheckpointError, committed_steps, nonfinite_leaves, restore_trainable
+from mtp_jax.train.__main__ import main
+from mtp_jax.train.loop import RunStopped, run
+from mtp_jax.train.metrics import metrics_by_step
 from test_train import COMPILE_CACHE, TINY, data_file, tiny  # noqa: F401 (data_file: a fixture)
 
 # every run here: 4 steps, a checkpoint every 2 (both kept), async saves
@@ -70,7 +72,7 @@ elif what == "cache":
             die()
         return encode(ex)
     cache.encode_example = killing_encode
-from mtp_jax.train import main
+from mtp_jax.train.__main__ import main
 sys.exit(main(argv))
 """
 
@@ -170,9 +172,9 @@ def test_sigterm_saves_the_current_step_then_resume_is_exact(tmp_path, data_file
     """SIGTERM (a scheduler's preemption notice, `timeout`) during step 3: the step finishes and is saved
     although save_steps is 2, the run stops with exit status 1 naming the step, and --resume gives the
     reference run bit for bit."""
-    import mtp_jax.flops
+    import mtp_jax.train.loop
 
-    count, calls = mtp_jax.flops.step_flops, [0]
+    count, calls = mtp_jax.train.loop.step_flops, [0]
 
     def signalling_count(*a, **k):  # runs on each batch just before its step
         calls[0] += 1
@@ -180,7 +182,7 @@ def test_sigterm_saves_the_current_step_then_resume_is_exact(tmp_path, data_file
             os.kill(os.getpid(), signal.SIGTERM)
         return count(*a, **k)
 
-    monkeypatch.setattr(mtp_jax.flops, "step_flops", signalling_count)
+    monkeypatch.setattr(mtp_jax.train.loop, "step_flops", signalling_count)
     with pytest.raises(RunStopped, match="stopped by SIGTERM after optimizer step 3"):
         run(tiny(tmp_path, data_file, *RUN))
     assert committed_steps(tmp_path / "run") == [2, 3]
@@ -263,7 +265,8 @@ def test_iterator_state_restores_across_worker_counts(tmp_path, data_file):
 MESH_SCRIPT = r"""
 import json, sys
 from mtp_jax.config import load_config
-from mtp_jax.train import Config, run
+from mtp_jax.train import Config
+from mtp_jax.train.loop import run
 tiny, data, tmp, run_args, meshes = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5:]
 out = {}
 for mesh in meshes:  # DxFxT, "+loop": with mtp.scan_layers off
@@ -331,8 +334,6 @@ def test_nonfinite_steps_are_skipped_logged_and_stop_the_run(tmp_path, data_file
 
 def test_refuses_to_save_a_nonfinite_state():
     """The check before every save: a NaN anywhere in the state is found and named."""
-    from mtp_jax.train import nonfinite_leaves
-
     state = {"trainable": {"lora": jnp.ones((3, 2)), "sampler": jnp.zeros(4)}, "step": jnp.int32(3),
              "opt_state": (jnp.ones(2),)}
     assert nonfinite_leaves(state) == []
@@ -346,8 +347,8 @@ def test_refuses_to_save_a_nonfinite_state():
 @pytest.fixture(scope="module")
 def step_setup():
     """A 1-layer random Llama MTP model (k=2, adapters with nonzero B), its frozen params, two micro-batches and
-    the one batch holding both; `step(n)`: train_step with SGD (the update is -lr x the gradient; lr lives in the
-    optimizer state), jitted once per grad_accum."""
+    the one batch holding both; `step`: train_step with SGD (the update is -lr x the gradient; lr lives in the
+    optimizer state), jitted (once per number of micro-batches, the leading axis of its batch)."""
     import flax.linen as nn
     import optax
 
@@ -356,7 +357,7 @@ def step_setup():
     from mtp_jax.models.llama import CausalLM
     from mtp_jax.mtp.model import MTPConfig, MTPModel
     from mtp_jax.mtp.objective import init_params
-    from mtp_jax.train import train_step
+    from mtp_jax.train.step import train_step
     from test_mtp import make_batch
 
     config = ModelConfig.from_hf({**TINY_LLAMA, "model_type": "llama", "num_hidden_layers": 1})
@@ -382,22 +383,16 @@ def step_setup():
     both = {k: jnp.concatenate([micro[0][k], micro[1][k]]) for k in micro[0]}
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
 
-    @functools.cache
-    def step(grad_accum):
-        return jax.jit(functools.partial(train_step, model, tx, lambda _: 0.0, grad_accum))
+    step = jax.jit(functools.partial(train_step, model, tx, lambda _: 0.0))
 
-    def fresh_state(trainable, grad_accum=1, lr=1.0):
+    def fresh_state(trainable, lr=1.0):
         opt_state = tx.init(trainable)
         opt_state.hyperparams["learning_rate"] = jnp.float32(lr)
-        state = {"step": jnp.int32(0), "trainable": trainable, "opt_state": opt_state,
-                 "rng": jax.random.key_data(jax.random.key(0)), "skipped": jnp.int32(0)}
-        if grad_accum > 1:
-            state["accum"] = {"grads": jax.tree.map(jnp.zeros_like, trainable), "pairs": jnp.float32(0),
-                              "count": jnp.int32(0)}
-        return state
+        return {"step": jnp.int32(0), "trainable": trainable, "opt_state": opt_state,
+                "rng": jax.random.key_data(jax.random.key(0)), "skipped": jnp.int32(0)}
 
     return {"trainable": trainable, "frozen": frozen, "micro": micro, "both": both, "step": step,
-            "fresh_state": fresh_state}
+            "fresh_state": fresh_state, "stacked": lambda *batches: jax.tree.map(lambda *x: jnp.stack(x), *batches)}
 
 
 def rel_diff(a, b):
@@ -405,16 +400,19 @@ def rel_diff(a, b):
 
 
 def test_grad_accum_equals_one_batch_holding_both(step_setup):
-    """optim.grad_accum=2 over two micro-batches (different numbers of valid pairs) = one step on both."""
+    """optim.grad_accum=2 over two micro-batches (different numbers of valid pairs) = one step on both, and the
+    step's metrics are those of the one batch."""
+    from mtp_jax.mtp.layout import pair_valid
+
     s = step_setup
-    state = s["fresh_state"](s["trainable"], 2, lr=1e4)  # updates far above the params: compared to fp32 rounding
-    pairs = []
-    for batch in s["micro"]:
-        state, m = s["step"](2)(state, s["frozen"], batch)
-        pairs.append(float(m["pairs"]))
+    pairs = [int(pair_valid(b["segment_ids"], b["response_mask"].astype(bool), 2).sum()) for b in s["micro"]]
     assert pairs[0] != pairs[1], "micro-batches with equal pair counts cannot tell a pair-weighted mean apart"
-    assert int(state["accum"]["count"]) == 0 and float(state["accum"]["pairs"]) == 0, "accumulator not reset"
-    one, _ = s["step"](1)(s["fresh_state"](s["trainable"], lr=1e4), s["frozen"], s["both"])
+    # updates far above the params: compared to fp32 rounding
+    state, m = s["step"](s["fresh_state"](s["trainable"], lr=1e4), s["frozen"], s["stacked"](*s["micro"]))
+    assert int(state["step"]) == 1, "two micro-batches made more than one optimizer step"
+    one, m_one = s["step"](s["fresh_state"](s["trainable"], lr=1e4), s["frozen"], s["stacked"](s["both"]))
+    for key in ("loss/total", "pairs", "acc/step_1", "accept_len"):
+        assert abs(float(m[key]) - float(m_one[key])) <= 1e-5 * max(1.0, abs(float(m_one[key]))), key
     start = jax.tree.leaves(s["trainable"])
     for a, b, p in zip(jax.tree.leaves(state["trainable"]), jax.tree.leaves(one["trainable"]), start):
         assert np.any(b != p), "a leaf did not move"
@@ -426,7 +424,7 @@ def test_nonfinite_loss_skips_the_step(step_setup):
     poisoned = {**s["trainable"], "sampler": jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan),
                                                           s["trainable"]["sampler"])}
     state = s["fresh_state"](poisoned)
-    new, m = s["step"](1)(state, s["frozen"], s["both"])
+    new, m = s["step"](state, s["frozen"], s["stacked"](s["both"]))
     assert not np.isfinite(float(m["loss/total"])) and bool(m["nonfinite"])
     assert int(new["skipped"]) == 1 and int(new["step"]) == 1, "the skipped step was not counted"
     same = jax.tree.map(lambda a, b: np.array_equal(a, b, equal_nan=True), (new["trainable"], new["opt_state"]),
@@ -438,7 +436,7 @@ def test_update_that_overflows_is_dropped(step_setup):
     """Finite loss and gradient, infinite lr: the update would make params non-finite, so it is dropped."""
     s = step_setup
     state = s["fresh_state"](s["trainable"], lr=jnp.inf)
-    new, m = s["step"](1)(state, s["frozen"], s["both"])
+    new, m = s["step"](state, s["frozen"], s["stacked"](s["both"]))
     assert np.isfinite(float(m["loss/total"])) and np.isfinite(float(m["grad_norm"]))
     assert bool(m["nonfinite"]) and int(new["skipped"]) == 1, "the overflowing update was not counted as skipped"
     same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new["trainable"]), jax.tree.leaves(s["trainable"]))]

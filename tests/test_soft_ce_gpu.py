@@ -22,7 +22,7 @@ def no_autotune(monkeypatch):
     monkeypatch.setenv("MTP_SOFT_CE_AUTOTUNE", "0")
 
 
-from soft_ce_tol import GRAD_T_TOL, GRAD_TOL, LOSS_TOL  # noqa: E402
+from soft_ce_tol import GRAD_T_TOL, GRAD_TOL, LOSS_TOL, torch_run  # noqa: E402
 SHAPES = [(1, 1), (5, 7), (7, 1000), (33, 32769), (3, 151936), (64, 128256)]
 
 
@@ -31,15 +31,6 @@ def _logits(n, v, dtype, seed=0, scale=4.0):
     x = torch.randn(n, v, device="cuda", generator=gen) * scale
     t = torch.randn(n, v, device="cuda", generator=gen) * scale
     return x.to(dtype), t.to(dtype)
-
-
-def _torch_run(x, t, mask=None, g=None, grad_t=False, config=None):
-    x = x.clone().requires_grad_(True)
-    t = t.clone().requires_grad_(grad_t)
-    loss = torch_soft_ce(x, t, mask, reduction="none", grad_t=grad_t, config=config)
-    g = torch.ones_like(loss) if g is None else g
-    (loss * g).sum().backward()
-    return loss.detach(), x.grad, (t.grad if grad_t else None)
 
 
 def _jax():
@@ -78,7 +69,7 @@ def _jax_run(x, t, mask=None, g=None, grad_t=False):
 def test_torch_op_matches_reference(n, v, dtype):
     x, t = _logits(n, v, dtype)
     g = torch.rand(n, device="cuda") + 0.5
-    loss, gx, gt = _torch_run(x, t, g=g, grad_t=True)
+    loss, gx, gt = torch_run(x, t, g=g, grad_t=True)
     rloss, rgx, rgt = ref.soft_ce_grads(x.cpu(), t.cpu(), None, g.cpu())
     torch.testing.assert_close(loss.cpu().double(), rloss, **LOSS_TOL, msg=lambda m: f"loss: {m}")
     torch.testing.assert_close(gx.cpu().double(), rgx, **GRAD_TOL[dtype], msg=lambda m: f"grad_x: {m}")
@@ -91,7 +82,7 @@ def test_torch_op_hard_rows_masks_and_strides(dtype):
     x, t = x.cuda().to(dtype), t.cuda().to(dtype)
     if dtype == torch.float16:  # +-1e4 is near fp16's range; keep it finite
         x, t = x.clamp(min=-6e4), t.clamp(min=-6e4)
-    loss, gx, _ = _torch_run(x, t)
+    loss, gx, _ = torch_run(x, t)
     rloss, rgx, _ = ref.soft_ce_grads(x.cpu(), t.cpu())
     torch.testing.assert_close(loss.cpu().double(), rloss, **LOSS_TOL)
     torch.testing.assert_close(gx.cpu().double(), rgx, **GRAD_TOL[dtype])
@@ -100,7 +91,7 @@ def test_torch_op_hard_rows_masks_and_strides(dtype):
     xs, ts = big[:, :3000], big[:, 3000:]
     xs[1, 3] = float("nan")
     mask = torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool, device="cuda")
-    loss, gx, _ = _torch_run(xs, ts, mask)
+    loss, gx, _ = torch_run(xs, ts, mask)
     rloss, rgx, _ = ref.soft_ce_grads(xs.cpu(), ts.cpu(), mask.cpu())
     torch.testing.assert_close(loss.cpu().double(), rloss, **LOSS_TOL)
     torch.testing.assert_close(gx.cpu().double(), rgx, **GRAD_TOL[dtype])
@@ -108,10 +99,10 @@ def test_torch_op_hard_rows_masks_and_strides(dtype):
 
 def test_torch_op_configs_agree():
     x, t = _logits(17, 50000, torch.bfloat16)
-    base = _torch_run(x, t, config=SoftCEConfig())
+    base = torch_run(x, t, config=SoftCEConfig())
     for cfg in (SoftCEConfig(block_v=1024, num_warps=4, bwd_block_v=1024, bwd_num_warps=4),
                 SoftCEConfig(block_v=8192, num_warps=16, num_stages=3, bwd_block_v=8192)):
-        other = _torch_run(x, t, config=cfg)
+        other = torch_run(x, t, config=cfg)
         torch.testing.assert_close(other[0], base[0], **LOSS_TOL, msg=str(cfg))
         torch.testing.assert_close(other[1].float(), base[1].float(), rtol=8e-3, atol=1e-7, msg=str(cfg))
 
@@ -124,7 +115,7 @@ def test_jax_triton_op_matches_torch_op_and_reference(n, v, dtype):
     mask[n // 2] = n < 3
     g = torch.rand(n, device="cuda") + 0.5
     jl, jgx, jgt = _jax_run(x, t, mask, g, grad_t=True)
-    tl_, tgx, tgt = _torch_run(x, t, mask, g, grad_t=True)
+    tl_, tgx, tgt = torch_run(x, t, mask, g, grad_t=True)
     rloss, rgx, rgt = ref.soft_ce_grads(x.cpu(), t.cpu(), mask.cpu(), g.cpu())
     torch.testing.assert_close(jl, tl_, **LOSS_TOL, msg=lambda m: f"jax vs torch loss: {m}")
     torch.testing.assert_close(jgx, tgx.float(), **GRAD_TOL[dtype], msg=lambda m: f"jax vs torch grad_x: {m}")
@@ -175,7 +166,7 @@ def test_autotune_writes_and_reuses_cache(framework, tmp_path, monkeypatch):
     monkeypatch.setattr(config, "BWD_CANDIDATES", config.BWD_CANDIDATES[:2])
     x, t = _logits(16, 20000, torch.bfloat16, seed=3)
     if framework == "torch":
-        loss = _torch_run(x, t)[0]
+        loss = torch_run(x, t)[0]
     else:
         loss = _jax_run(x, t)[0]
     torch.testing.assert_close(loss.cpu().double(), ref.soft_ce(x.cpu(), t.cpu()), **LOSS_TOL)
@@ -187,7 +178,7 @@ def test_nan_poisons_only_its_row():
     x, t = _logits(4, 70000, torch.bfloat16, seed=4)
     x[1, 10] = float("nan")
     t[2, 69999] = float("nan")
-    for name, run in (("torch", _torch_run), ("jax", _jax_run)):
+    for name, run in (("torch", torch_run), ("jax", _jax_run)):
         if name == "jax":
             _jax()
         loss, gx, _ = run(x, t)
@@ -203,5 +194,5 @@ def test_torch_op_survives_raw_jax_triton_import():
     """jax_triton's import blanks TRITON_CACHE_DIR; the torch op must still compile."""
     pytest.importorskip("jax_triton")
     x, t = _logits(3, 1234, torch.float32, seed=5)
-    loss = _torch_run(x, t, config=SoftCEConfig(block_v=512, bwd_block_v=512))[0]
+    loss = torch_run(x, t, config=SoftCEConfig(block_v=512, bwd_block_v=512))[0]
     torch.testing.assert_close(loss.cpu().double(), ref.soft_ce(x.cpu(), t.cpu()), **LOSS_TOL)

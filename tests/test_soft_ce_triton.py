@@ -13,7 +13,7 @@ from conftest import INTERPRET, interpreted, run_interpreted
 from mtp_kernels.soft_ce import SoftCEConfig, torch_soft_ce
 from mtp_kernels.soft_ce import reference as ref
 
-from soft_ce_tol import GRAD_T_TOL, GRAD_TOL, LOSS_TOL  # noqa: E402
+from soft_ce_tol import GRAD_T_TOL, GRAD_TOL, LOSS_TOL, torch_run  # noqa: E402
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the interpreted child")
@@ -27,20 +27,10 @@ def test_cpu_without_interpreter_raises():
         torch_soft_ce(*_logits(2, 8, torch.float32))
 
 
-def _run(x, t, mask=None, g=None, grad_t=False, config=None):
-    """loss [rows], grad_x and grad_t of sum(g * loss) through the torch op."""
-    x = x.clone().requires_grad_(True)
-    t = t.clone().requires_grad_(grad_t)
-    loss = torch_soft_ce(x, t, mask, reduction="none", grad_t=grad_t, config=config)
-    g = torch.ones_like(loss) if g is None else g
-    (loss * g).sum().backward()
-    return loss.detach(), x.grad, (t.grad if grad_t else None)
-
-
 def _check(x, t, mask=None, grad_t=False, config=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     g = torch.rand(x.shape[:-1], generator=gen) + 0.5
-    loss, gx, gt = _run(x, t, mask, g, grad_t, config)
+    loss, gx, gt = torch_run(x, t, mask, g, grad_t, config)
     rloss, rgx, rgt = ref.soft_ce_grads(x, t, mask, g)
     assert loss.dtype == torch.float32 and gx.dtype == x.dtype
     torch.testing.assert_close(loss.double(), rloss, **LOSS_TOL, msg=lambda m: f"loss: {m}")
@@ -98,7 +88,7 @@ def test_masked_rows_zero_loss_and_grad_even_with_nan():
     mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
     x[1, 5] = float("nan")
     t[4] = float("inf")
-    loss, gx, gt = _run(x, t, mask, grad_t=True)
+    loss, gx, gt = torch_run(x, t, mask, grad_t=True)
     assert torch.equal(loss[~mask], torch.zeros(2)), "masked rows must give loss 0"
     assert torch.equal(gx[~mask], torch.zeros(2, 1000)), "masked rows must give grad_x exactly 0"
     assert torch.equal(gt[~mask], torch.zeros(2, 1000)), "masked rows must give grad_t exactly 0"
@@ -111,7 +101,7 @@ def test_nan_poisons_only_its_row():
     x, t = _logits(4, 1000, torch.float32)
     x[1, 10] = float("nan")
     t[2, 999] = float("nan")
-    loss, gx, _ = _run(x, t)
+    loss, gx, _ = torch_run(x, t)
     for r in (1, 2):
         assert torch.isnan(loss[r]), f"row {r} with a NaN logit must have NaN loss"
         assert torch.isnan(gx[r]).all(), f"row {r} with a NaN logit must have an all-NaN grad row"

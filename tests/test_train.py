@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import pytest
 
 from mtp_jax.config import load_config
-from mtp_jax.train import Config, run
+from mtp_jax.train import Config
+from mtp_jax.train.loop import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_test.yaml"
@@ -50,7 +51,8 @@ import json, sys
 import jax
 pid, port, tiny, data, tmp = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 from mtp_jax.config import load_config
-from mtp_jax.train import Config, run
+from mtp_jax.train import Config
+from mtp_jax.train.loop import run
 cfg = load_config(Config, tiny, ["--data.train_file", data, "--data.cache_dir", f"{tmp}/cache{pid}",
                                  "--train.save_dir", f"{tmp}/run", "--train.max_steps", "3",
                                  "--distributed.coordinator_address", f"localhost:{port}",

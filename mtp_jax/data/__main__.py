@@ -10,12 +10,19 @@ import argparse
 import sys
 from typing import Sequence
 
+from mtp_jax import cli
 from mtp_jax.config import ConfigError, apply_overrides, from_dict
 from mtp_jax.data.config import DataConfig
-from mtp_jax.data.readers import DataError
+from mtp_jax.data.pipeline import prepare
+from mtp_jax.models.loading import load_tokenizer
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0: the caches hold the data; 2: bad options or data (`error: ...`)."""
+    return cli.run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m mtp_jax.data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="its tokenizer is used")
@@ -23,35 +30,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--on_bad_record", choices=["error", "skip"], default=None)
     ap.add_argument("--rebuild_cache", action="store_true")
     args, rest = ap.parse_known_args(argv)
-    try:
-        overrides = {}
-        apply_overrides(overrides, rest)
-        data = overrides.pop("data", {})
-        if overrides:
-            raise ConfigError(f"unknown options {sorted(overrides)}; DataConfig fields go as --data.NAME VALUE")
-        if args.on_bad_record:
-            data["on_bad_record"] = args.on_bad_record
-        if args.rebuild_cache:
-            data["rebuild_cache"] = True
-        cfg = from_dict(DataConfig, data, "data")
-    except ConfigError as e:
-        sys.exit(f"python -m mtp_jax.data: {e}")
-    from mtp_jax.data.pipeline import prepare
-    from mtp_jax.models.loading import load_tokenizer
-
+    overrides = {}
+    apply_overrides(overrides, rest)
+    data = overrides.pop("data", {})
+    if overrides:
+        raise ConfigError(f"unknown options {sorted(overrides)}; DataConfig fields go as --data.NAME VALUE")
+    if args.on_bad_record:
+        data["on_bad_record"] = args.on_bad_record
+    if args.rebuild_cache:
+        data["rebuild_cache"] = True
+    cfg = from_dict(DataConfig, data, "data")
     tokenizer = load_tokenizer(args.model)
     for split in ("train", "eval"):
         if split == "eval" and cfg.eval_file is None:
             continue
-        try:
-            cache = prepare(cfg, tokenizer, args.draft_length, split)
-        except DataError as e:
-            sys.exit(f"python -m mtp_jax.data: {e}")
+        cache = prepare(cfg, tokenizer, args.draft_length, split)
         m = cache.manifest
         print(f"{split}: {m['examples']} examples, {m['tokens']} tokens ({m['response_tokens']} response), "
-              f"{m['skipped']} bad records skipped, {m['truncated']} truncated, {m['short_responses']} responses "
+              f"{m['skipped']} bad records skipped, {m['truncated']} truncated, {cache.short_responses(args.draft_length)} responses "
               f"shorter than k={args.draft_length}; {'built' if cache.built else 'reused'} {cache.path}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Tokenized examples cached as ArrayRecord shards under a content key.
 
-key = sha256(format version, input file fingerprint, tokenizer fingerprint, build parameters incl.
-draft_length). A build writes `<root>/.tmp-<key>-<pid>-*`, then shards, `lengths.npy`,
+key = sha256(format version, input file fingerprint, tokenizer fingerprint, build parameters). The
+stored examples do not depend on the draft length k, so one cache serves every k. A build writes `<root>/.tmp-<key>-<pid>-*`, then shards, `lengths.npy`,
 `manifest.json` and `_SUCCESS`, and renames the folder to `<root>/<key>`; a killed build leaves
 only a temp folder that nobody reads. Builders of one key serialize on an fcntl lock
 `<root>/<key>.lock`: the first builds, the others wait and reuse its result.
@@ -22,26 +22,22 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from mtp_jax.data.readers import DataError, ReadStats, read_records, resolve_data_file
 from mtp_jax.data.tokenize import Example, TokenizeParams, tokenize_records, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: draft_length left the key and the manifest
 _HEADER = 2  # int32 record number, int32 prompt_len, then the tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildParams:
     tokenize: TokenizeParams
-    draft_length: int
     on_bad_record: Literal["error", "skip"] = "error"
     examples_per_shard: int = 50_000
-
-    def __post_init__(self):
-        if self.draft_length < 1:
-            raise ValueError(f"draft_length must be >= 1, got {self.draft_length}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +57,10 @@ class CachedDataset:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def short_responses(self, draft_length: int) -> int:
+        """Examples with fewer than `draft_length` response tokens."""
+        return int(np.sum(self.lengths - self.prompt_lens < draft_length))
 
 
 def encode_example(ex: Example) -> bytes:
@@ -156,15 +156,13 @@ def _chunks(it: Iterator, size: int):
 
 def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: str, params: BuildParams,
            key: str) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     t0 = time.perf_counter()
     stats = ReadStats()
     tok_params = params.tokenize
     lengths: list[tuple[int, int]] = []
     shards: list[dict] = []
     writer = None
-    counts = {"truncated": 0, "short_responses": 0, "skipped_tokenize": 0}
+    counts = {"truncated": 0, "skipped_tokenize": 0}
     skipped_examples = []
     records = read_records(source_path, params.on_bad_record, stats)
     for chunk in _chunks(records, 256):
@@ -186,7 +184,6 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
             shards[-1]["examples"] += 1
             lengths.append((len(ex.tokens), ex.prompt_len))
             counts["truncated"] += ex.truncated
-            counts["short_responses"] += len(ex.tokens) - ex.prompt_len < params.draft_length
     if writer is not None:
         writer.close()
     skipped = stats.skipped + counts["skipped_tokenize"]
@@ -202,7 +199,7 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
         "params": dataclasses.asdict(params), "pad_id": int(pad_id), "examples": len(lengths),
         "tokens": int(arr[:, 0].sum()), "response_tokens": int((arr[:, 0] - arr[:, 1]).sum()),
         "skipped": skipped, "skipped_examples": (stats.skipped_examples + skipped_examples)[:5],
-        "truncated": counts["truncated"], "short_responses": counts["short_responses"], "shards": shards,
+        "truncated": counts["truncated"], "shards": shards,
         "build_seconds": round(time.perf_counter() - t0, 3), "builder_pid": os.getpid(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -213,6 +210,4 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
     msg = f"data cache {key}: {len(lengths)} examples from {source_path}"
     if skipped:
         msg += f"; {skipped} bad records skipped (first: {manifest['skipped_examples'][0]})"
-    if counts["short_responses"]:
-        msg += f"; {counts['short_responses']} responses shorter than draft_length {params.draft_length}"
     log.warning(msg) if skipped else log.info(msg)

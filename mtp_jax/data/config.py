@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from mtp_jax.paths import absolute, absolute_file
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -36,6 +38,13 @@ class DataConfig:
     num_workers: int = 0  # grain prefetch threads reading the cache; 0: read in the caller's thread
 
     def __post_init__(self):
+        # paths absolute at load: the cache and a resumed run must not depend on the working directory
+        if self.train_file:
+            object.__setattr__(self, "train_file", absolute_file(self.train_file))
+        if self.eval_file:
+            object.__setattr__(self, "eval_file", absolute_file(self.eval_file))
+        object.__setattr__(self, "cache_dir", str(absolute(self.cache_dir)))
+
         def need(ok: bool, msg: str):
             if not ok:
                 raise ValueError(msg)

@@ -17,7 +17,16 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from tqdm import tqdm
+
+from mtp_jax import cli
 from mtp_jax.data.readers import DataError, Record, read_records
+from mtp_jax.decoding.layout import prepare
+from mtp_jax.decoding.plain import generate
+from mtp_jax.decoding.request import encode_prompt, eos_ids_of, pad_id_of
+from mtp_jax.decoding.sampling import Sampling
+from mtp_jax.models.loading import load_model, load_tokenizer
+from mtp_jax.paths import absolute, absolute_file
 
 
 @dataclasses.dataclass
@@ -64,11 +73,8 @@ def run_distill(model, params, model_config, tokenizer, prompts_path, out_path, 
                 batch_size: int = 16, sampling=None, seed: int = 0, chat: bool = True, limit: int | None = None,
                 progress: bool = True) -> DistillStats:
     """Generates the missing responses of `prompts_path` into `out_path` (JSONL, appended)."""
-    from tqdm import tqdm
-
-    from mtp_jax.generate import Sampling, encode_prompt, eos_ids_of, generate, pad_id_of
-
     sampling = sampling or Sampling()
+    model, params = prepare(model, params)  # the decoding layout once, not per batch
     out_path = Path(out_path)
     records = list(read_records(prompts_path, require_output=False))[:limit]
     keys = [prompt_key(r) for r in records]
@@ -110,15 +116,17 @@ def run_distill(model, params, model_config, tokenizer, prompts_path, out_path, 
     return stats
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from mtp_jax.generate import Sampling
-    from mtp_jax.models.loading import load_model, load_tokenizer
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0: every prompt answered; 2: bad options, model or prompts (`error: ...`)."""
+    return cli.run_main(_main, argv, errors=(ValueError,))  # generation's bad settings and prompts
 
+
+def _main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m mtp_jax.data.distill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="HF dir, .gguf file or alias")
-    ap.add_argument("--prompts", required=True, help='JSON/JSONL file of {"input": ...} (optional "id")')
-    ap.add_argument("--out", required=True, help="JSONL output, appended to on reruns")
+    ap.add_argument("--prompts", required=True, type=absolute_file, help='JSON/JSONL file of {"input": ...} (optional "id")')
+    ap.add_argument("--out", required=True, type=absolute, help="JSONL output, appended to on reruns")
     ap.add_argument("--max_new_tokens", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -131,19 +139,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         ap.error("--batch_size and --max_new_tokens must be >= 1")
-    try:
-        model, params, config = load_model(args.model, dtype=args.dtype)
-        tokenizer = load_tokenizer(args.model)
-        stats = run_distill(model, params, config, tokenizer, args.prompts, args.out,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            sampling=Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed,
-                            chat=not args.raw, limit=args.limit)
-    except (DataError, ValueError) as e:
-        sys.exit(f"distill: {e}")
+    model, params, config = load_model(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    stats = run_distill(model, params, config, tokenizer, args.prompts, args.out,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        sampling=Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed,
+                        chat=not args.raw, limit=args.limit)
     print(f"[distill] {stats.prompts} prompts: {stats.already_done} already done, {stats.generated} generated "
           f"({stats.new_tokens} tokens, {stats.hit_length_limit} hit max_new_tokens) in {stats.seconds:.1f}s "
           f"-> {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

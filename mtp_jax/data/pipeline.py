@@ -12,6 +12,7 @@ Batch: tokens int32 [B, L], positions int32 [B, L] (restart at 0 per example), s
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 
@@ -22,6 +23,8 @@ from mtp_jax.data.cache import BuildParams, CachedDataset, build_cache, decode_e
 from mtp_jax.data.config import DataConfig
 from mtp_jax.data.readers import DataError
 from mtp_jax.data.tokenize import TokenizeParams
+
+log = logging.getLogger(__name__)
 
 
 def bucket_lengths(capacity: int, multiple: int = 64, explicit: tuple[int, ...] = ()) -> np.ndarray:
@@ -164,17 +167,22 @@ class PackedBatches(grain.MapDataset):
         return f"PackedBatches(batches_per_epoch={self._batches_per_epoch}, rows={self._local})"
 
 
-def build_params(cfg: DataConfig, draft_length: int) -> BuildParams:
+def build_params(cfg: DataConfig) -> BuildParams:
     return BuildParams(TokenizeParams(cfg.prompt_format, cfg.max_prompt_tokens, cfg.max_total_tokens, cfg.truncation),
-                       draft_length, cfg.on_bad_record, cfg.examples_per_shard)
+                       cfg.on_bad_record, cfg.examples_per_shard)
 
 
 def prepare(cfg: DataConfig, tokenizer, draft_length: int, split: str = "train") -> CachedDataset:
-    """The cache of cfg.train_file (split='train') or cfg.eval_file (split='eval'), built if needed."""
+    """The cache of cfg.train_file (split='train') or cfg.eval_file (split='eval'), built if needed. The
+    cache is the same for every draft_length; it only counts the responses shorter than it."""
     path = cfg.train_file if split == "train" else cfg.eval_file
     if path is None:
         raise ValueError(f"data: no file for split {split!r}")
-    return build_cache(path, tokenizer, build_params(cfg, draft_length), cfg.cache_dir, cfg.rebuild_cache)
+    cache = build_cache(path, tokenizer, build_params(cfg), cfg.cache_dir, cfg.rebuild_cache)
+    short = cache.short_responses(draft_length)
+    if short:
+        log.info("%s: %d of %d responses shorter than draft_length %d", path, short, len(cache), draft_length)
+    return cache
 
 
 def make_batches(cache: CachedDataset, cfg: DataConfig, *, train: bool = True, process_index: int = 0,

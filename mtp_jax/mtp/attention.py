@@ -4,10 +4,13 @@ Regular stream: plain causal attention inside each packed example, keeping every
 Mask stream: the k masks of anchor a attend to (i) regular K/V at indices <= a, with the k
 queries folded into the head axis so one causal-attention call serves all draft steps, and
 (ii) their own block (k x k, causal); the two parts merge by log-sum-exp in float32.
+How both streams attend (layout, kernel, dq kernel, key bounding) is one `AttentionPlan`, resolved
+once from the config and the backend (`plan_attention`); the attend functions only read it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal
 
@@ -15,8 +18,77 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-Impl = Literal["auto", "xla", "cudnn"]
+from mtp_jax.mtp.cudnn_private import cudnn_part, cudnn_part_dq
+from mtp_kernels.attention_dq import jax_attention_dq
+from mtp_kernels.jax_triton_support import has_jax_triton
+
+Impl = Literal["xla", "cudnn"]
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+DQ_KERNELS = ("auto", "cudnn", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """How both streams attend, fixed for a run.
+
+    layout: "masked" (segment and prefix masks, packed rows) or "split" (no mask: one example per row,
+      the regular stream causal over the row's real tokens, the prefix as the keys before each anchor
+      chunk + its causal diagonal block; `split_prefix_attention`).
+    impl: the fused attention, "cudnn" or "xla" (which materialises the [queries, keys] scores).
+    dq_kernel: the split layout's backward of the keys before each chunk: "triton" (dq only), else
+      `impl`'s own.
+    bound_keys: masked layout: also tell the fused attention where keys end (causal regular stream;
+      per anchor chunk, the last anchor's prefix), so cuDNN skips key tiles no query sees.
+    odd_lengths_on_xla: `impl` was chosen automatically: a call with an odd query or key length,
+      which cuDNN does not take with a mask in training, runs on XLA.
+    """
+
+    layout: Literal["masked", "split"] = "masked"
+    impl: Impl = "xla"
+    dq_kernel: Literal["xla", "cudnn", "triton"] = "xla"
+    bound_keys: bool = False
+    odd_lengths_on_xla: bool = False
+
+    @property
+    def split(self) -> bool:
+        return self.layout == "split"
+
+    def impl_for(self, q: jax.Array, k: jax.Array) -> Impl:
+        """The kernel for this call: `impl`, unless its lengths keep an automatic cuDNN choice off."""
+        if self.impl == "cudnn" and self.odd_lengths_on_xla and (q.shape[1] % 2 or k.shape[1] % 2):
+            return "xla"
+        return self.impl
+
+
+def cudnn_fits(dtype, head_dim: int, backend: str | None = None) -> bool:
+    """cuDNN's fused attention runs here: a GPU, bf16/fp16, head dim a multiple of 8 up to 128."""
+    backend = jax.default_backend() if backend is None else backend
+    return (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+            and head_dim <= 128)
+
+
+def resolve_dq_kernel(dq_kernel: str, impl: str) -> str:
+    """Which backward forms the split's dq under cuDNN attention: 'triton' (mtp_kernels.attention_dq, needs
+    jax_triton) or 'cudnn'; 'auto' -> triton where jax_triton imports. The XLA path has its own."""
+    if dq_kernel not in DQ_KERNELS:
+        raise ValueError(f"dq_kernel must be one of {DQ_KERNELS}, got {dq_kernel!r}")
+    if impl != "cudnn":
+        return impl
+    if dq_kernel == "triton" and not has_jax_triton():
+        raise ValueError("dq_kernel='triton' needs the jax_triton package (pip install jax-triton)")
+    return "triton" if dq_kernel == "triton" or (dq_kernel == "auto" and has_jax_triton()) else "cudnn"
+
+
+def plan_attention(mtp, dtype, head_dim: int, backend: str | None = None) -> AttentionPlan:
+    """The plan for an `MTPConfig` (attention_impl, prefix_split, bound_keys, dq_kernel) at compute dtype
+    `dtype` on `backend` (default: jax's). attention_impl 'auto' -> cuDNN where `cudnn_fits`, else XLA:
+    the XLA path materialises the [queries, keys] scores (and recomputes them in the backward), far
+    slower and bigger than the fused kernels on a GPU."""
+    auto = mtp.attention_impl == "auto"
+    impl = ("cudnn" if cudnn_fits(dtype, head_dim, backend) else "xla") if auto else mtp.attention_impl
+    return AttentionPlan(layout="split" if mtp.prefix_split else "masked", impl=impl,
+                         dq_kernel=resolve_dq_kernel(mtp.dq_kernel, impl), bound_keys=mtp.bound_keys,
+                         odd_lengths_on_xla=auto)
 
 
 def segment_causal_mask(segment_ids: jax.Array, q_index: jax.Array | None = None) -> jax.Array:
@@ -34,33 +106,21 @@ def segment_causal_mask(segment_ids: jax.Array, q_index: jax.Array | None = None
     return (causal & same)[:, None]
 
 
-def resolve_impl(impl: Impl, q: jax.Array, k: jax.Array) -> Literal["xla", "cudnn"]:
-    """'auto' -> cuDNN's fused attention on a GPU for bf16/fp16 inside its limits (head dim a multiple
-    of 8 up to 128; even query and key lengths, which it wants with a mask in training), else XLA.
-    The XLA path materialises the [queries, keys] scores (and recomputes them in the backward): far
-    slower and bigger than the fused kernels on a GPU."""
-    if impl != "auto":
-        return impl
-    fits = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
-    return "cudnn" if fits else "xla"
-
-
-def regular_attend(segment_ids: jax.Array, impl: Impl = "xla", bound_keys: bool = False, one_example: bool = False):
+def regular_attend(segment_ids: jax.Array, plan: AttentionPlan = AttentionPlan()):
     """Causal attention within packed examples; aux = this layer's (k, v) for the mask stream
-    (stacked by the decoder into [layers, batch, keys, kv, d]). `bound_keys` also declares the
+    (stacked by the decoder into [layers, batch, keys, kv, d]). `plan.bound_keys` also declares the
     attention causal, which the mask already is, so that cuDNN skips the key tiles above the diagonal.
-    `one_example` (one example per row, at its start, as prefix_split needs): no mask at all, causal
-    attention over the row's real tokens (a key length; padding queries see them too, which no valid
-    pair reads). At 128k tokens the [L, L] mask alone is 16 GiB, and cuDNN reads it as a bf16 bias."""
-    if one_example:
+    The split layout (one example per row, at its start): no mask at all, causal attention over the
+    row's real tokens (a key length; padding queries see them too, which no valid pair reads). At 128k
+    tokens the [L, L] mask alone is 16 GiB, and cuDNN reads it as a bf16 bias."""
+    if plan.split:
         lengths = jnp.maximum(jnp.sum(segment_ids > 0, axis=1), 1).astype(jnp.int32)
         mask, kw = None, dict(is_causal=True, key_value_seq_lengths=lengths)
     else:
-        mask, kw = segment_causal_mask(segment_ids), dict(is_causal=bound_keys)
+        mask, kw = segment_causal_mask(segment_ids), dict(is_causal=plan.bound_keys)
 
     def attend(q, k, v, layer_state):
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=resolve_impl(impl, q, k), **kw)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=plan.impl_for(q, k), **kw)
         return out, (k, v)
 
     return attend
@@ -111,13 +171,14 @@ attention_lse.defvjp(_attention_lse_fwd, _attention_lse_bwd)
 
 def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: Impl = "xla",
                      key_count: jax.Array | None = None):
-    """q [b, a, k*h, d] against regular k/v [b, s, kv, d] -> (out [b, a, k*h, d], lse [b, a, k*h] fp32).
+    """q [b, a, k*h, d] against regular k/v [b, s, kv, d] -> (out [b, a, k*h, d], lse [b, a, k*h] fp32)
+    on `impl`.
 
     `key_count` [b] (optional): keys at index >= key_count[row] are masked for every query of the row;
     cuDNN takes it as the key sequence length and skips those key tiles."""
     if key_count is not None:
         key_count = jnp.broadcast_to(key_count, (q.shape[0],))
-    if resolve_impl(impl, q, k) == "cudnn":
+    if impl == "cudnn":
         return attention_lse(q, k, v, mask, key_count, False, "cudnn")
     if key_count is not None:
         mask = mask & (jnp.arange(k.shape[1]) < key_count[:, None, None, None])
@@ -198,65 +259,15 @@ def _xla_part_dq(q, k, v, kv_len, causal, out, lse, g):
     return dq.reshape(q.shape)
 
 
-def _cudnn():
-    """jax's private cuDNN fused-attention bindings (jax 0.10-0.11), used for the one thing the public
-    jax.nn.dot_product_attention cannot do: run the backward from a given (output, LSE), the merged ones
-    (split_prefix_attention). Its residual LSE also comes back in fp32 here, not rounded to bf16."""
-    from jax._src.cudnn import fused_attention_stablehlo
-    return fused_attention_stablehlo
-
-
-def _cudnn_args(q, kv_len, causal):
-    m = _cudnn()
-    if causal:
-        return dict(mask_type=m.MaskType.CAUSAL), (None, None)
-    q_len = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
-    return dict(mask_type=m.MaskType.PADDING), (q_len, kv_len.astype(jnp.int32))
-
-
-def _cudnn_part(q, k, v, kv_len, causal):
-    kw, (q_len, kv) = _cudnn_args(q, kv_len, causal)
-    out, stats = _cudnn().dot_product_attention(q, k, v, q_seqlen=q_len, kv_seqlen=kv,
-                                                scale=float(q.shape[-1]) ** -0.5, return_residual=True, **kw)
-    return out, jnp.swapaxes(stats, 1, 2)  # cuDNN's [b, heads, t] fp32
-
-
-def _cudnn_part_dq(q, k, v, kv_len, causal, out, lse, g):
-    m = _cudnn()
-    kw, (q_len, kv) = _cudnn_args(q, kv_len, causal)
-    unused = jnp.zeros(0, q.dtype)
-    grads = m._dot_product_attention_bwd_p_wrapper.bind(
-        q, k, v, unused, unused if q_len is None else q_len, unused if kv is None else kv, unused, unused, unused,
-        unused, jnp.swapaxes(lse, 1, 2).astype(jnp.float32), out.astype(q.dtype), g.astype(q.dtype),
-        scale=float(q.shape[-1]) ** -0.5, seed=42, dropout_rate=0.0, variadic_args=(False, False),
-        layout=m.AttentionLayout.BTNH.value, sliding_window_length=None, **kw)
-    return grads[0].astype(jnp.float32)
-
-
 def _triton_part_dq(q, k, v, kv_len, causal, out, lse, g):
     """The keys-before-the-chunk part's dq from mtp_kernels' Triton kernel (dq only: cuDNN's backward also
     forms dK/dV, two of its five matmuls, for K/V under stop_gradient); the small causal block stays on cuDNN."""
     if causal:
-        return _cudnn_part_dq(q, k, v, kv_len, causal, out, lse, g)
-    from mtp_kernels.attention_dq import jax_attention_dq
+        return cudnn_part_dq(q, k, v, kv_len, causal, out, lse, g)
     return jax_attention_dq(q, k, v, g, lse, jnp.sum(g * out, axis=-1), kv_len)
 
 
-_PARTS = {"xla": (_xla_part, _xla_part_dq), "cudnn": (_cudnn_part, _cudnn_part_dq)}
-DQ_KERNELS = ("auto", "cudnn", "triton")
-
-
-def resolve_dq_kernel(dq_kernel: str, impl: str) -> str:
-    """Which backward forms the split's dq under cuDNN attention: 'triton' (mtp_kernels.attention_dq, needs
-    jax_triton) or 'cudnn'; 'auto' -> triton where jax_triton imports. The XLA path has its own."""
-    if dq_kernel not in DQ_KERNELS:
-        raise ValueError(f"dq_kernel must be one of {DQ_KERNELS}, got {dq_kernel!r}")
-    if impl != "cudnn":
-        return impl
-    from mtp_kernels.jax_triton_support import has_jax_triton
-    if dq_kernel == "triton" and not has_jax_triton():
-        raise ValueError("dq_kernel='triton' needs the jax_triton package (pip install jax-triton)")
-    return "triton" if dq_kernel == "triton" or (dq_kernel == "auto" and has_jax_triton()) else "cudnn"
+_PARTS = {"xla": (_xla_part, _xla_part_dq), "cudnn": (cudnn_part, cudnn_part_dq)}
 
 
 def _split_parts(k, v, first, a):
@@ -268,7 +279,7 @@ def _split_parts(k, v, first, a):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str, dq_kernel: str = "auto"):
+def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str, dq_kernel: str = "xla"):
     """Softmax over a chunk of contiguous anchors' prefix keys and one more key set, for one example per
     row, without a mask: the regular keys before `first` ([b]; a key length, so cuDNN skips the rest),
     the causal diagonal block of keys first .. first + a - 1, and a part given as (out_x fp32, lse_x)
@@ -279,12 +290,13 @@ def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str, dq_kernel: s
     does (p_j = exp(s_j - lse) over all key sets), so the merge needs no LSE gradient and no second
     forward; only dq is formed, k and v being the regular stream's K/V under stop_gradient. With remat
     `dots` the merged (out, lse) are kept ("mask_attention"), so the backward reruns no forward part.
-    `dq_kernel` (`resolve_dq_kernel`) picks the backward of the keys before the chunk under cuDNN."""
+    `impl` runs both parts (resolved: "xla" or "cudnn"); `dq_kernel` "triton" forms the dq of the keys
+    before the chunk with mtp_kernels' kernel, any other value with `impl`'s own backward."""
     return _split_fwd(q, k, v, first, out_x, lse_x, impl, dq_kernel)[0]
 
 
 def _split_fwd(q, k, v, first, out_x, lse_x, impl, dq_kernel):
-    part = _PARTS[resolve_impl(impl, q, k)][0]
+    part = _PARTS[impl][0]
     (out1, lse1), (out2, lse2) = (part(q, *p) for p in _split_parts(k, v, first, q.shape[1]))
     lse1 = jnp.where((first > 0)[:, None, None], lse1.astype(jnp.float32), _NEG)
     out, lse = merge_lse(out1.astype(jnp.float32), lse1, out2.astype(jnp.float32), lse2.astype(jnp.float32))
@@ -295,8 +307,7 @@ def _split_fwd(q, k, v, first, out_x, lse_x, impl, dq_kernel):
 
 def _split_bwd(impl, dq_kernel, res, g):
     q, k, v, first, out_x, lse_x, out, lse = res
-    which = resolve_dq_kernel(dq_kernel, resolve_impl(impl, q, k))
-    part_dq = _triton_part_dq if which == "triton" else _PARTS[which][1]
+    part_dq = _triton_part_dq if dq_kernel == "triton" else _PARTS[impl][1]
     dq1, dq2 = (part_dq(q, *p, out, lse, g) for p in _split_parts(k, v, first, q.shape[1]))
     dq = jnp.where((first > 0)[:, None, None, None], dq1, 0.0) + dq2
     w = jnp.exp(lse_x - lse)
@@ -313,15 +324,15 @@ def merge_lse(out1, lse1, out2, lse2):
     return (out1 * w1[..., None] + out2 * w2[..., None]) / (w1 + w2)[..., None], m + jnp.log(w1 + w2)
 
 
-def mask_attend(prefix_mask: jax.Array | None, steps: int, impl: Impl = "xla", key_count: jax.Array | None = None,
-                first_anchor: jax.Array | None = None, dq_kernel: str = "auto"):
+def mask_attend(plan: AttentionPlan, steps: int, prefix_mask: jax.Array | None = None,
+                key_count: jax.Array | None = None, first_anchor: jax.Array | None = None):
     """Attention for mask tokens laid out as [batch, anchors * k] (anchor-major).
 
     `layer_state` = this layer's (k, v) [batch, keys, kv, d] of the regular stream (the decoder
-    slices it from the stacked [layers, ...] K/V of `regular_attend`); `prefix_mask`
+    slices it from the stacked [layers, ...] K/V of `regular_attend`). Masked layout: `prefix_mask`
     [batch, 1, anchors, keys] says which regular keys each anchor sees; `key_count` [b] (optional,
-    `chunk_key_count`) bounds them, changing nothing but the work cuDNN skips. With `first_anchor`
-    [b] the prefix needs no mask (`split_prefix_attention`: one example per row; `dq_kernel` its backward).
+    `chunk_key_count`, with plan.bound_keys) bounds them, changing nothing but the work cuDNN skips.
+    Split layout: `first_anchor` [b], the chunk's first anchor per row (`split_prefix_attention`).
     """
 
     def attend(q, k, v, layer_state):
@@ -332,11 +343,12 @@ def mask_attend(prefix_mask: jax.Array | None, steps: int, impl: Impl = "xla", k
         # fold draft steps into heads as [h, k] so GQA grouping (head // (h/kv)) stays right
         q_folded = jnp.swapaxes(q5, 2, 3).reshape(b, a, h * steps, d)
         k_reg, v_reg = k_reg.astype(q.dtype), v_reg.astype(q.dtype)
+        impl = plan.impl_for(q_folded, k_reg)
         out2, lse2 = block_attention(q5, k.reshape(b, a, steps, -1, d), v.reshape(b, a, steps, -1, d))
-        if first_anchor is not None:
+        if plan.split:
             fold = lambda x: jnp.swapaxes(x, 2, 3).reshape(b, a, h * steps, *x.shape[4:])  # noqa: E731
             out = split_prefix_attention(q_folded, k_reg, v_reg, first_anchor, fold(out2), fold(lse2), impl,
-                                         dq_kernel)
+                                         plan.dq_kernel if impl == plan.impl else impl)
             return jnp.swapaxes(out.reshape(b, a, h, steps, d), 2, 3).reshape(b, t, h, d).astype(q.dtype), None
         out1, lse1 = prefix_attention(q_folded, k_reg, v_reg, prefix_mask, impl, key_count)
         out1 = jnp.swapaxes(out1.reshape(b, a, h, steps, d), 2, 3).astype(jnp.float32)

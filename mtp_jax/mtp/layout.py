@@ -26,24 +26,6 @@ def pair_valid(segment_ids: jnp.ndarray, response_mask: jnp.ndarray, k: int, xp=
     return anchor & (ahead == segment_ids[..., None])
 
 
-def mask_positions(positions: jnp.ndarray, k: int) -> jnp.ndarray:
-    """[batch, length, k]: mask m_{a,j} stands for the future position a + j."""
-    return positions[..., None] + jnp.arange(1, k + 1)
-
-
-def check_batch(batch: dict, k: int, max_positions: int) -> None:
-    """Host-side validation of a batch before it reaches a jitted step."""
-    if k < 1:
-        raise ValueError(f"draft_length (k) must be >= 1, got {k}")
-    missing = [key for key in ("tokens", "positions", "segment_ids", "response_mask") if key not in batch]
-    if missing:
-        raise ValueError(f"batch is missing {missing}")
-    top = int(np.max(np.asarray(batch["positions"]))) + k
-    if top >= max_positions:
-        raise ValueError(f"a sequence reaches position {top} (last token + k masks), beyond the model's "
-                         f"max_position_embeddings {max_positions}; lower data.max_total_tokens")
-
-
 @dataclasses.dataclass(frozen=True)
 class Interleaved:
     """One example laid out as SPEC §2's single sequence (oracle only)."""

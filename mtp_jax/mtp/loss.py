@@ -23,45 +23,58 @@ def _pad_rows(x, rows):
 
 
 def soft_ce_rows(student_h: jax.Array, teacher_h: jax.Array, valid: jax.Array, out_matrix: jax.Array,
-                 row_chunk: int, impl: str = "auto", teacher_logits: bool = False):
-    """Per-row soft-CE and argmaxes for hidden rows [n, d] under logits = h @ out_matrix [d, vocab]
-    (`teacher_logits`: `teacher_h` holds the teacher's logits [n, vocab] themselves).
+                 row_chunk: int, impl: str = "auto"):
+    """Per-row soft-CE and argmaxes for hidden rows [n, d] (student and teacher) under logits =
+    h @ out_matrix [d, vocab].
 
     Returns (ce [n] fp32, zero where not valid; student argmax [n]; teacher argmax [n]).
     Gradients flow to `student_h` (and through it to adapters); the teacher is constant.
     """
+    return _rows(student_h, teacher_h, valid, out_matrix, row_chunk, impl, lambda t, w: t @ w.astype(t.dtype))
+
+
+def soft_ce_rows_vs_logits(student_h: jax.Array, teacher_logits: jax.Array, valid: jax.Array,
+                           out_matrix: jax.Array, row_chunk: int, impl: str = "auto"):
+    """`soft_ce_rows` against the teacher's logits [n, vocab] themselves (formed once for rows that
+    several draft steps share)."""
+    return _rows(student_h, teacher_logits, valid, out_matrix, row_chunk, impl, lambda t, w: t)
+
+
+def _rows(student_h, teacher, valid, out_matrix, row_chunk, impl, teacher_logits):
+    """Row chunks of `_project_soft_ce`; `teacher_logits(teacher chunk, out_matrix)` gives a chunk's teacher
+    logits (constants: formed in the chunk, never kept for the backward)."""
     n = student_h.shape[0]
     chunk = max(1, min(row_chunk, n))
     rows = -(-n // chunk) * chunk
     s = _pad_rows(student_h, rows).reshape(rows // chunk, chunk, -1)
-    t = _pad_rows(jax.lax.stop_gradient(teacher_h), rows).reshape(rows // chunk, chunk, -1)
+    t = _pad_rows(jax.lax.stop_gradient(teacher), rows).reshape(rows // chunk, chunk, -1)
     m = _pad_rows(valid, rows).reshape(rows // chunk, chunk)
     w = jax.lax.stop_gradient(out_matrix)
-    ce, s_arg, t_arg = jax.lax.map(lambda args: _project_soft_ce(*args, w, impl, teacher_logits), (s, t, m))
+    ce, s_arg, t_arg = jax.lax.map(lambda args: _project_soft_ce(args[0], teacher_logits(args[1], w), args[2], w, impl),
+                                   (s, t, m))
     return ce.reshape(rows)[:n], s_arg.reshape(rows)[:n], t_arg.reshape(rows)[:n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _project_soft_ce(s, t, mask, w, impl, teacher_logits):
-    """One row chunk: (soft-CE of s @ w against t @ w, or against t itself with `teacher_logits`, student
-    argmax, teacher argmax). Differentiable wrt s only (the teacher, mask and output matrix are constants
-    of the objective)."""
-    return _project_soft_ce_fwd(s, t, mask, w, impl, teacher_logits)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _project_soft_ce(s, teacher_logits, mask, w, impl):
+    """One row chunk: (soft-CE of s @ w against `teacher_logits`, student argmax, teacher argmax).
+    Differentiable wrt s only (the teacher, mask and output matrix are constants of the objective)."""
+    return _project_soft_ce_fwd(s, teacher_logits, mask, w, impl)[0]
 
 
-def _project_soft_ce_fwd(s, t, mask, w, impl, teacher_logits):
+def _project_soft_ce_fwd(s, teacher_logits, mask, w, impl):
     # d ce / d s per row, formed now (the rows are independent, so the backward's cotangent only scales
     # it): the backward then needs neither the [rows, vocab] logits nor a second pass of both matmuls,
     # which a rematerialised chunk paid (2 of its 5 d x vocab matmuls per row).
     x = s @ w.astype(s.dtype)
-    teacher = (t if teacher_logits else t @ w.astype(t.dtype)).astype(x.dtype)
+    teacher = teacher_logits.astype(x.dtype)
     ce, vjp = jax.vjp(lambda x: jax_soft_ce(x, teacher, mask, impl=impl), x)
     (dx,) = vjp(jnp.ones_like(ce))
     ds = dx.astype(x.dtype) @ w.astype(s.dtype).T
     return (ce, jnp.argmax(x, -1).astype(jnp.int32), jnp.argmax(teacher, -1).astype(jnp.int32)), ds
 
 
-def _project_soft_ce_bwd(impl, teacher_logits, ds, g):
+def _project_soft_ce_bwd(impl, ds, g):
     return (g[0][:, None] * ds).astype(ds.dtype), None, None, None
 
 

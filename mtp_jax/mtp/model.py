@@ -21,8 +21,9 @@ from mtp_jax.models.config import ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.lora import LoRAConfig
 from mtp_jax.models.sampler import SamplerHead
-from mtp_jax.mtp.attention import chunk_key_count, mask_attend, regular_attend, segment_causal_mask
-from mtp_jax.mtp.loss import argmax_rows, soft_ce_rows
+from mtp_jax.mtp.attention import (AttentionPlan, chunk_key_count, mask_attend, plan_attention, regular_attend,
+                                   segment_causal_mask)
+from mtp_jax.mtp.loss import argmax_rows, soft_ce_rows, soft_ce_rows_vs_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,8 @@ class MTPConfig:
     lcm_weight: float = 0.0  # latent consistency loss (off by default, as in MTP-GLoRA)
     train_mask_embedding: bool = False
     mask_token: str = "<mask>"
-    attention_impl: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on a GPU in bf16/fp16 (resolve_impl)
+    # the four attention options below resolve once into an AttentionPlan (mtp.attention.plan_attention)
+    attention_impl: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on a GPU in bf16/fp16 (cudnn_fits)
     soft_ce_impl: Literal["auto", "triton", "jnp"] = "auto"
     remat: Literal["none", "full", "dots"] = "none"  # per-layer checkpointing of the mask stream (REMAT_POLICIES)
     # tell the fused attention where keys end (causal regular stream; per anchor chunk, the last anchor's
@@ -49,7 +51,7 @@ class MTPConfig:
     # (split_prefix_attention); exact only with one example per row, at its start (data.packing off)
     prefix_split: bool = False
     # prefix_split under cuDNN: the backward of the keys before each chunk, dq only from mtp_kernels' Triton
-    # kernel ("triton", needs jax_triton; 2x cuDNN's backward, which also forms dK/dV) or cuDNN's full backward
+    # kernel ("triton", needs jax_triton; it skips the dK/dV that cuDNN's backward also forms) or cuDNN's full backward
     # ("cudnn"); auto = triton where jax_triton imports
     dq_kernel: Literal["auto", "cudnn", "triton"] = "auto"
     # the training step's layers under nn.scan (one compiled layer body), or as straight-line code over
@@ -82,18 +84,22 @@ class MTPModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     unroll: int = 1  # Transformer.unroll (decoding)
-    scan_layers: bool = True  # Transformer.scan_layers: the training step sets it from mtp.scan_layers
+    plan: AttentionPlan | None = None  # None: resolved from `mtp` on jax's backend (`attention`)
+
+    @property
+    def attention(self) -> AttentionPlan:
+        """How both streams attend: `plan`, or the one `mtp` resolves to here."""
+        return self.plan or plan_attention(self.mtp, self.dtype, self.config.head_dim)
 
     def setup(self):
         self.base = CausalLM(self.config, self.lora, self.dtype, self.param_dtype, self.mtp.remat, self.unroll,
-                             self.scan_layers)
+                             self.mtp.scan_layers)
         self.sampler = SamplerHead(self.config.hidden_size, self.config.rms_norm_eps, self.dtype, self.param_dtype)
 
     def regular(self, tokens, positions, segment_ids):
         """Base model over regular tokens: final hidden [b, l, d] and (k, v), each [layers, b, l, kv, d]
         (without the scan: a tuple over layers of (k, v), each [b, l, kv, d])."""
-        return self.base(tokens, positions, regular_attend(segment_ids, self.mtp.attention_impl, self.mtp.bound_keys,
-                                                           self.mtp.prefix_split))
+        return self.base(tokens, positions, regular_attend(segment_ids, self.attention))
 
     def mask_hidden(self, mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic=True):
         """Mask stream for anchors `anchor_index` [c] or [b, c]: final hidden [b, c, k, d]."""
@@ -101,13 +107,12 @@ class MTPModel(nn.Module):
         b, c = positions.shape
         pos = (positions[..., None] + jnp.arange(1, k + 1)).reshape(b, c * k)
         emb = jnp.broadcast_to(mask_embedding.astype(self.dtype), (b, c * k, self.config.hidden_size))
-        if self.mtp.prefix_split:
-            first = jnp.broadcast_to(anchor_index[..., 0], (b,))
-            attend = mask_attend(None, k, self.mtp.attention_impl, first_anchor=first, dq_kernel=self.mtp.dq_kernel)
+        plan = self.attention
+        if plan.split:
+            attend = mask_attend(plan, k, first_anchor=jnp.broadcast_to(anchor_index[..., 0], (b,)))
         else:
-            prefix_mask = segment_causal_mask(segment_ids, anchor_index)
-            key_count = chunk_key_count(anchor_index, segment_ids.shape[1]) if self.mtp.bound_keys else None
-            attend = mask_attend(prefix_mask, k, self.mtp.attention_impl, key_count)
+            key_count = chunk_key_count(anchor_index, segment_ids.shape[1]) if plan.bound_keys else None
+            attend = mask_attend(plan, k, segment_causal_mask(segment_ids, anchor_index), key_count)
         hidden, _ = self.base(None, pos, attend, gate=1.0, deterministic=deterministic, embeddings=emb,
                               layer_state=regular_kv)
         return hidden.reshape(b, c, k, -1)
@@ -128,7 +133,8 @@ class MTPModel(nn.Module):
         mask_h = self.mask_hidden(mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic)
         out = self.base.output_matrix()
         teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
-        if self.mtp.prefix_split:  # one [b, c+k, vocab] block instead of k+1 teacher rows per anchor
+        split = self.attention.split
+        if split:  # one [b, c+k, vocab] block instead of k+1 teacher rows per anchor
             teacher_logits = teacher_hidden @ out.astype(teacher_hidden.dtype)
             prev = jnp.argmax(teacher_logits[:, :c], -1).astype(jnp.int32).reshape(b * c)
 
@@ -150,8 +156,8 @@ class MTPModel(nn.Module):
             v = valid[:, :, j - 1].reshape(b * c)
             s_in = self.sampler(self.base.embed(prev), h)
             teacher_rows, teacher_h = teacher(j)
-            ce, s_arg, t_arg = soft_ce_rows(s_in, teacher_rows, v, out, self.mtp.row_chunk, self.mtp.soft_ce_impl,
-                                            teacher_logits=self.mtp.prefix_split)
+            rows_fn = soft_ce_rows_vs_logits if split else soft_ce_rows
+            ce, s_arg, t_arg = rows_fn(s_in, teacher_rows, v, out, self.mtp.row_chunk, self.mtp.soft_ce_impl)
             agree = (s_arg == t_arg) & v
             agree_run = agree_run & agree
             accepted = accepted + agree_run

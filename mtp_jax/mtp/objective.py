@@ -9,6 +9,7 @@ trainable leaves (adapters, sampler, optionally the mask row) on one side.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -40,17 +41,25 @@ def init_args(model: MTPModel, mask_row) -> tuple:
     """Dummy `MTPModel.__call__` arguments (one row, two anchors) to initialise or shape its variables."""
     k, d, c = model.mtp.draft_length, model.config.hidden_size, model.config
     kv = (jnp.zeros((c.num_layers, 1, 2, c.num_kv_heads, c.head_dim), model.dtype),) * 2  # regular (k, v)
-    teacher = jnp.zeros((1, 2 + k, d) if model.mtp.prefix_split else (1, 2, k + 1, d), model.dtype)
+    teacher = jnp.zeros((1, 2 + k, d) if model.attention.split else (1, 2, k + 1, d), model.dtype)
     return (jnp.asarray(mask_row), jnp.arange(2), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), kv,
             teacher, jnp.ones((1, 2, k), bool), jnp.zeros((1, 2, k), jnp.int32))
 
 
+def stored_layout(model: MTPModel) -> MTPModel:
+    """`model` with its layers stacked (scanned): the layout params are initialised, checkpointed, exported
+    and decoded in, whatever `mtp.scan_layers` the training step runs with (`training_layout`)."""
+    return model if model.mtp.scan_layers else model.clone(mtp=dataclasses.replace(model.mtp, scan_layers=True))
+
+
 def init_params(model: MTPModel, base_params, mask_row: jax.Array, rng: jax.Array) -> Params:
-    """Fresh adapters (A Kaiming-uniform, B = 0) and sampler beside the given base params.
+    """Fresh adapters (A Kaiming-uniform, B = 0) and sampler beside the given base params, in the
+    stacked layout (`stored_layout`).
 
     The init runs under jit and returns only the small trainable trees, so XLA drops the
     base-model initialisation (an 8B random init never materialises).
     """
+    model = stored_layout(model)
     args = init_args(model, mask_row)
 
     def init(r):
@@ -61,19 +70,19 @@ def init_params(model: MTPModel, base_params, mask_row: jax.Array, rng: jax.Arra
     return {"base": base_params, "lora": lora, "sampler": sampler, "mask_embedding": jnp.asarray(mask_row, jnp.float32)}
 
 
-def layer_loop(model: MTPModel, params: Params) -> tuple[MTPModel, Params]:
-    """With `mtp.scan_layers` off: the model whose layers run as straight-line code, and `params` ('base'
-    and 'lora', where present) in its per-layer layout (`unstack_layers`; a tree already in it passes as
-    it is). Otherwise both as they are."""
+def training_layout(model: MTPModel, params: Params) -> Params:
+    """`params` ('base' and 'lora', where present) in the layout `model`'s layers read: as they are
+    (stacked) under the scan; with `mtp.scan_layers` off, per layer (`unstack_layers`). Checkpoints,
+    export and decoding keep the stacked layout; the training step converts once per step (its
+    trainable tree; the frozen base once per run, before the step)."""
     if model.mtp.scan_layers:
-        return model, params
+        return params
     n = model.config.num_layers
-    return model.clone(scan_layers=False), {key: unstack_layers(v, n) if key in ("base", "lora") else v
-                                            for key, v in params.items()}
+    return {key: unstack_layers(v, n) if key in ("base", "lora") else v for key, v in params.items()}
 
 
 def regular_stream(model: MTPModel, params: Params, batch: dict):
-    model, params = layer_loop(model, params)
+    """Base hidden states and K/V of the regular tokens (no gradient); `params` in `training_layout`."""
     hidden, kv = model.apply(variables(params), batch["tokens"], batch["positions"], batch["segment_ids"],
                              method=MTPModel.regular)
     return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(kv)
@@ -126,10 +135,13 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
                    rng: jax.Array | None = None):
     """(loss, grads wrt `trainable`, sown sums) for one batch, chunked over anchors.
 
-    With `mtp.scan_layers` off, `frozen["base"]` may come stacked (then a copy of the layer weights is
-    sliced every step) or, as the CLI and the benchmark pass it, through `layer_loop` once."""
-    _, frozen = layer_loop(model, frozen)
-    model, trainable = layer_loop(model, trainable)  # grads per layer, restacked at the end
+    `trainable` comes stacked, as the train state holds it (with `mtp.scan_layers` off it is put per layer
+    here and its gradients stacked back); `frozen` comes in `training_layout` already (converted once per
+    run, not per step)."""
+    if not model.mtp.scan_layers and "layers" in frozen["base"]["model"]:
+        raise ValueError("loss_and_grads: with mtp.scan_layers off the frozen base must come per layer; "
+                         "pass training_layout(model, frozen)")
+    trainable = training_layout(model, trainable)  # grads per layer, restacked at the end
     params = {**frozen, **trainable}
     hidden, kv = regular_stream(model, params, batch)
     c, tail, anchors, valid, per_anchor = _chunks(model, batch)
@@ -141,7 +153,7 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
         sl = {key: jax.lax.dynamic_slice_in_dim(v, start, size, axis=1) for key, v in per_anchor.items()}
         rngs = {"dropout": chunk_rng} if not deterministic else {}
         k = model.mtp.draft_length
-        if model.mtp.prefix_split:  # the rows first .. first + size + k - 1 that every anchor's teachers lie in
+        if model.attention.split:  # the rows first .. first + size + k - 1 that every anchor's teachers lie in
             teacher = rows_ahead(hidden, sl["anchor_index"][:, :1], range(size + k))[:, 0]
         else:
             teacher = rows_ahead(hidden, sl["anchor_index"], range(k + 1))
@@ -175,7 +187,7 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
             0, tails, lambda i, carry: jax.tree.map(jnp.add, carry, chunk(full + i, full * c + i * tail, tail)), carry)
     loss_sum, grads, sums = carry
     grads = jax.tree.map(lambda g: g / n_valid, grads)
-    if not model.scan_layers:
+    if not model.mtp.scan_layers:
         grads = {**grads, "lora": stack_layers(grads["lora"], model.config.num_layers)}
     return loss_sum / n_valid, grads, sums
 

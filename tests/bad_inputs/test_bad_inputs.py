@@ -26,7 +26,7 @@ import pytest
 
 from mtp_jax.checkpoints import CheckpointError, load_run, restore_trainable
 from mtp_jax.models import ModelLoadError, UnsupportedModelError, load_model
-from mtp_jax.train import main
+from mtp_jax.train.__main__ import main
 
 FILES = Path(__file__).parent / "files"
 TINY = Path(__file__).parents[2] / "configs" / "tiny_test.yaml"

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mtp_jax.generate import Sampling, encode_prompt, eos_ids_of, generate
+from mtp_jax.decoding.plain import generate
+from mtp_jax.decoding.request import encode_prompt, eos_ids_of
+from mtp_jax.decoding.sampling import Sampling
 from mtp_jax.models import load_model, load_tokenizer
 
 

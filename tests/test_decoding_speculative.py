@@ -1,4 +1,4 @@
-"""Speculative decoding (mtp_jax.decode) is lossless: greedy output is plain greedy decoding token for
+"""Speculative decoding (mtp_jax.decoding.speculative) is lossless: greedy output is plain greedy decoding token for
 token, sampling draws from the base distribution, and steps/acceptance are what the training-path
 drafts predict. Tiny random models with a small vocabulary, so random adapters get drafts accepted."""
 
@@ -11,11 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax.decode import (AdapterMismatchError, check_architecture, check_vocabulary, for_decoding, load_adapter,
-                            speculative_generate, speculative_stream)
-from mtp_jax.generate import Sampling, encode_prompt, eos_ids_of, generate, main
+from mtp_jax.decoding.adapter import AdapterMismatchError, check_architecture, check_vocabulary, load_adapter
+from mtp_jax.decoding.cache import init_cache
+from mtp_jax.decoding.cli import main
+from mtp_jax.decoding.layout import prepare
+from mtp_jax.decoding.plain import generate
+from mtp_jax.decoding.request import check_request, encode_prompt, eos_ids_of
+from mtp_jax.decoding.sampling import Sampling
+from mtp_jax.decoding.speculative import _forward, speculative_generate, speculative_stream
 from mtp_jax.models import LoRAConfig, ModelConfig, load_model, load_tokenizer
-from mtp_jax.models.llama import CausalLM
+from mtp_jax.models.llama import CausalLM, unstack_layers
 from mtp_jax.mtp.mask_token import mask_embedding
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, variables
@@ -77,7 +82,7 @@ def test_greedy_equals_plain_greedy_batched_with_eos(setups, kind):
     assert res.tokens == ref, f"{kind}: speculative greedy diverged from plain greedy"
     assert any(len(r) < NEW for r in ref) and any(len(r) == NEW for r in ref), "EOS case not covered"
     assert res.accepted.sum() > 0, f"{kind}: no draft accepted; the verification path went untested"
-    laid_out = speculative_generate(*for_decoding(model, params), prompts, NEW, [eos])  # already in the layout
+    laid_out = speculative_generate(*prepare(model, params), prompts, NEW, [eos])  # already in the layout
     assert laid_out.tokens == ref and (laid_out.accepted == res.accepted).all(), f"{kind}: decoding layout differs"
 
 
@@ -132,9 +137,6 @@ def test_mask_states_equal_training_path(setups, kind):
     anchor offset 0..k, left-padded rows), with the adapters as trained and in the decoding layout, equal
     the training code's two-stream mask states at the same anchors: each block sees exactly the cache up
     to its anchor and its own earlier masks."""
-    from mtp_jax.decode import _forward
-    from mtp_jax.generate import check_request, init_cache
-
     model, params, lm = setups[kind]
     prompts = prompts_for(16)[:2]  # lengths 5 and 17: the first row is left-padded by 12
     truth = generate(lm, params["base"], prompts, K + 2, NEVER)
@@ -144,8 +146,10 @@ def test_mask_states_equal_training_path(setups, kind):
     zero = jnp.zeros(len(prompts), jnp.int32)
     step_tokens = jnp.asarray([row[:K + 1] for row in truth])  # t_0 and k drafts that happen to be right
     states = {}
-    for layout, (m, p) in {"trained": (model, params), "decoding": for_decoding(model, params)}.items():
-        cache = init_cache(lm, len(prompts), slot_valid.shape[1])
+    trained = (model.clone(scan_layers=False), {**params, "base": unstack_layers(params["base"], model.config.num_layers),
+                                                "lora": unstack_layers(params["lora"], model.config.num_layers)})
+    for layout, (m, p) in {"trained": trained, "decoding": prepare(model, params)}.items():
+        cache = init_cache(lm.config, len(prompts), slot_valid.shape[1], lm.dtype)
         _, first_block, cache = _forward(m, p, cache, zero, pad_len, slot_valid, tokens, (t - 1,), K, last_only=True)
         states[layout] = first_block, _forward(m, p, cache, zero + t, pad_len, slot_valid, step_tokens, anchors, K)[1]
 
@@ -168,11 +172,9 @@ def test_mask_states_equal_training_path(setups, kind):
 
 
 def test_decoding_layout_casts_params_once_to_the_same_values(setups):
-    """bf16 compute with float32 adapters (the shipped GPU config): for_decoding casts every floating
+    """bf16 compute with float32 adapters (the shipped GPU config): prepare casts every floating
     parameter to bf16 once, and a decoding call then gives bit for bit what the uncast layout gives
     (every use casts to the compute dtype itself), and its parameters are all bf16."""
-    from mtp_jax.decode import _forward
-    from mtp_jax.generate import check_request, init_cache
     from mtp_jax.models.lora import adapters_into_base, fuse_adapters
 
     model, params, lm = setups["llama"]
@@ -180,15 +182,17 @@ def test_decoding_layout_casts_params_once_to_the_same_values(setups):
     params = {**params, "base": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params["base"])}
     cfg, lora = fuse_adapters(model.lora, params["lora"])
     cfg, base, lora = adapters_into_base(cfg, params["base"], lora)
-    uncast = (model.clone(lora=cfg), {**params, "base": base, "lora": lora})
-    cast = for_decoding(model, params)
+    n = model.config.num_layers
+    uncast = (model.clone(lora=cfg, scan_layers=False),
+              {**params, "base": unstack_layers(base, n), "lora": unstack_layers(lora, n)})
+    cast = prepare(model, params)
     assert {x.dtype for x in jax.tree.leaves(uncast[1])} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(cast[1])} == {jnp.dtype(jnp.bfloat16)}
     prompts = prompts_for(16)[:2]
     tokens, pad_len = (jnp.asarray(x) for x in check_request(prompts, 2 * K, NEVER, 0, 1024))
     slot_valid = jnp.arange(tokens.shape[1] + 3 * K + (K + 1) * K)[None, :] >= pad_len[:, None]
     zero = jnp.zeros(len(prompts), jnp.int32)
-    outs = [_forward(m, p, init_cache(lm.clone(dtype=jnp.bfloat16), len(prompts), slot_valid.shape[1]), zero,
+    outs = [_forward(m, p, init_cache(lm.config, len(prompts), slot_valid.shape[1], jnp.bfloat16), zero,
                      pad_len, slot_valid, tokens, tuple(range(K + 1)), K) for m, p in (uncast, cast)]
     for name, a, b in zip(("logits", "mask hidden", "cache"), *outs):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -316,7 +320,8 @@ def test_smollm2_trained_adapter(tmp_path, capsys):
     plain greedy (batch of 3); the CLI streams and reports; another model is refused."""
     from conftest import make_hf_model, save_hf
     from mtp_jax.config import load_config
-    from mtp_jax.train import Config, run
+    from mtp_jax.train import Config
+    from mtp_jax.train.loop import run
 
     cfg = load_config(Config, Path(__file__).parents[1] / "configs" / "smollm2_k4.yaml", [
         "--train.save_dir", str(tmp_path / "run"), "--train.max_steps", "4", "--optim.warmup_steps", "0",

@@ -1,0 +1,3 @@
+from mtp_jax.decoding.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""A training run's adapters for decoding: loaded, checked against the base model asked for, and
+put in the decoding layout once."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+
+from mtp_jax.decoding.layout import prepare
+from mtp_jax.models.config import ModelConfig
+from mtp_jax.mtp.model import MTPModel
+from mtp_jax.paths import absolute
+
+
+class AdapterMismatchError(ValueError):
+    """Adapters trained for another base model or vocabulary than the one asked for."""
+
+
+# what an adapter's shapes and meaning depend on
+_ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "tie_word_embeddings", "qk_norm")
+
+
+def check_architecture(trained: ModelConfig, config: ModelConfig, what: str) -> None:
+    """Raises AdapterMismatchError unless `config` has the architecture the adapters were trained on."""
+    differ = [f"{f} {getattr(trained, f)} vs {getattr(config, f)}" for f in _ARCHITECTURE
+              if getattr(trained, f) != getattr(config, f)]
+    if differ:
+        raise AdapterMismatchError(f"{what}: the adapters were trained for another model ({'; '.join(differ)})")
+
+
+def check_vocabulary(trained_tokenizer, mask_token: str, tokenizer, what: str) -> None:
+    """Raises AdapterMismatchError unless `tokenizer` is the run's once its `<mask>` is set aside."""
+    vocab = {t: i for t, i in trained_tokenizer.get_vocab().items() if t != mask_token}
+    other = tokenizer.get_vocab()
+    if vocab != other:
+        changed = sorted(set(vocab.items()) ^ set(other.items()), key=lambda x: x[1])[:3]
+        raise AdapterMismatchError(f"{what}: the adapters were trained with another vocabulary ({len(vocab)} vs "
+                                   f"{len(other)} tokens; first differences {changed})")
+
+
+def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None):
+    """(MTPModel, params, tokenizer with <mask>) to decode with a training run's adapters, the model and
+    params in the decoding layout (`layout.prepare`, built here once).
+
+    The base is the run's own (`model.path` of its config) unless `model_path` names another copy of
+    it, which is checked against the run (architecture and vocabulary) first.
+    """
+    from mtp_jax.checkpoints import load_run
+    from mtp_jax.models import load_model, load_tokenizer
+    from mtp_jax.models.loading import resolve_model_dir
+
+    run_dir = absolute(run_dir)
+    if model_path is None:
+        run = load_run(run_dir, step, dtype=dtype)
+        return (*prepare(run.model, run.params), run.tokenizer)
+    run = load_run(run_dir, step, load_base=False, dtype=dtype)
+    m = run.model
+    what = f"--adapter {run_dir} (trained on {run.config.model.path}) with --model {model_path}"
+    check_architecture(m.config, ModelConfig.from_file(resolve_model_dir(model_path) / "config.json"), what)
+    check_vocabulary(run.tokenizer, run.config.mtp.mask_token, load_tokenizer(model_path), what)
+    _, base, config = load_model(model_path, jnp.dtype(m.dtype).name, jnp.dtype(m.param_dtype).name)
+    if resolve_model_dir(model_path) != resolve_model_dir(run.config.model.path):
+        warnings.warn(f"{what}: same architecture and vocabulary, but a different checkpoint; drafts may be "
+                      "accepted less often (output is still exactly this model's)")
+    return (*prepare(MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base}),
+            run.tokenizer)
