@@ -27,8 +27,8 @@ floor_ms = weight bytes / copy bandwidth, the copy bandwidth measured in the sam
 written per second), so floor_ms is the time to read every weight once at the rate a copy moves bytes.
 
 `exactness`: SmolLM2 in bf16 on held-out prompts, speculative greedy vs plain greedy; per mismatch the
-first differing index and the plain model's top-2 logit margin there (teacher-forced forward over the
-prompt and the plain output), a near-tie when that margin is within `near_tie_ulps` bf16 spacings of
+first differing index and the plain decoder's own top-2 logit margin there (the logits its token
+came from), a near-tie when that margin is within `near_tie_ulps` bf16 spacings of
 the top logit (`near_tie`). Writes benchmarks/results/decode_<date>_<device>.json (or --out) and prints a
 table with ratios against the floor, plain decoding and the peer of the same run.
 """
@@ -55,7 +55,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mtp_jax.generate import encode_prompt, eos_ids_of, left_pad  # noqa: E402
+from mtp_jax.decoding.request import encode_prompt, eos_ids_of, left_pad  # noqa: E402
 from mtp_jax.models import LoRAConfig, ModelConfig, load_model, load_tokenizer  # noqa: E402
 from mtp_jax.models.llama import CausalLM  # noqa: E402
 from mtp_jax.models.loading import resolve_model_dir  # noqa: E402
@@ -74,10 +74,13 @@ SMOKE_SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 
 
 # ---------------------------------------------------------------------------------------------------
-# The decoding API, in one place: when decoding moves to mtp_jax/decoding/, switch the imports here.
+# The decoding API, in one place.
 # ---------------------------------------------------------------------------------------------------
-from mtp_jax.decode import for_decoding, load_adapter, speculative_generate  # noqa: E402
-from mtp_jax.generate import compile_seconds, generate  # noqa: E402
+from mtp_jax.decoding.adapter import load_adapter  # noqa: E402
+from mtp_jax.decoding.cli import compile_seconds  # noqa: E402
+from mtp_jax.decoding.layout import prepare  # noqa: E402
+from mtp_jax.decoding.plain import generate, generate_with_logits  # noqa: E402
+from mtp_jax.decoding.speculative import speculative_generate  # noqa: E402
 
 
 def supports_exact() -> bool:
@@ -86,18 +89,20 @@ def supports_exact() -> bool:
 
 
 def prepare_plain(lm: CausalLM, base):
-    """(model, params) of plain decoding, in its decode layout where the library has one."""
-    return lm, base
+    """(model, params) of plain decoding in its decode layout, built once outside the timings."""
+    return prepare(lm, base)
 
 
 def prepare_spec(model: MTPModel, params):
     """(model, params) of speculative decoding in its decode layout, built once outside the timings."""
-    return for_decoding(model, params)
+    return prepare(model, params)
 
 
-def plain_decode(lm, base, prompts, new_tokens, eos, pad_id, exact=False) -> tuple[list[list[int]], int]:
-    """(tokens per row, model calls of the batch)."""
-    kw = {"exact": True} if exact else {}
+def plain_decode(lm, base, prompts, new_tokens, eos, pad_id, exact=False, anchors=None
+                 ) -> tuple[list[list[int]], int]:
+    """(tokens per row, model calls of the batch). exact: `lm, base` are the MTPModel's, and `anchors` the
+    speculative layout whose call shape exact plain decoding runs in."""
+    kw = {"exact": True, "anchors": anchors} if exact else {}
     out = generate(lm, base, prompts, new_tokens, eos, pad_id=pad_id, **kw)
     return out, max(map(len, out))
 
@@ -299,7 +304,8 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
     floor = round(info["weight_bytes"] / bytes_per_ms, 4)
     plain_m, plain_p = prepare_plain(lm, base)
     spec_m, spec_p = prepare_spec(model, params)
-    methods = {"plain": lambda p, n, x: plain_decode(plain_m, plain_p, p, n, NEVER, pad_id, exact=x)}
+    methods = {"plain": lambda p, n, x: plain_decode(spec_m, spec_p, p, n, NEVER, pad_id, True, LAYOUTS["spec_0"])
+               if x else plain_decode(plain_m, plain_p, p, n, NEVER, pad_id)}
     for method, anchors in LAYOUTS.items():
         methods[method] = lambda p, n, x, a=anchors: spec_decode(spec_m, spec_p, p, n, NEVER, pad_id, a, exact=x)
     rows = []
@@ -400,31 +406,27 @@ def exactness(args, pad_id, exact: bool) -> dict:
     spec_m, spec_p = prepare_spec(model, params)
     eos = eos_ids_of(tok, config)
     anchors = LAYOUTS[f"spec_{args.exact_layout}"]
-    logits_fn = jax.jit(lambda p, t: lm.apply({"params": p}, t, method=CausalLM.forward_logits))
     records, mismatches, not_tie, exact_mismatches = [], 0, 0, 0 if exact else None
     for rec in read_prompts(args.exact_prompts)[:1 if args.smoke else None]:
         ids = encode_prompt(tok, rec["input"], chat=True)
-        plain = plain_decode(plain_m, plain_p, [ids], args.exact_tokens, eos, pad_id)[0][0]
+        (plain,), (plain_logits,) = generate_with_logits(plain_m, plain_p, [ids], args.exact_tokens, eos,
+                                                         pad_id=pad_id)
         spec = spec_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, anchors)[0][0]
         entry = {"id": rec["id"], "tokens": len(plain), "equal": spec == plain}
         if spec != plain:
             mismatches += 1
             i = next((j for j, (a, b) in enumerate(zip(spec, plain)) if a != b), min(len(spec), len(plain)))
-            seq = ids + plain
-            padded = np.zeros((1, -(-len(seq) // 64) * 64), np.int32)  # right padding: causal, few compilations
-            padded[0, :len(seq)] = seq
-            logits = np.asarray(logits_fn(plain_p, jnp.asarray(padded))[0, len(ids) + i - 1], np.float32)
+            logits = plain_logits[min(i, len(plain) - 1)]  # the plain decoder's own logits where they part
             top2 = np.sort(logits)[-2:]
             margin = float(top2[1] - top2[0])
             tie = near_tie(margin, float(top2[1]), args.near_tie_ulps)
             not_tie += not tie
             entry |= {"first_difference": i, "top2_margin": round(margin, 5), "top_logit": round(float(top2[1]), 4),
                       "near_tie": tie,
-                      # the teacher-forced forward rounds as a third call shape: its argmax may be either side
-                      "teacher_forced_argmax": int(np.argmax(logits)), "plain_token": int(plain[i]) if i < len(plain)
+                      "plain_argmax": int(np.argmax(logits)), "plain_token": int(plain[i]) if i < len(plain)
                       else None, "spec_token": int(spec[i]) if i < len(spec) else None}
         if exact:
-            e_plain = plain_decode(plain_m, plain_p, [ids], args.exact_tokens, eos, pad_id, exact=True)[0][0]
+            e_plain = plain_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, True, anchors)[0][0]
             e_spec = spec_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, anchors, exact=True)[0][0]
             entry["exact_mode_equal"] = e_spec == e_plain
             exact_mismatches += e_spec != e_plain
@@ -434,7 +436,7 @@ def exactness(args, pad_id, exact: bool) -> dict:
     return {"prompts": len(records), "mismatches": mismatches, "mismatches_not_near_tie": not_tie,
             "exact_mode_mismatches": exact_mismatches, "layout": args.exact_layout, "new_tokens": args.exact_tokens,
             "adapter": args.adapter or "random", "near_tie_ulps": args.near_tie_ulps,
-            "near_tie_definition": "top-2 margin of the plain model's teacher-forced bf16 logits at the first "
+            "near_tie_definition": "top-2 margin of the plain decoder's own bf16 logits at the first "
                                    "differing token <= near_tie_ulps x the bf16 spacing at the top logit "
                                    "(2^(floor(log2|top|) - 7))", "per_prompt": records}
 

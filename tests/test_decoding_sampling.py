@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import mtp_jax.decode as decode_module
-from mtp_jax.generate import Sampling
+import mtp_jax.decoding.speculative as decode_module
+from mtp_jax.decoding.sampling import Sampling
 from mtp_jax.models.llama import CausalLM
-from test_decode import NEVER, tiny_mtp
+from test_decoding_speculative import NEVER, tiny_mtp
 
 VOCAB = 5
 NEW = 8  # emitted tokens checked: k = 3, so at least 2 verification steps, usually 4 to 6
