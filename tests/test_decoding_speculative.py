@@ -2,6 +2,7 @@
 token, sampling draws from the base distribution, and steps/acceptance are what the training-path
 drafts predict. Tiny random models with a small vocabulary, so random adapters get drafts accepted."""
 
+import dataclasses
 import functools
 import itertools
 from pathlib import Path
@@ -146,7 +147,7 @@ def test_mask_states_equal_training_path(setups, kind):
     zero = jnp.zeros(len(prompts), jnp.int32)
     step_tokens = jnp.asarray([row[:K + 1] for row in truth])  # t_0 and k drafts that happen to be right
     states = {}
-    trained = (model.clone(scan_layers=False), {**params, "base": unstack_layers(params["base"], model.config.num_layers),
+    trained = (model.clone(mtp=dataclasses.replace(model.mtp, scan_layers=False)), {**params, "base": unstack_layers(params["base"], model.config.num_layers),
                                                 "lora": unstack_layers(params["lora"], model.config.num_layers)})
     for layout, (m, p) in {"trained": trained, "decoding": prepare(model, params)}.items():
         cache = init_cache(lm.config, len(prompts), slot_valid.shape[1], lm.dtype)
@@ -183,7 +184,7 @@ def test_decoding_layout_casts_params_once_to_the_same_values(setups):
     cfg, lora = fuse_adapters(model.lora, params["lora"])
     cfg, base, lora = adapters_into_base(cfg, params["base"], lora)
     n = model.config.num_layers
-    uncast = (model.clone(lora=cfg, scan_layers=False),
+    uncast = (model.clone(lora=cfg, mtp=dataclasses.replace(model.mtp, scan_layers=False)),
               {**params, "base": unstack_layers(base, n), "lora": unstack_layers(lora, n)})
     cast = prepare(model, params)
     assert {x.dtype for x in jax.tree.leaves(uncast[1])} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
