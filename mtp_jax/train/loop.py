@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from mtp_jax import cli
 from mtp_jax.checkpoints import Checkpointer, committed_steps
 from mtp_jax.config import ConfigError, to_dict
 from mtp_jax.data import batch_iterator, prepare
@@ -32,9 +33,11 @@ from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.paths import absolute, absolute_if_local
 from mtp_jax.sharding import host_to_global, replicated, to_host
 from mtp_jax.train.config import RESUME_KEYS, Config, dotted
-from mtp_jax.train.metrics import MetricWriter, Source, Window, log, progress_line
+from mtp_jax.train.metrics import MetricWriter, Source, Window, progress_line
 from mtp_jax.train.state import Setup, abstract_state, build, model_config, tokenizer_with_mask, training_mesh
 from mtp_jax.train.step import stack_micro_batches, train_step
+
+log = functools.partial(cli.log, "train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's preemption notice: finish the step, save, stop
 
@@ -84,11 +87,6 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
     return run_dir
 
 
-# (step setup, batch shapes) -> compiled train_step: later runs in the same process (tests, sweeps) skip
-# tracing and compiling; the key holds every config section the step function depends on
-_COMPILED: dict[tuple, Any] = {}
-
-
 class Trainer:
     """One invocation of a run: the compiled step, the data, the checkpointer and the metric writer."""
 
@@ -103,27 +101,26 @@ class Trainer:
         self.step_fn = jax.jit(functools.partial(train_step, setup.model, setup.tx, setup.schedule),
                                in_shardings=(setup.state_sh, setup.frozen_sh, None), out_shardings=(setup.state_sh, repl),
                                donate_argnums=0)
-        plain = to_dict(cfg)
-        self.step_key = (json.dumps({**{s: plain[s] for s in ("model", "lora", "mtp", "optim", "mesh")},
-                                     "max_steps": cfg.train.max_steps}, sort_keys=True),
-                         tuple(d.id for d in mesh.devices.flat), self.pcount)
+        self.executables: dict[tuple, Any] = {}  # batch shapes -> the compiled step (training and eval batches)
         self.saved, self.received = None, []  # the newest step this invocation saved; stop signals received
 
     def compiled(self, batch: dict):
-        key = (self.step_key, tuple(v.shape for v in batch.values()))
-        if key not in _COMPILED:
+        """The step compiled for `batch`'s shapes, compiled on first use (JAX's persistent compilation
+        cache, when configured, serves a shape another process compiled)."""
+        key = tuple(v.shape for v in batch.values())
+        if key not in self.executables:
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 t0 = time.time()
                 c = self.step_fn.lower(self.state, self.setup.frozen, batch).compile()
-            msg = f"compiled train_step for batch {key[1][0]} in {time.time() - t0:.1f}s"
+            msg = f"compiled train_step for batch {key[0]} in {time.time() - t0:.1f}s"
             mem = c.memory_analysis() if self.cfg.train.print_memory else None
             if mem is not None:
                 msg += (f"; memory: args {mem.argument_size_in_bytes / 2**20:.1f} MiB, temp "
                         f"{mem.temp_size_in_bytes / 2**20:.1f} MiB, out {mem.output_size_in_bytes / 2**20:.1f} MiB, "
                         f"aliased {mem.alias_size_in_bytes / 2**20:.1f} MiB")
             log(msg)
-            _COMPILED[key] = c
-        return _COMPILED[key]
+            self.executables[key] = c
+        return self.executables[key]
 
     def resume(self):
         restored = self.ckpt.restore(abstract_state(self.setup), self.train_iter)
