@@ -48,7 +48,8 @@ class RunStopped(RuntimeError):
 
 
 def check_inputs(cfg: Config, resume: bool) -> Path:
-    """Every bad input that can be seen without compute: data files, model path, run dir, resume compatibility.
+    """Every bad input that can be seen without compute: data files, model path, positions, run dir, resume
+    compatibility.
 
     Creates the run directory if missing and writes nothing in it (a probe file, removed): a refused
     run leaves an existing run directory as it was.
@@ -61,7 +62,12 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
             resolve_data_file(path)
         except (DataError, FileNotFoundError, OSError) as e:
             raise ConfigError(f"data.{key}: {e}; point it at a .json/.jsonl file or builtin:NAME") from None
-    model_config(cfg)
+    positions = model_config(cfg).max_position_embeddings
+    longest, k = cfg.data.max_total_tokens, cfg.mtp.draft_length
+    if longest - 1 + k >= positions:  # an example's last token sits at position longest - 1, its k masks after it
+        raise ConfigError(f"data.max_total_tokens {longest} with mtp.draft_length {k}: the longest example's "
+                          f"masks reach position {longest - 1 + k}, beyond the model's max_position_embeddings "
+                          f"{positions}; lower data.max_total_tokens to at most {positions - k} or mtp.draft_length")
     run_dir = absolute(cfg.train.save_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
