@@ -80,7 +80,7 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():  # with nothing there, --resume starts the run (a requeued job killed early)
         old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
-        if isinstance((old.get("model") or {}).get("path"), str):  # runs saved before paths were made absolute
+        if isinstance((old.get("model") or {}).get("path"), str):  # a saved relative path is compared as absolute
             old["model"]["path"] = absolute_if_local(old["model"]["path"])
         diff = [f"{k}: checkpoint {dotted(old, k)!r}, now {dotted(new, k)!r}" for k in RESUME_KEYS
                 if dotted(old, k) != dotted(new, k)]
