@@ -17,6 +17,7 @@ bit for bit. Prints a table per cycle and a summary; --out writes them as Markdo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -31,7 +32,6 @@ import jax
 import numpy as np
 
 from mtp_jax.checkpoints import committed_steps, restore_trainable
-from mtp_jax.train.metrics import metrics_by_step
 from _report import ROOT, cpu_name, environment, markdown_table, write_text
 TRAJECTORY = ("loss/", "acc/", "accept_len", "grad_norm", "lr", "skipped", "nonfinite")
 
@@ -86,7 +86,11 @@ def tear_newest(ws: Path) -> int | None:
 
 def result(ws: Path) -> tuple[dict, list]:
     """({step: trajectory metrics}, final params as numpy leaves) of a finished run."""
-    traj = {s: {k: v for k, v in r.items() if k.startswith(TRAJECTORY)} for s, r in metrics_by_step(ws / "run").items()}
+    rows = [json.loads(line) for line in open(ws / "run" / "metrics.jsonl")]
+    rows = [r for r in rows if "loss/total" in r]  # training rows, not eval ones
+    if len({r["step"] for r in rows}) != len(rows):
+        raise ValueError(f"{ws}/run/metrics.jsonl: a step written twice: {[r['step'] for r in rows]}")
+    traj = {r["step"]: {k: v for k, v in r.items() if k.startswith(TRAJECTORY)} for r in rows}
     return traj, jax.tree.leaves(restore_trainable(ws / "run")[1])
 
 

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import orbax.checkpoint as ocp
 import yaml
 from jax.experimental import multihost_utils
 
+from mtp_jax import cli
 from mtp_jax.config import ConfigError, from_dict
 from mtp_jax.models import ModelConfig, load_model
 from mtp_jax.models.loading import SafetensorsReader, resolve_model_dir
@@ -36,6 +36,8 @@ from mtp_jax.mtp.objective import stored_layout
 from mtp_jax.paths import absolute
 from mtp_jax.sharding import to_host
 from mtp_jax.train.config import Config
+
+log = functools.partial(cli.log, "train")
 
 
 class CheckpointError(Exception):
@@ -228,7 +230,7 @@ class Checkpointer:
         or None where no step was committed (a new run, or one stopped before its first save)."""
         steps = committed_steps(self.run_dir)
         if not steps:
-            _log(f"--resume: {self.dir} holds no committed checkpoint (a new run, or one stopped before its first "
+            log(f"--resume: {self.dir} holds no committed checkpoint (a new run, or one stopped before its first "
                  "save): starting at step 0")
             return None
         failed = []
@@ -240,12 +242,12 @@ class Checkpointer:
                     self.manager.close()
                     raise CheckpointError(describe_failure(self.step_dir(step), step, e)) from e
                 failed.append(step)
-                _log(f"checkpoint step {step} ({self.step_dir(step)}) is torn or unreadable: "
+                log(f"checkpoint step {step} ({self.step_dir(step)}) is torn or unreadable: "
                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 continue
             if failed:
                 self._set_aside(failed, step)
-            _log(f"resumed from {self.step_dir(step)} (optimizer step {step})")
+            log(f"resumed from {self.step_dir(step)} (optimizer step {step})")
             return state
         self.manager.close()
         raise CheckpointError(f"--resume: none of the committed checkpoints {steps} in {self.dir} restores "
@@ -258,7 +260,7 @@ class Checkpointer:
         moved = [set_aside(self.run_dir, s) for s in failed] if self.main_process else []
         multihost_utils.sync_global_devices("mtp_jax set aside torn checkpoints")
         self.manager = ocp.CheckpointManager(self.dir, options=self.options)
-        _log(f"resuming from checkpoint step {step} instead of step {failed[0]}, which is torn"
+        log(f"resuming from checkpoint step {step} instead of step {failed[0]}, which is torn"
              + (f"; moved to {', '.join(map(str, moved))}" if moved else ""))
 
     def guard(self, what: str, step: int, fn, *args):
@@ -295,8 +297,3 @@ class Checkpointer:
             self.manager.close()
         except Exception:
             pass
-
-
-def _log(msg: str):
-    if jax.process_index() == 0:
-        print(f"[train] {msg}", file=sys.stderr, flush=True)

@@ -1,6 +1,8 @@
 """`python -m mtp_jax.generate ...`: the decoding CLI (`mtp_jax.decoding.cli`) under its old name,
 and the old import names of plain generation (`mtp_jax.decoding.plain`)."""
 
+import sys
+
 from mtp_jax.decoding.cli import compile_seconds, main
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.request import check_request, encode_prompt, eos_ids_of, left_pad, pad_id_of
@@ -10,4 +12,4 @@ __all__ = ["Sampling", "check_request", "compile_seconds", "encode_prompt", "eos
            "generate", "left_pad", "main", "pad_id_of", "sample_token"]
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

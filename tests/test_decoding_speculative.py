@@ -307,12 +307,18 @@ def test_adapter_for_another_model_or_vocabulary(smollm2_dir):
 @pytest.mark.parametrize("argv,match", [
     (["--adapter", "{tmp}", "--prompt", "hi"], "not a training run directory"),
     (["--adapter", "{tmp}", "--prompt", " "], "empty"),
-    (["--draft_length", "2", "--prompt", "hi"], "need --adapter"),
 ])
 def test_cli_bad_input(tmp_path, capsys, argv, match):
-    with pytest.raises(SystemExit) as exit_:
-        main([a.format(tmp=tmp_path) for a in argv])
-    assert match in str(exit_.value.code) + capsys.readouterr().err
+    """Bad input: exit status 2 and one `error:` line on stderr, no traceback."""
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+        main(["--draft_length", "2", "--prompt", "hi"])
+    assert exit_.value.code == 2 and "need --adapter" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -335,9 +341,9 @@ def test_smollm2_trained_adapter(tmp_path, capsys):
     eos = eos_ids_of(tok, model.config)
     res = speculative_generate(model, params, prompts, 48, eos)
     assert res.tokens == generate(CausalLM(model.config), params["base"], prompts, 48, eos)
-    main(["--adapter", run_dir, "--prompt", texts[0], "--max_new_tokens", "16"])
+    assert main(["--adapter", run_dir, "--prompt", texts[0], "--max_new_tokens", "16"]) == 0
     out = capsys.readouterr()
     assert texts[0] in out.out and "tokens/step" in out.err
     other = save_hf(make_hf_model("llama"), tmp_path / "tiny_llama")
-    with pytest.raises(SystemExit, match="another model"):
-        main(["--adapter", run_dir, "--model", str(other), "--prompt", "hi"])
+    assert main(["--adapter", run_dir, "--model", str(other), "--prompt", "hi"]) == 2
+    assert "another model" in capsys.readouterr().err

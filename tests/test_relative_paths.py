@@ -56,7 +56,7 @@ def test_generate_export_and_resume_take_relative_paths(trained, monkeypatch, ca
     monkeypatch.chdir(trained)
     assert restore_trainable("run")[0] == 2, "the relative run dir's latest step was not restored"
     assert load_run("run").step == 2
-    generate.main(["--adapter", "run", "--prompt", "What is two plus two?", "--raw", "--max_new_tokens", "4"])
+    assert generate.main(["--adapter", "run", "--prompt", "What is two plus two?", "--raw", "--max_new_tokens", "4"]) == 0
     assert "tokens/s" in capsys.readouterr().err, "generate --adapter with a relative run dir printed no report"
     assert export.main(["--run_dir", "run", "--out", "exported", "--dtype", "float32"]) == 0
     assert (trained / "exported" / "config.json").is_file() and (trained / "exported" / "mtp_adapter.safetensors").is_file()

@@ -24,7 +24,6 @@ from conftest import cpu_devices_flags
 from mtp_jax.checkpoints import CheckpointError, committed_steps, nonfinite_leaves, restore_trainable
 from mtp_jax.train.__main__ import main
 from mtp_jax.train.loop import RunStopped, run
-from mtp_jax.train.metrics import metrics_by_step
 from test_train import COMPILE_CACHE, TINY, data_file, tiny  # noqa: F401 (data_file: a fixture)
 
 # every run here: 4 steps, a checkpoint every 2 (both kept), async saves
@@ -108,8 +107,12 @@ def killed_run(tmp, data, point, resume=False):
 
 
 def trajectory(run_dir):
-    """{step: training metrics but timings}; metrics_by_step fails if a step has more than one row."""
-    return {s: {k: v for k, v in r.items() if k.startswith(TRAJECTORY)} for s, r in metrics_by_step(run_dir).items()}
+    """{step: training metrics but timings} from a run's metrics.jsonl (eval rows left out); fails if a step
+    has more than one row (MetricWriter keeps one per step across resumes)."""
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if "loss/total" in r]
+    assert len(steps) == len(set(steps)), f"{run_dir}/metrics.jsonl: steps written twice: {steps}"
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith(TRAJECTORY)} for r in rows if "loss/total" in r}
 
 
 def final_params(run_dir, step=None):

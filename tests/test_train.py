@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mtp_jax.config import load_config
+from mtp_jax.config import ConfigError, load_config
 from mtp_jax.train import Config
-from mtp_jax.train.loop import run
+from mtp_jax.train.loop import check_inputs, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_test.yaml"
@@ -50,7 +50,7 @@ DIST_SCRIPT = r"""
 import json, sys
 import jax
 pid, port, tiny, data, tmp = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-from mtp_jax.config import load_config
+from mtp_jax.config import ConfigError, load_config
 from mtp_jax.train import Config
 from mtp_jax.train.loop import run
 cfg = load_config(Config, tiny, ["--data.train_file", data, "--data.cache_dir", f"{tmp}/cache{pid}",
@@ -81,6 +81,17 @@ def test_two_processes_jax_distributed(tmp_path, data_file):
     got = [json.loads(out.split("LOSSES")[-1]) for out, _ in outs]
     assert len(got[0]) == 3 and got[0] == got[1], f"processes disagree: {got}"
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir(), "no checkpoint from the 2-process run"
+
+
+def test_longest_example_and_its_masks_fit_the_positions(tmp_path, data_file):
+    """The tiny config's longest example (32 tokens) puts its k = 2 masks at positions up to 33: a model
+    with 34 positions takes it, one with 33 is refused before any run file is written."""
+    fits = tiny(tmp_path / "fits", data_file, "--model.config_overrides.max_position_embeddings", "34")
+    assert check_inputs(fits, resume=False) == tmp_path / "fits" / "run"
+    short = tiny(tmp_path / "short", data_file, "--model.config_overrides.max_position_embeddings", "33")
+    with pytest.raises(ConfigError, match="masks reach position 33, beyond the model's max_position_embeddings 33"):
+        check_inputs(short, resume=False)
+    assert not (tmp_path / "short" / "run").exists()
 
 
 def test_bf16_params_keep_their_dtypes_across_steps(tmp_path, data_file):

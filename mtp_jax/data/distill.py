@@ -62,7 +62,7 @@ def load_done(out_path: Path) -> dict[str, str]:
                 if f.tell() != os.fstat(f.fileno()).st_size:
                     raise DataError(f"{out_path}: damaged line before the end at byte {good_end}; "
                                     "not a file written by distill") from None
-                print(f"[distill] cutting a torn last line of {out_path} at byte {good_end}", file=sys.stderr)
+                cli.log("distill", f"cutting a torn last line of {out_path} at byte {good_end}")
                 f.truncate(good_end)
                 break
             good_end += len(raw)
@@ -145,9 +145,9 @@ def _main(argv: list[str]) -> None:
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                         sampling=Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed,
                         chat=not args.raw, limit=args.limit)
-    print(f"[distill] {stats.prompts} prompts: {stats.already_done} already done, {stats.generated} generated "
-          f"({stats.new_tokens} tokens, {stats.hit_length_limit} hit max_new_tokens) in {stats.seconds:.1f}s "
-          f"-> {args.out}", file=sys.stderr)
+    cli.log("distill", f"{stats.prompts} prompts: {stats.already_done} already done, {stats.generated} generated "
+                       f"({stats.new_tokens} tokens, {stats.hit_length_limit} hit max_new_tokens) in "
+                       f"{stats.seconds:.1f}s -> {args.out}")
 
 
 if __name__ == "__main__":

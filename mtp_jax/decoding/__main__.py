@@ -1,3 +1,5 @@
+import sys
+
 from mtp_jax.decoding.cli import main
 
-main()
+sys.exit(main())

@@ -18,12 +18,16 @@ from typing import Any, Sequence
 
 import jax
 
+from mtp_jax import cli
+from mtp_jax.checkpoints import CheckpointError
+from mtp_jax.data.readers import read_records
 from mtp_jax.decoding.adapter import load_adapter
 from mtp_jax.decoding.layout import prepare
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.request import encode_prompt, eos_ids_of, pad_id_of
 from mtp_jax.decoding.sampling import Sampling
 from mtp_jax.decoding.speculative import speculative_generate, speculative_stream
+from mtp_jax.models.loading import load_model, load_tokenizer
 from mtp_jax.paths import absolute, absolute_file
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -59,11 +63,12 @@ def _stream_one(stream, tokenizer) -> tuple[list[int], Any]:
     return tokens, result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from mtp_jax.checkpoints import CheckpointError
-    from mtp_jax.data.readers import DataError, read_records
-    from mtp_jax.models.loading import load_model, load_tokenizer
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0: done; 2: bad input (flags, prompts, model, adapter run), one `error:` line on stderr."""
+    return cli.run_main(_main, argv, errors=(CheckpointError, ValueError))  # ValueError: a bad request or prompt
 
+
+def _main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m mtp_jax.decoding", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF dir, .gguf file or alias (default: the adapter run's base, "
@@ -90,54 +95,51 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error("--step, --draft_length, --anchors and --lossy need --adapter")
     if args.batch_size < 1:
         ap.error("--batch_size must be >= 1")
-    try:
-        texts = list(args.prompt or [])
-        if args.prompts:
-            texts += [r.input for r in read_records(args.prompts, require_output=False)]
-        texts = texts or ["Write a Python function that checks whether a number is prime."]
-        empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
-        if empty:
-            raise ValueError(f"prompt(s) {empty} are empty")
-        sampling = Sampling(args.temperature, args.top_k, args.top_p)
-        if args.adapter:
-            model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype)
-            config = model.config
-        else:
-            path = args.model or "smollm2-135m-instruct"
-            model, params, config = load_model(path, dtype=args.dtype or "float32")
-            model, params = prepare(model, params)
-            tokenizer = load_tokenizer(path)
-        ids = [encode_prompt(tokenizer, p, not args.raw) for p in texts]
-        eos = eos_ids_of(tokenizer, config)
-        pad_id = pad_id_of(tokenizer, eos)
-        anchors = None if args.anchors is None else [int(a) for a in args.anchors.split(",")]
-        spec = dict(draft_length=args.draft_length, anchors=anchors, lossy=args.lossy)
-        n_tokens, steps, accepted, offered = 0, 0, 0, 0
-        t0 = time.perf_counter()
-        with compile_seconds() as compiling:
-            for start in range(0, len(ids), args.batch_size):
-                batch, batch_texts = ids[start:start + args.batch_size], texts[start:start + args.batch_size]
-                seed = args.seed + start
-                if args.adapter and len(batch) == 1:
-                    print(f">>> {batch_texts[0]}", flush=True)
-                    out, result = _stream_one(speculative_stream(model, params, batch, args.max_new_tokens, eos,
-                                                                 sampling, seed, pad_id, **spec), tokenizer)
-                    outs = [out]
-                else:
-                    if args.adapter:
-                        result = speculative_generate(model, params, batch, args.max_new_tokens, eos, sampling, seed,
-                                                      pad_id, **spec)
-                        outs = result.tokens
-                    else:
-                        outs = generate(model, params, batch, args.max_new_tokens, eos, sampling, seed, pad_id)
-                    for prompt, out in zip(batch_texts, outs):
-                        print(f">>> {prompt}\n{tokenizer.decode(out, skip_special_tokens=True)}\n", flush=True)
-                n_tokens += sum(map(len, outs))
+    texts = list(args.prompt or [])
+    if args.prompts:
+        texts += [r.input for r in read_records(args.prompts, require_output=False)]
+    texts = texts or ["Write a Python function that checks whether a number is prime."]
+    empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise ValueError(f"prompt(s) {empty} are empty")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.adapter:
+        model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype)
+        config = model.config
+    else:
+        path = args.model or "smollm2-135m-instruct"
+        model, params, config = load_model(path, dtype=args.dtype or "float32")
+        model, params = prepare(model, params)
+        tokenizer = load_tokenizer(path)
+    ids = [encode_prompt(tokenizer, p, not args.raw) for p in texts]
+    eos = eos_ids_of(tokenizer, config)
+    pad_id = pad_id_of(tokenizer, eos)
+    anchors = None if args.anchors is None else [int(a) for a in args.anchors.split(",")]
+    spec = dict(draft_length=args.draft_length, anchors=anchors, lossy=args.lossy)
+    n_tokens, steps, accepted, offered = 0, 0, 0, 0
+    t0 = time.perf_counter()
+    with compile_seconds() as compiling:
+        for start in range(0, len(ids), args.batch_size):
+            batch, batch_texts = ids[start:start + args.batch_size], texts[start:start + args.batch_size]
+            seed = args.seed + start
+            if args.adapter and len(batch) == 1:
+                print(f">>> {batch_texts[0]}", flush=True)
+                out, result = _stream_one(speculative_stream(model, params, batch, args.max_new_tokens, eos,
+                                                             sampling, seed, pad_id, **spec), tokenizer)
+                outs = [out]
+            else:
                 if args.adapter:
-                    steps += int(result.steps.sum())
-                    accepted, offered = accepted + result.accepted.sum(0), offered + result.offered.sum(0)
-    except (CheckpointError, DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+                    result = speculative_generate(model, params, batch, args.max_new_tokens, eos, sampling, seed,
+                                                  pad_id, **spec)
+                    outs = result.tokens
+                else:
+                    outs = generate(model, params, batch, args.max_new_tokens, eos, sampling, seed, pad_id)
+                for prompt, out in zip(batch_texts, outs):
+                    print(f">>> {prompt}\n{tokenizer.decode(out, skip_special_tokens=True)}\n", flush=True)
+            n_tokens += sum(map(len, outs))
+            if args.adapter:
+                steps += int(result.steps.sum())
+                accepted, offered = accepted + result.accepted.sum(0), offered + result.offered.sum(0)
     elapsed = time.perf_counter() - t0
     run_s = max(elapsed - compiling[0], 1e-9)
     line = f"[{n_tokens} tokens in {elapsed:.2f}s: {n_tokens / run_s:.1f} tokens/s without the {compiling[0]:.1f}s " \

@@ -143,9 +143,10 @@ def attention_lse(q, k, v, mask, key_count, causal: bool, impl: str):
     """(out, lse fp32) of jax.nn.dot_product_attention with the LSE's gradient wrt q restored.
 
     jax's attention VJPs (cuDNN's and XLA's, jax 0.10-0.11) drop the cotangent of the returned LSE, and
-    the two-stream merge needs it: without it the q-projection adapters' gradients were off by ~15% on
-    the tiny oracle. d lse / d q = scale * sum_j p_j k_j = scale * attention(q, k, k), one more
-    attention call in the backward. k and v get no LSE term: they are the regular stream's K/V, under
+    the two-stream merge needs it: the merged output depends on q through each part's LSE, so without it
+    the q-projection adapters' gradients are wrong (test_mtp.py: test_attention_lse_gradient_reaches_q).
+    d lse / d q = scale * sum_j p_j k_j = scale * attention(q, k, k), one more attention call in the
+    backward. k and v get no LSE term: they are the regular stream's K/V, under
     stop_gradient."""
     out, lse = _fused(q, k, v, mask, key_count, causal, impl, return_residual=True)
     return out, lse.astype(jnp.float32)
@@ -205,7 +206,7 @@ def _softmax_attention(q, k, v, mask):
 
 # The XLA path: jax's XLA dot_product_attention (0.10) returns the LSE residual without a gradient, and the
 # merge needs d(lse)/dq. Rematerialised: the backward recomputes the [queries, keys] scores rather than
-# keeping them for every layer (97 GB for SmolLM2-135M at 16 x 512 tokens, k = 4).
+# keeping every layer's fp32 scores, which grow with queries x keys, alive until the backward.
 _xla_prefix_attention = jax.checkpoint(_softmax_attention)
 
 

@@ -94,7 +94,7 @@ def _chunks(model: MTPModel, batch: dict):
     per-anchor arrays, each row's anchors with a valid pair first (in position order), so that prompt
     tokens, padding and the last token of each example cost nothing once chunks past the fullest
     row's count are skipped. Teacher hidden states are gathered per chunk (`rows_ahead`), never for all
-    anchors at once ([b, length, k+1, hidden]: 5 GB at 128k tokens)."""
+    anchors at once ([b, length, k+1, hidden]: 5 GB in bf16 for Qwen3-8B, k = 4, at 128k tokens)."""
     k = model.mtp.draft_length
     b, length = batch["tokens"].shape
     c = model.mtp.chunk_size or length
@@ -174,11 +174,12 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
 
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: chunk(0, 0, c)))
 
-    # Only chunks up to the fullest row's last anchor with a valid pair run; the loop stops there. (A loop
-    # over all chunks with a lax.cond skipping the empty ones deadlocked XLA:CPU's emulated multi-device
-    # meshes: the devices reached the cond's collectives and the ones outside it in different orders.)
-    # With a tail chunk, what the full chunks leave runs in chunks of `tail`: a second compiled body, for
-    # less padding (at 4k tokens, 513 of 4,096 anchor slots of 1,024-chunks held no anchor).
+    # Only chunks up to the fullest row's last anchor with a valid pair run; the loop stops there. (Not a
+    # loop over all chunks with a lax.cond skipping the empty ones: that puts collectives inside the cond,
+    # and on XLA:CPU's emulated multi-device meshes the devices can reach those and the ones outside it in
+    # different orders, a deadlock.) With a tail chunk, what the full chunks leave runs in chunks of `tail`:
+    # a second compiled body, for less padding (the last chunk pads fewer than `tail` anchor slots, not up
+    # to chunk_size - 1).
     full = anchors // c if tail else -(-anchors // c)
     carry = jax.lax.fori_loop(0, full, lambda i, carry: jax.tree.map(jnp.add, carry, chunk(i, i * c, c)), zero)
     if tail:

@@ -14,12 +14,9 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from mtp_jax import cli
 from mtp_jax.checkpoints import CheckpointError, SaveError
 from mtp_jax.config import ConfigError, load_config
-from mtp_jax.data.readers import DataError
-from mtp_jax.models.config import UnsupportedModelError
-from mtp_jax.models.loading import ModelLoadError
-from mtp_jax.mtp.mask_token import MaskTokenError
 from mtp_jax.train.config import Config
 from mtp_jax.train.loop import RunStopped, run
 
@@ -49,20 +46,16 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, bool, list[str]]:
     return config_path, resume, rest
 
 
+def _main(argv: list[str]) -> None:
+    config_path, resume, overrides = parse_args(argv)
+    run(load_config(Config, config_path, overrides), resume)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0: done; 2: bad input (config, data, model, checkpoint), refused before training;
     1: the run stopped part-way (RunStopped: non-finite streak, a stop signal; SaveError: a failed save),
     the last good checkpoint named."""
-    try:
-        config_path, resume, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        run(load_config(Config, config_path, overrides), resume)
-    except (ConfigError, DataError, ModelLoadError, UnsupportedModelError, CheckpointError, MaskTokenError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (RunStopped, SaveError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run_main(_main, argv, errors=(CheckpointError,), stopped=(RunStopped, SaveError))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from mtp_jax import cli
 from mtp_jax.checkpoints import Checkpointer, committed_steps
 from mtp_jax.config import ConfigError, to_dict
 from mtp_jax.data import batch_iterator, prepare
@@ -32,9 +33,11 @@ from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.paths import absolute, absolute_if_local
 from mtp_jax.sharding import host_to_global, replicated, to_host
 from mtp_jax.train.config import RESUME_KEYS, Config, dotted
-from mtp_jax.train.metrics import MetricWriter, Source, Window, log, progress_line
+from mtp_jax.train.metrics import MetricWriter, Source, Window, progress_line
 from mtp_jax.train.state import Setup, abstract_state, build, model_config, tokenizer_with_mask, training_mesh
 from mtp_jax.train.step import stack_micro_batches, train_step
+
+log = functools.partial(cli.log, "train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's preemption notice: finish the step, save, stop
 
@@ -45,7 +48,8 @@ class RunStopped(RuntimeError):
 
 
 def check_inputs(cfg: Config, resume: bool) -> Path:
-    """Every bad input that can be seen without compute: data files, model path, run dir, resume compatibility.
+    """Every bad input that can be seen without compute: data files, model path, positions, run dir, resume
+    compatibility.
 
     Creates the run directory if missing and writes nothing in it (a probe file, removed): a refused
     run leaves an existing run directory as it was.
@@ -58,7 +62,12 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
             resolve_data_file(path)
         except (DataError, FileNotFoundError, OSError) as e:
             raise ConfigError(f"data.{key}: {e}; point it at a .json/.jsonl file or builtin:NAME") from None
-    model_config(cfg)
+    positions = model_config(cfg).max_position_embeddings
+    longest, k = cfg.data.max_total_tokens, cfg.mtp.draft_length
+    if longest - 1 + k >= positions:  # an example's last token sits at position longest - 1, its k masks after it
+        raise ConfigError(f"data.max_total_tokens {longest} with mtp.draft_length {k}: the longest example's "
+                          f"masks reach position {longest - 1 + k}, beyond the model's max_position_embeddings "
+                          f"{positions}; lower data.max_total_tokens to at most {positions - k} or mtp.draft_length")
     run_dir = absolute(cfg.train.save_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +80,7 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():  # with nothing there, --resume starts the run (a requeued job killed early)
         old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
-        if isinstance((old.get("model") or {}).get("path"), str):  # runs saved before paths were made absolute
+        if isinstance((old.get("model") or {}).get("path"), str):  # a saved relative path is compared as absolute
             old["model"]["path"] = absolute_if_local(old["model"]["path"])
         diff = [f"{k}: checkpoint {dotted(old, k)!r}, now {dotted(new, k)!r}" for k in RESUME_KEYS
                 if dotted(old, k) != dotted(new, k)]
@@ -82,11 +91,6 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
         raise ConfigError(f"train.save_dir: {run_dir} already holds checkpoints; pass --resume to continue "
                           "or choose a new save_dir")
     return run_dir
-
-
-# (step setup, batch shapes) -> compiled train_step: later runs in the same process (tests, sweeps) skip
-# tracing and compiling; the key holds every config section the step function depends on
-_COMPILED: dict[tuple, Any] = {}
 
 
 class Trainer:
@@ -103,27 +107,26 @@ class Trainer:
         self.step_fn = jax.jit(functools.partial(train_step, setup.model, setup.tx, setup.schedule),
                                in_shardings=(setup.state_sh, setup.frozen_sh, None), out_shardings=(setup.state_sh, repl),
                                donate_argnums=0)
-        plain = to_dict(cfg)
-        self.step_key = (json.dumps({**{s: plain[s] for s in ("model", "lora", "mtp", "optim", "mesh")},
-                                     "max_steps": cfg.train.max_steps}, sort_keys=True),
-                         tuple(d.id for d in mesh.devices.flat), self.pcount)
+        self.executables: dict[tuple, Any] = {}  # batch shapes -> the compiled step (training and eval batches)
         self.saved, self.received = None, []  # the newest step this invocation saved; stop signals received
 
     def compiled(self, batch: dict):
-        key = (self.step_key, tuple(v.shape for v in batch.values()))
-        if key not in _COMPILED:
+        """The step compiled for `batch`'s shapes, compiled on first use (JAX's persistent compilation
+        cache, when configured, serves a shape another process compiled)."""
+        key = tuple(v.shape for v in batch.values())
+        if key not in self.executables:
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 t0 = time.time()
                 c = self.step_fn.lower(self.state, self.setup.frozen, batch).compile()
-            msg = f"compiled train_step for batch {key[1][0]} in {time.time() - t0:.1f}s"
+            msg = f"compiled train_step for batch {key[0]} in {time.time() - t0:.1f}s"
             mem = c.memory_analysis() if self.cfg.train.print_memory else None
             if mem is not None:
                 msg += (f"; memory: args {mem.argument_size_in_bytes / 2**20:.1f} MiB, temp "
                         f"{mem.temp_size_in_bytes / 2**20:.1f} MiB, out {mem.output_size_in_bytes / 2**20:.1f} MiB, "
                         f"aliased {mem.alias_size_in_bytes / 2**20:.1f} MiB")
             log(msg)
-            _COMPILED[key] = c
-        return _COMPILED[key]
+            self.executables[key] = c
+        return self.executables[key]
 
     def resume(self):
         restored = self.ckpt.restore(abstract_state(self.setup), self.train_iter)

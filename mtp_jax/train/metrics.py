@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +19,6 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from mtp_jax.sharding import to_host
-
-
-def log(msg: str):
-    if jax.process_index() == 0:
-        print(f"[train] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -131,12 +125,3 @@ def trim_metrics(path: Path, through_step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
-
-
-def metrics_by_step(run_dir: str | Path) -> dict[int, dict]:
-    """{optimizer step: its training metrics row} from a run's metrics.jsonl (eval rows left out)."""
-    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-    steps = [r["step"] for r in rows if "loss/total" in r]
-    if len(steps) != len(set(steps)):
-        raise ValueError(f"{run_dir}/metrics.jsonl: steps written twice: {steps}")
-    return {r["step"]: r for r in rows if "loss/total" in r}

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from mtp_jax import cli
 from mtp_jax.config import ConfigError
 from mtp_jax.models import ModelConfig, load_model, load_tokenizer, resolve_model_dir
 from mtp_jax.models.llama import CausalLM
@@ -31,8 +32,9 @@ from mtp_jax.mtp.model import MTPModel
 from mtp_jax.mtp.objective import init_args, init_params, stored_layout, trainable_keys, training_layout
 from mtp_jax.sharding import axes_across_processes, logical_shardings, make_mesh, replicated
 from mtp_jax.train.config import Config
-from mtp_jax.train.metrics import log
 from mtp_jax.train.step import make_optimizer
+
+log = functools.partial(cli.log, "train")
 
 
 def training_mesh(cfg: Config) -> tuple[Mesh, Any]:

@@ -160,6 +160,9 @@ CASES = [
     Case("config_tokenizer_larger_than_model", r"49152 tokens but the model's embedding table has 1000 rows",
          r"model\.tokenizer: smollm2-135m-instruct", r"use the base model's own tokenizer",
          argv=("--model.config_overrides.vocab_size", "1000")),
+    Case("config_longer_than_the_model", r"masks reach position 33, beyond the model's max_position_embeddings 32",
+         r"data\.max_total_tokens 32 with mtp\.draft_length 2", r"lower data\.max_total_tokens to at most 30",
+         argv=("--model.config_overrides.max_position_embeddings", "32")),
     Case("config_overrides_need_random_init", r"config_overrides needs model\.random_init: true", r"model",
          r"real weights fix the shapes", argv=("--model.random_init", "false")),
     # CLI flags
