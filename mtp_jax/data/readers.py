@@ -310,6 +310,7 @@ def _columnar_records(path: Path, files: list[Path]):
             for obj in batch.to_pylist():
                 number += 1
                 row += 1
+                obj = {k: v for k, v in obj.items() if v is not None}  # a table of mixed formats has null cells
                 yield number, 0, f"row {row} of {file.name}" if file != path else f"row {row}", obj, None
 
 
