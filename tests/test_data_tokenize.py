@@ -29,7 +29,8 @@ def bos_tok(tok):
     return t
 
 
-REC = [Record.pair("What is 2 + 2?", "2 + 2 = 4.", 1, 1), Record.pair("Write a haiku about rain.", "Soft rain on the roof.", 2, 2)]
+REC = [Record.pair("What is 2 + 2?", "2 + 2 = 4.", 1, 1),
+       Record.pair("Write a haiku about rain.", "Soft rain on the roof.", 2, 2)]
 
 
 def test_chat_tokens_match_apply_chat_template(tok):

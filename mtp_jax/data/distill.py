@@ -210,7 +210,8 @@ def _main(argv: list[str]) -> None:
                         sampling=Sampling(args.temperature, args.top_k, args.top_p), seed=args.seed,
                         chat=not args.raw, limit=args.limit, all_turns=args.all_turns)
     print(f"[distill] {stats.prompts} prompts: {stats.already_done} already done, {stats.generated} generated "
-          f"({stats.turns} turns, {stats.new_tokens} tokens, {stats.hit_length_limit} hit max_new_tokens) in {stats.seconds:.1f}s "
+          f"({stats.turns} turns, {stats.new_tokens} tokens, {stats.hit_length_limit} hit max_new_tokens) "
+          f"in {stats.seconds:.1f}s "
           f"-> {args.out}", file=sys.stderr)
 
 

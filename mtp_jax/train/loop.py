@@ -57,7 +57,8 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
         try:
             resolve_data_file(path)
         except (DataError, FileNotFoundError, OSError) as e:
-            raise ConfigError(f"data.{key}: {e}; point it at a .json/.jsonl/.parquet/.arrow file, a directory of parquet/arrow files or builtin:NAME") from None
+            raise ConfigError(f"data.{key}: {e}; point it at a .json/.jsonl/.parquet/.arrow file, a directory of "
+                              "parquet/arrow files or builtin:NAME") from None
     model_config(cfg)
     run_dir = absolute(cfg.train.save_dir)
     try:
@@ -278,7 +279,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
     train_iter = batch_iterator(cfg.data, tokenizer, k, split="train", process_index=jax.process_index(),
                                 process_count=jax.process_count(), one_span=one_span)
     if cfg.data.eval_file is not None:
-        prepare(cfg.data, tokenizer, k, split="eval", one_span=one_span)  # a bad eval file fails now, not after training
+        # a bad eval file fails now, not after training
+        prepare(cfg.data, tokenizer, k, split="eval", one_span=one_span)
     trainer = Trainer(cfg, run_dir, build(cfg, config, mesh, rules, text_vocab), mesh, rules, tokenizer, train_iter)
     if resume:
         trainer.resume()
