@@ -55,7 +55,8 @@ def test_hit_on_rerun_and_contents(tmp_path, tok):
     from array_record.python.array_record_module import ArrayRecordReader
 
     reader = ArrayRecordReader(second.shards[0])
-    tokens, prompt_len = decode_example(reader.read([0])[0])
+    tokens, spans = decode_example(reader.read([0])[0])
+    prompt_len = spans[0, 0]
     user = [{"role": "user", "content": json.loads(open(data).readline())["input"]}]
     assert tokens[:prompt_len].tolist() == list(tok.apply_chat_template(user, add_generation_prompt=True,
                                                                            return_dict=False))

@@ -65,7 +65,7 @@ def test_eval_covers_every_example_once(setup):
                      for r in range(b["tokens"].shape[0]))
     assert n_examples == len(cache)
     assert sum(int((b["segment_ids"] > 0).sum()) for b in batches) == int(cache.lengths.sum())
-    assert sum(int(b["response_mask"].sum()) for b in batches) == int((cache.lengths - cache.prompt_lens).sum())
+    assert sum(int(b["response_mask"].sum()) for b in batches) == int(cache.anchors.sum())
 
 
 def test_deterministic_by_seed(setup):

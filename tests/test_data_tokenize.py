@@ -29,7 +29,8 @@ def bos_tok(tok):
     return t
 
 
-REC = [Record("What is 2 + 2?", "2 + 2 = 4.", 1, 1), Record("Write a haiku about rain.", "Soft rain on the roof.", 2, 2)]
+REC = [Record.pair("What is 2 + 2?", "2 + 2 = 4.", 1, 1),
+       Record.pair("Write a haiku about rain.", "Soft rain on the roof.", 2, 2)]
 
 
 def test_chat_tokens_match_apply_chat_template(tok):
@@ -57,21 +58,21 @@ def test_chat_without_template_is_an_error(tok):
 
 
 def test_truncate_keeps_prompt_end_and_cuts_response(tok):
-    long = [Record("one two three " * 200, "four five six " * 200, 1, 1)]
+    long = [Record.pair("one two three " * 200, "four five six " * 200, 1, 1)]
     ex = tokenize_records(tok, long, TokenizeParams("chat", max_prompt_tokens=64, max_total_tokens=100), "f")[0]
     assert isinstance(ex, Example) and ex.truncated
     assert ex.prompt_len == 64 and len(ex.tokens) == 100
 
 
 def test_drop_policy_names_the_record(tok):
-    long = [Record("one two three " * 200, "x", 7, 9)]
+    long = [Record.pair("one two three " * 200, "x", 7, 9)]
     err = tokenize_records(tok, long, TokenizeParams("chat", 64, 100, "drop"), "data.jsonl")[0]
     assert isinstance(err, DataError)
     assert "data.jsonl: record 7 (line 9): prompt has" in str(err)
 
 
 def test_megabyte_record_beyond_max_length(tok):
-    big = [Record("q", "word " * 200_000, 1, 1)]  # ~1 MB response
+    big = [Record.pair("q", "word " * 200_000, 1, 1)]  # ~1 MB response
     ex = tokenize_records(tok, big, TokenizeParams("chat", 64, 256), "f")[0]
     assert len(ex.tokens) == 256 and ex.truncated
     err = tokenize_records(tok, big, TokenizeParams("chat", 64, 256, "drop"), "f")[0]

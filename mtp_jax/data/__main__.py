@@ -2,6 +2,9 @@
 
 python -m mtp_jax.data --model smollm2-135m-instruct --draft_length 4 [--on_bad_record skip]
     [--rebuild_cache] [--data.train_file f.jsonl --data.max_total_tokens 4096 ...]
+
+Prints per split the examples, anchors (response tokens) and tokens, in total and per record format
+(input-output, messages, prompt-completion).
 """
 
 from __future__ import annotations
@@ -46,9 +49,12 @@ def _main(argv: list[str]) -> None:
             continue
         cache = prepare(cfg, tokenizer, args.draft_length, split)
         m = cache.manifest
-        print(f"{split}: {m['examples']} examples, {m['tokens']} tokens ({m['response_tokens']} response), "
-              f"{m['skipped']} bad records skipped, {m['truncated']} truncated, {cache.short_responses(args.draft_length)} responses "
-              f"shorter than k={args.draft_length}; {'built' if cache.built else 'reused'} {cache.path}")
+        print(f"{split}: {m['examples']} examples, {m['anchors']} anchors, {m['tokens']} tokens, "
+              f"{m['skipped']} bad records skipped, {m['truncated']} truncated, {m['multi_span']} multi-turn, "
+              f"{cache.short_responses(args.draft_length)} with fewer anchors than k={args.draft_length}; "
+              f"{'built' if cache.built else 'reused'} {cache.path}")
+        for form, n in sorted(m["formats"].items()):
+            print(f"  {form}: {n['examples']} examples, {n['anchors']} anchors, {n['tokens']} tokens")
 
 
 if __name__ == "__main__":

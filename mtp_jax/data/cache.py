@@ -24,13 +24,14 @@ from typing import Iterator, Literal
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from mtp_jax.data.readers import DataError, ReadStats, read_records, resolve_data_file
+from mtp_jax.data.readers import DataError, ReadStats, columnar_files, read_records, resolve_data_file
 from mtp_jax.data.tokenize import Example, TokenizeParams, tokenize_records, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: draft_length left the key and the manifest
-_HEADER = 2  # int32 record number, int32 prompt_len, then the tokens
+# 2: draft_length left the key and the manifest; 3: response spans (multi-turn) instead of one prompt length
+FORMAT_VERSION = 3
+# an example: int32 record number, int32 span count n, n x (start, end), then the tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ class CachedDataset:
     path: Path
     shards: tuple[str, ...]
     lengths: np.ndarray  # int32 [n]: tokens per example
-    prompt_lens: np.ndarray  # int32 [n]
+    anchors: np.ndarray  # int32 [n]: response tokens per example
+    spans: np.ndarray  # int32 [n]: response spans (assistant turns) per example
     manifest: dict
     built: bool  # this call built it (False: reused)
 
@@ -60,22 +62,32 @@ class CachedDataset:
 
     def short_responses(self, draft_length: int) -> int:
         """Examples with fewer than `draft_length` response tokens."""
-        return int(np.sum(self.lengths - self.prompt_lens < draft_length))
+        return int(np.sum(self.anchors < draft_length))
+
+    @property
+    def multi_span(self) -> int:
+        """Examples with several response spans (multi-turn conversations)."""
+        return int(np.sum(self.spans > 1))
 
 
 def encode_example(ex: Example) -> bytes:
-    return np.concatenate([np.asarray([ex.number, ex.prompt_len], np.int32), ex.tokens.astype(np.int32)]).tobytes()
+    header = [ex.number, len(ex.spans)] + [i for span in ex.spans for i in span]
+    return np.concatenate([np.asarray(header, np.int32), ex.tokens.astype(np.int32)]).tobytes()
 
 
-def decode_example(data: bytes) -> tuple[np.ndarray, int]:
-    """(tokens int32 [length], prompt_len)."""
+def decode_example(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [length], response spans int32 [spans, 2] of [start, end))."""
     arr = np.frombuffer(data, np.int32)
-    return arr[_HEADER:], int(arr[1])
+    n = int(arr[1])
+    return arr[2 + 2 * n:], arr[2:2 + 2 * n].reshape(n, 2)
 
 
 def file_fingerprint(path: Path) -> dict:
     """Path, size, mtime and a hash of the first and last MiB: cheap for a 10 GB file, and a rewrite
-    of the same size within the mtime resolution still changes the head or tail hash."""
+    of the same size within the mtime resolution still changes the head or tail hash. A directory:
+    the same for each of its data files."""
+    if path.is_dir():
+        return {"path": str(path.resolve()), "files": [file_fingerprint(f) for f in columnar_files(path)]}
     st = path.stat()
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -107,7 +119,7 @@ def open_cache(path: Path, built: bool = False) -> CachedDataset:
     manifest = json.loads((path / "manifest.json").read_text())
     lengths = np.load(path / "lengths.npy")
     return CachedDataset(path, tuple(str(path / s["file"]) for s in manifest["shards"]), lengths[:, 0].copy(),
-                         lengths[:, 1].copy(), manifest, built)
+                         lengths[:, 1].copy(), lengths[:, 2].copy(), manifest, built)
 
 
 def build_cache(data_file, tokenizer, params: BuildParams, cache_root, rebuild: bool = False,
@@ -159,7 +171,8 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
     t0 = time.perf_counter()
     stats = ReadStats()
     tok_params = params.tokenize
-    lengths: list[tuple[int, int]] = []
+    lengths: list[tuple[int, int, int]] = []
+    forms: dict[str, dict[str, int]] = {}
     shards: list[dict] = []
     writer = None
     counts = {"truncated": 0, "skipped_tokenize": 0}
@@ -182,8 +195,12 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
                 shards.append({"file": name, "examples": 0})
             writer.write(encode_example(ex))
             shards[-1]["examples"] += 1
-            lengths.append((len(ex.tokens), ex.prompt_len))
+            lengths.append((len(ex.tokens), ex.anchors, len(ex.spans)))
             counts["truncated"] += ex.truncated
+            form = forms.setdefault(ex.form, {"examples": 0, "anchors": 0, "tokens": 0})
+            form["examples"] += 1
+            form["anchors"] += ex.anchors
+            form["tokens"] += len(ex.tokens)
     if writer is not None:
         writer.close()
     skipped = stats.skipped + counts["skipped_tokenize"]
@@ -197,7 +214,8 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
     manifest = {
         "format_version": FORMAT_VERSION, "key": key, "source": source, "tokenizer_fingerprint": tokenizer_fp,
         "params": dataclasses.asdict(params), "pad_id": int(pad_id), "examples": len(lengths),
-        "tokens": int(arr[:, 0].sum()), "response_tokens": int((arr[:, 0] - arr[:, 1]).sum()),
+        "tokens": int(arr[:, 0].sum()), "anchors": int(arr[:, 1].sum()), "multi_span": int((arr[:, 2] > 1).sum()),
+        "formats": forms,
         "skipped": skipped, "skipped_examples": (stats.skipped_examples + skipped_examples)[:5],
         "truncated": counts["truncated"], "shards": shards,
         "build_seconds": round(time.perf_counter() - t0, 3), "builder_pid": os.getpid(),

@@ -7,7 +7,7 @@ Every process computes the same plan and takes its slice of the rows of each glo
 row length L (a bucket) agrees across hosts. The grain iterator's state is the next batch index.
 
 Batch: tokens int32 [B, L], positions int32 [B, L] (restart at 0 per example), segment_ids int32
-[B, L] (0 = padding, 1.. = example in row), response_mask bool [B, L] (response tokens = anchors).
+[B, L] (0 = padding, 1.. = example in row), response_mask bool [B, L] (response tokens = anchors: every assistant turn of a conversation).
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ class PackedBatches(grain.MapDataset):
             raise ValueError(f"process_index {process_index} outside [0, {process_count})")
         self._source = grain.sources.ArrayRecordDataSource(list(cache.shards))
         self._lengths = cache.lengths
-        self._prompt_lens = cache.prompt_lens
         self._pad_id = cache.pad_id
         self._capacity = cfg.row_capacity if cfg.packing else cfg.max_total_tokens
         self._plan_args = dict(batch_size=cfg.batch_size, capacity=self._capacity,
@@ -154,12 +153,13 @@ class PackedBatches(grain.MapDataset):
         for r, row in enumerate(rows):
             at = 0
             for seg, _ in enumerate(row, 1):
-                toks, prompt_len = decode_example(next(records))
+                toks, spans = decode_example(next(records))
                 n = len(toks)
                 tokens[r, at:at + n] = toks
                 positions[r, at:at + n] = np.arange(n)
                 segment_ids[r, at:at + n] = seg
-                response_mask[r, at + prompt_len:at + n] = True
+                for start, end in spans:
+                    response_mask[r, at + start:at + end] = True
                 at += n
         return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "response_mask": response_mask}
 
@@ -172,13 +172,18 @@ def build_params(cfg: DataConfig) -> BuildParams:
                        cfg.on_bad_record, cfg.examples_per_shard)
 
 
-def prepare(cfg: DataConfig, tokenizer, draft_length: int, split: str = "train") -> CachedDataset:
+def prepare(cfg: DataConfig, tokenizer, draft_length: int, split: str = "train", one_span: bool = False
+            ) -> CachedDataset:
     """The cache of cfg.train_file (split='train') or cfg.eval_file (split='eval'), built if needed. The
-    cache is the same for every draft_length; it only counts the responses shorter than it."""
+    cache is the same for every draft_length; it only counts the responses shorter than it. `one_span`:
+    refuse examples with several responses (mtp.prefix_split needs each row's anchors contiguous)."""
     path = cfg.train_file if split == "train" else cfg.eval_file
     if path is None:
         raise ValueError(f"data: no file for split {split!r}")
     cache = build_cache(path, tokenizer, build_params(cfg), cfg.cache_dir, cfg.rebuild_cache)
+    if one_span and cache.multi_span:
+        raise DataError(f"{path}: {cache.multi_span} of {len(cache)} examples have several assistant turns, and "
+                        "mtp.prefix_split needs one response per example; set mtp.prefix_split: false")
     short = cache.short_responses(draft_length)
     if short:
         log.info("%s: %d of %d responses shorter than draft_length %d", path, short, len(cache), draft_length)
@@ -197,9 +202,9 @@ def make_batches(cache: CachedDataset, cfg: DataConfig, *, train: bool = True, p
 
 
 def batch_iterator(cfg: DataConfig, tokenizer, draft_length: int, *, split: str = "train", process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
+                   process_count: int = 1, one_span: bool = False) -> grain.DatasetIterator:
     """One call for the training loop: build or reuse the cache, return a checkpointable iterator
     (`it.get_state()` / `it.set_state(state)`; `grain.checkpoint.CheckpointSave(it)` with orbax)."""
-    cache = prepare(cfg, tokenizer, draft_length, split)
+    cache = prepare(cfg, tokenizer, draft_length, split, one_span)
     return iter(make_batches(cache, cfg, train=split == "train", process_index=process_index,
                              process_count=process_count))

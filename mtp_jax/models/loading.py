@@ -1,4 +1,5 @@
-"""Loading base models: HF directories (single or sharded safetensors), GGUF files, built-in aliases.
+"""Loading base models: HF directories (single or sharded safetensors), GGUF files, built-in aliases and
+Hugging Face repo ids (`Qwen/Qwen3-8B`, resolved through the huggingface_hub cache).
 
 Tensors stream one at a time from safetensors into the Flax tree (transposed to [in, out],
 cast, per-layer tensors stacked into the scanned layout's [layers, ...] leaves, and placed
@@ -126,16 +127,93 @@ def _fetch_alias(name: str, out: Path) -> None:
         convert_gguf(gguf_path, out)
 
 
+# what a model needs from a hub repo: config, safetensors weights, tokenizer and chat template files
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def is_repo_id(name: str) -> bool:
+    """`org/name` as the hub spells it; a path that exists locally is never taken for one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.count("/") != 1 or name.startswith((".", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_cache_dir() -> Path:
+    """The huggingface_hub cache, from the environment at call time (HF_HUB_CACHE, then HF_HOME/hub)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return constants.HF_HUB_OFFLINE if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _has_weights(d: Path) -> bool:
+    return (d / "config.json").is_file() and ((d / "model.safetensors").is_file()
+                                              or (d / "model.safetensors.index.json").is_file())
+
+
+def resolve_hub_model(repo_id: str) -> Path:
+    """The snapshot directory of `repo_id` in the hub cache: the cached one, else downloaded where the hub
+    is reachable (config, safetensors and tokenizer files only). Offline or unreachable with nothing
+    cached: a ModelLoadError naming the cache and the command that fills it."""
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        snapshot = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True,
+                                          allow_patterns=HUB_PATTERNS))
+    except Exception:  # LocalEntryNotFoundError and kin: nothing usable cached
+        snapshot = None
+    if snapshot is not None and _has_weights(snapshot):
+        return snapshot
+    fill = (f"fill the cache where the hub is reachable with `hf download {repo_id}` (older huggingface_hub: "
+            f"`huggingface-cli download {repo_id}`) and point HF_HUB_CACHE (or HF_HOME) at that cache here, "
+            "or pass a local model directory")
+    held = "holds no snapshot of it" if snapshot is None else \
+        f"holds a snapshot of it without config.json and safetensors weights ({snapshot})"
+    if hub_offline():
+        raise ModelLoadError(f"{repo_id}: not a local path; read as a Hugging Face repo id, but the hub cache "
+                             f"{cache} {held} and HF_HUB_OFFLINE is set; {fill}.")
+    try:
+        snapshot = Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # no network, unknown or gated repo: the hub client's own message says which
+        raise ModelLoadError(f"{repo_id}: not a local path; read as a Hugging Face repo id, but the hub cache "
+                             f"{cache} {held} and downloading it failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); {fill}.") from None
+    if not _has_weights(snapshot):
+        raise ModelLoadError(f"{repo_id}: the hub repo has no config.json and safetensors weights ({snapshot}); "
+                             "expected a transformers model repo with safetensors.")
+    return snapshot
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A HF model directory for `path`: an alias, a `.gguf` file (converted once) or a directory."""
+    """A HF model directory for `path`: an alias, a `.gguf` file (converted once), a directory, or a
+    Hugging Face repo id (resolved through the hub cache)."""
     name = str(path)
     if name in ALIASES:
         return _atomic_build(cache_dir() / "models" / name, lambda out: _fetch_alias(name, out))
     p = absolute(path)
+    if not p.exists() and is_repo_id(name):
+        return resolve_hub_model(name)
     if not p.exists():
         raise ModelLoadError(
-            f"{p}: no such file or directory; expected a HF model directory, a .gguf file or one of the "
-            f"aliases {sorted(ALIASES)}.")
+            f"{p}: no such file or directory; expected a HF model directory, a .gguf file, a Hugging Face repo id "
+            f"(org/name) or one of the aliases {sorted(ALIASES)}.")
     if p.is_file():
         if p.suffix != ".gguf":
             raise ModelLoadError(f"{p}: a file that is not .gguf; expected a HF model directory or a .gguf file.")
@@ -266,7 +344,7 @@ def load_params(model: CausalLM, model_dir: Path, sharding: Callable[[tuple[str,
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", param_dtype: str | None = None,
                lora: LoRAConfig | None = None, sharding=None) -> tuple[CausalLM, Any, ModelConfig]:
-    """(model, params, config) for a HF directory, a .gguf file or an alias.
+    """(model, params, config) for a HF directory, a .gguf file, an alias or a Hugging Face repo id.
 
     `dtype` is the compute dtype; `param_dtype` defaults to it (use float32 for fp32 master
     params under bf16 compute).
@@ -285,4 +363,4 @@ def load_tokenizer(path: str | os.PathLike):
 
 __all__ = ["ALIASES", "ModelLoadError", "UnsupportedModelError", "SUPPORTED_MODEL_TYPES", "load_model",
            "load_tokenizer", "resolve_model_dir", "load_params", "abstract_params", "hf_name", "hf_tensors",
-           "cache_dir"]
+           "cache_dir", "hub_cache_dir", "is_repo_id", "resolve_hub_model"]

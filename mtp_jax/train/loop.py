@@ -61,7 +61,8 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
         try:
             resolve_data_file(path)
         except (DataError, FileNotFoundError, OSError) as e:
-            raise ConfigError(f"data.{key}: {e}; point it at a .json/.jsonl file or builtin:NAME") from None
+            raise ConfigError(f"data.{key}: {e}; point it at a .json/.jsonl/.parquet/.arrow file, a directory of "
+                              "parquet/arrow files or builtin:NAME") from None
     positions = model_config(cfg).max_position_embeddings
     longest, k = cfg.data.max_total_tokens, cfg.mtp.draft_length
     if longest - 1 + k >= positions:  # an example's last token sits at position longest - 1, its k masks after it
@@ -277,10 +278,12 @@ def run(cfg: Config, resume: bool = False) -> dict:
     config = model_config(cfg)
     tokenizer, text_vocab = tokenizer_with_mask(cfg, config)
     k = cfg.mtp.draft_length
+    one_span = cfg.mtp.prefix_split
     train_iter = batch_iterator(cfg.data, tokenizer, k, split="train", process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                process_count=jax.process_count(), one_span=one_span)
     if cfg.data.eval_file is not None:
-        prepare(cfg.data, tokenizer, k, split="eval")  # a bad eval file fails now, not after training
+        # a bad eval file fails now, not after training
+        prepare(cfg.data, tokenizer, k, split="eval", one_span=one_span)
     trainer = Trainer(cfg, run_dir, build(cfg, config, mesh, rules, text_vocab), mesh, rules, tokenizer, train_iter)
     if resume:
         trainer.resume()

@@ -61,7 +61,8 @@ def _hf_config_file(path: str) -> Path:
     try:
         p = resolve_model_dir(path) / "config.json"
     except Exception as e:
-        raise ConfigError(f"model.path: {path}: not a config.json, model directory or alias ({e})") from None
+        raise ConfigError(f"model.path: {path}: not a config.json, model directory, alias or hub repo id ({e})") \
+            from None
     if not p.is_file():
         raise ConfigError(f"model.path: {p} not found (model.random_init: true needs a HF config.json)")
     return p

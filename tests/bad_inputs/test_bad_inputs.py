@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -109,12 +111,19 @@ def save_dir_under_a_file(ws):
     (ws / "a_file").write_text("")
 
 
+def offline_hub(ws: Path, repo_id: str):
+    """load_model(repo_id) against an empty hub cache in the workspace, offline (as on CI)."""
+    with mock.patch.dict(os.environ, {"HF_HUB_CACHE": str(ws / "hub"), "HF_HUB_OFFLINE": "1"}):
+        return load_model(repo_id)
+
+
 # ----------------------------------------------------------------------------- the catalogue
 
 D = "{files}/data"
 CASES = [
     # data files (through the training CLI: caught before the base model is loaded)
-    Case("data_missing", r"file not found", r"data\.train_file: .*nope\.jsonl", r"point it at a \.json/\.jsonl file",
+    Case("data_missing", r"file not found", r"data\.train_file: .*nope\.jsonl",
+         r"point it at a \.json/\.jsonl/\.parquet/\.arrow file",
          argv=("--data.train_file", "{ws}/nope.jsonl")),
     Case("data_directory", r"is a directory", r"data\.train_file: .*/data", r"expected a \.json or \.jsonl file",
          argv=("--data.train_file", D)),
@@ -134,6 +143,12 @@ CASES = [
     Case("data_all_records_bad", r"no usable examples \(2 bad records skipped; first: .*\"output\" must be a string",
          r"all_bad\.jsonl", r"fix the records", argv=("--data.train_file", f"{D}/all_bad.jsonl",
                                                      "--data.on_bad_record", "skip")),
+    Case("data_bad_role", r"role 'bot' is not one of \['system', 'user', 'assistant'\]",
+         r"bad_role\.jsonl: record 2 \(line 2\): \"messages\"\[1\]", r"fix the record, or set on_bad_record to skip",
+         argv=("--data.train_file", f"{D}/bad_role.jsonl")),
+    Case("data_parquet_garbage", r"not a readable parquet file", r"garbage\.parquet", r"write it again",
+         argv=("--data.train_file", "{ws}/garbage.parquet"),
+         setup=lambda ws: (ws / "garbage.parquet").write_bytes(b"PAR1 this is not a parquet file")),
     Case("data_too_small", r"its 2 examples make no full batch of 8 rows", r"two_records\.jsonl",
          r"add data, lower data\.batch_size", argv=("--data.train_file", f"{D}/two_records.jsonl")),
     # configs
@@ -214,6 +229,9 @@ CASES = [
     Case("model_config_not_json", r"not valid JSON", r"model/config\.json: .*\(line 1", r"restore the model's Hugging Face",
          call=lambda ws: load_model(ws / "model"), error=ValueError,
          setup=lambda ws: (model_copy(ws) / "config.json").write_text("{ not json")),
+    Case("model_repo_id_not_cached", r"holds no snapshot of it and HF_HUB_OFFLINE is set",
+         r"org/missing: .*hub cache {ws}/hub", r"`hf download org/missing`",
+         call=lambda ws: offline_hub(ws, "org/missing"), error=ModelLoadError),
     # GGUF files
     Case("gguf_other_architecture", r"GGUF architecture 'gpt2' is not supported", r"gpt2\.gguf",
          r"expected one of \['llama', 'qwen3'\]", call=lambda ws: load_model(FILES / "gpt2.gguf"),
