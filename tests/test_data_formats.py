@@ -13,7 +13,8 @@ import pytest
 import mtp_jax.data.readers as readers
 from mtp_jax.data import DataConfig, make_batches, prepare
 from mtp_jax.data.__main__ import main as data_main
-from mtp_jax.data.readers import DataError, ReadStats, Record, read_records
+from mtp_jax.data.readers import ReadStats, read_records
+from mtp_jax.data.records import DataError, Record
 from mtp_jax.data.tokenize import TokenizeParams, tokenize_records
 
 CHAT = TokenizeParams("chat", 512, 1024)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from mtp_jax.data.readers import DataError, Record
+from mtp_jax.data.records import DataError, Record
 from mtp_jax.data.tokenize import Example, TokenizeParams, tokenize_records, tokenizer_fingerprint
 
 

@@ -24,7 +24,8 @@ from typing import Sequence
 from tqdm import tqdm
 
 from mtp_jax import cli
-from mtp_jax.data.readers import DataError, Message, Record, parse_record, read_records
+from mtp_jax.data.readers import read_records
+from mtp_jax.data.records import DataError, Message, Record, parse_record
 from mtp_jax.decoding.layout import prepare
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.request import encode_prompt, eos_ids_of, pad_id_of

@@ -22,7 +22,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from mtp_jax.data.readers import DataError, Record
+from mtp_jax.data.records import DataError, Record
 
 
 @dataclasses.dataclass(frozen=True)
