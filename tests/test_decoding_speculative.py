@@ -2,6 +2,7 @@
 token, sampling draws from the base distribution, and steps/acceptance are what the training-path
 drafts predict. Tiny random models with a small vocabulary, so random adapters get drafts accepted."""
 
+import dataclasses
 import functools
 import itertools
 from pathlib import Path
@@ -175,15 +176,17 @@ def test_decoding_layout_casts_params_once_to_the_same_values(setups):
     """bf16 compute with float32 adapters (the shipped GPU config): prepare casts every floating
     parameter to bf16 once, and a decoding call then gives bit for bit what the uncast layout gives
     (every use casts to the compute dtype itself), and its parameters are all bf16."""
-    from mtp_jax.models.lora import adapters_into_base, fuse_adapters
+    from mtp_jax.decoding.layout import adapters_into_base
+    from mtp_jax.decoding.model import DecodeLayer
+    from mtp_jax.models.lora import fuse_adapters
 
     model, params, lm = setups["llama"]
     model = model.clone(dtype=jnp.bfloat16)
     params = {**params, "base": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params["base"])}
     cfg, lora = fuse_adapters(model.lora, params["lora"])
-    cfg, base, lora = adapters_into_base(cfg, params["base"], lora)
+    base, lora = adapters_into_base(params["base"], lora)
     n = model.config.num_layers
-    uncast = (model.clone(lora=cfg, scan_layers=False),
+    uncast = (model.clone(lora=cfg, mtp=dataclasses.replace(model.mtp, scan_layers=False), layer=DecodeLayer),
               {**params, "base": unstack_layers(base, n), "lora": unstack_layers(lora, n)})
     cast = prepare(model, params)
     assert {x.dtype for x in jax.tree.leaves(uncast[1])} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
