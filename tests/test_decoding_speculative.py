@@ -147,8 +147,9 @@ def test_mask_states_equal_training_path(setups, kind):
     zero = jnp.zeros(len(prompts), jnp.int32)
     step_tokens = jnp.asarray([row[:K + 1] for row in truth])  # t_0 and k drafts that happen to be right
     states = {}
-    trained = (model.clone(scan_layers=False), {**params, "base": unstack_layers(params["base"], model.config.num_layers),
-                                                "lora": unstack_layers(params["lora"], model.config.num_layers)})
+    n = model.config.num_layers
+    trained = (model.clone(mtp=dataclasses.replace(model.mtp, scan_layers=False)),
+               {**params, "base": unstack_layers(params["base"], n), "lora": unstack_layers(params["lora"], n)})
     for layout, (m, p) in {"trained": trained, "decoding": prepare(model, params)}.items():
         cache = init_cache(lm.config, len(prompts), slot_valid.shape[1], lm.dtype)
         _, first_block, cache = _forward(m, p, cache, zero, pad_len, slot_valid, tokens, (t - 1,), K, last_only=True)
