@@ -84,8 +84,8 @@ class MTPModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     unroll: int = 1  # Transformer.unroll (decoding)
-    layer: type[DecoderLayer] = DecoderLayer  # Transformer.layer (decoding swaps in its own)
     plan: AttentionPlan | None = None  # None: resolved from `mtp` on jax's backend (`attention`)
+    layer: type[DecoderLayer] = DecoderLayer  # Transformer.layer (decoding swaps in its own)
 
     @property
     def attention(self) -> AttentionPlan:
