@@ -1,20 +1,55 @@
-"""The decoding layout reads each weight in place: the compiled decoding program holds no slice or
-copy of a weight matrix, where the stacked (scanned) training layout slices one per layer per call."""
+"""The decoding layout computes the training layout's function (A in the base kernels, `DecodeLayer`),
+and reads each weight in place: the compiled decoding program holds no slice or copy of a weight
+matrix, where the stacked (scanned) training layout slices one per layer per call."""
 
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mtp_jax.decoding import speculative
 from mtp_jax.decoding.cache import init_cache
-from mtp_jax.decoding.layout import is_prepared, prepare
+from mtp_jax.decoding.layout import adapters_into_base, is_prepared, prepare
+from mtp_jax.decoding.model import DecodeLayer
 from mtp_jax.decoding.sampling import Sampling
-from mtp_jax.models.lora import adapters_into_base, fuse_adapters
+from mtp_jax.models import LoRAConfig
+from mtp_jax.models.llama import CausalLM
+from mtp_jax.models.lora import fuse_adapters
 from test_decoding_speculative import K, tiny_mtp
+from test_lora import random_lora, tiny  # noqa: F401 (tiny: a fixture)
 
 B, PROMPT, SLOTS = 2, 16, 64
+
+
+@pytest.mark.parametrize("settings", [{}, {"rslora": True, "bias": True}, {"targets": ("q", "v", "up", "down")}],
+                         ids=["plain", "rslora_bias", "some_targets"])
+def test_adapters_in_base_kernels_compute_the_same_function(tiny, settings):
+    """adapters_into_base + DecodeLayer, from the unfused or the fused adapters: the training layer's
+    function, with no `lora_A` left and the A columns in the kernels that read their inputs."""
+    config, base = tiny
+    cfg = LoRAConfig(rank=3, alpha=6.0, **settings)
+    unfused = CausalLM(config, cfg)
+    lora = random_lora(unfused)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 9)))
+    gate = jnp.asarray(np.random.default_rng(1).integers(0, 2, (2, 9)).astype(np.float32))
+    h1, _ = unfused.apply({"params": base, "lora": lora}, tokens, gate=gate)
+    plain, _ = CausalLM(config).apply({"params": base}, tokens)
+    assert np.abs(np.asarray(h1) - np.asarray(plain)).max() > 1e-3, "adapters had no effect: test is vacuous"
+    fused_cfg, fused_lora = fuse_adapters(cfg, lora)
+    for source_cfg, source_lora in ((cfg, lora), (fused_cfg, fused_lora)):
+        dec_base, dec_lora = adapters_into_base(base, source_lora)
+        assert adapters_into_base(dec_base, dec_lora)[0] is dec_base
+        assert "lora_A" not in str(jax.tree_util.tree_structure(dec_lora)), "A left in the lora collection"
+        decoding = CausalLM(config, source_cfg, layer=DecodeLayer)
+        h3, _ = decoding.apply({"params": dec_base, "lora": dec_lora}, tokens, gate=gate)
+        np.testing.assert_allclose(np.asarray(h3), np.asarray(h1), atol=2e-5,
+                                   err_msg=f"decoding layout from the {'fused' if source_cfg.fuse else 'unfused'} one")
+        off, _ = decoding.apply({"params": dec_base, "lora": dec_lora}, tokens)
+        np.testing.assert_allclose(np.asarray(off), np.asarray(plain), atol=2e-5, err_msg="gate off: the base model")
+        widened = dec_base["model"]["layers"]["self_attn"]["o_proj"]["kernel"].shape[-1] - config.hidden_size
+        assert widened == (cfg.rank if cfg.active("o") else 0), f"o_proj carries {widened} A columns"
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +93,8 @@ def test_decoding_programs_read_weights_in_place(setup):
 
     # positive control: the same adapters, fused and folded, but stacked under the scan (the old layout)
     cfg, lora = fuse_adapters(model.lora, params["lora"])
-    cfg, base, lora = adapters_into_base(cfg, params["base"], lora)
+    base, lora = adapters_into_base(params["base"], lora)
     stacked_cache = tuple(jnp.stack(x) for x in zip(*per_layer))  # (k, v), each [layers, ...]
-    copies = weight_copies(forward_hlo(model.clone(lora=cfg), {**params, "base": base, "lora": lora}, stacked_cache),
-                           dec_params)
+    copies = weight_copies(forward_hlo(model.clone(lora=cfg, layer=DecodeLayer), {**params, "base": base, "lora": lora},
+                                       stacked_cache), dec_params)
     assert len(copies) >= 7, f"the scanned layout should slice every layer weight, found {copies}"

@@ -147,8 +147,9 @@ def test_mask_states_equal_training_path(setups, kind):
     zero = jnp.zeros(len(prompts), jnp.int32)
     step_tokens = jnp.asarray([row[:K + 1] for row in truth])  # t_0 and k drafts that happen to be right
     states = {}
-    trained = (model.clone(mtp=dataclasses.replace(model.mtp, scan_layers=False)), {**params, "base": unstack_layers(params["base"], model.config.num_layers),
-                                                "lora": unstack_layers(params["lora"], model.config.num_layers)})
+    n = model.config.num_layers
+    trained = (model.clone(mtp=dataclasses.replace(model.mtp, scan_layers=False)),
+               {**params, "base": unstack_layers(params["base"], n), "lora": unstack_layers(params["lora"], n)})
     for layout, (m, p) in {"trained": trained, "decoding": prepare(model, params)}.items():
         cache = init_cache(lm.config, len(prompts), slot_valid.shape[1], lm.dtype)
         _, first_block, cache = _forward(m, p, cache, zero, pad_len, slot_valid, tokens, (t - 1,), K, last_only=True)
@@ -176,15 +177,17 @@ def test_decoding_layout_casts_params_once_to_the_same_values(setups):
     """bf16 compute with float32 adapters (the shipped GPU config): prepare casts every floating
     parameter to bf16 once, and a decoding call then gives bit for bit what the uncast layout gives
     (every use casts to the compute dtype itself), and its parameters are all bf16."""
-    from mtp_jax.models.lora import adapters_into_base, fuse_adapters
+    from mtp_jax.decoding.layout import adapters_into_base
+    from mtp_jax.decoding.model import DecodeLayer
+    from mtp_jax.models.lora import fuse_adapters
 
     model, params, lm = setups["llama"]
     model = model.clone(dtype=jnp.bfloat16)
     params = {**params, "base": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params["base"])}
     cfg, lora = fuse_adapters(model.lora, params["lora"])
-    cfg, base, lora = adapters_into_base(cfg, params["base"], lora)
+    base, lora = adapters_into_base(params["base"], lora)
     n = model.config.num_layers
-    uncast = (model.clone(lora=cfg, mtp=dataclasses.replace(model.mtp, scan_layers=False)),
+    uncast = (model.clone(lora=cfg, mtp=dataclasses.replace(model.mtp, scan_layers=False), layer=DecodeLayer),
               {**params, "base": unstack_layers(base, n), "lora": unstack_layers(lora, n)})
     cast = prepare(model, params)
     assert {x.dtype for x in jax.tree.leaves(uncast[1])} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}

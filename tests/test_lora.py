@@ -1,4 +1,5 @@
-"""Gated LoRA: fused == unfused, rslora scaling, B = 0 is the base model, gate 0 is exact; MTP bad inputs."""
+"""Gated LoRA: fused == unfused, rslora scaling, B = 0 is the base model, gate 0 is exact; MTP bad inputs.
+(The decoding layout of the adapters: tests/test_decoding_layout.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 from conftest import make_hf_model, save_hf
 from mtp_jax.models import LoRAConfig, load_model
 from mtp_jax.models.llama import CausalLM
-from mtp_jax.models.lora import Linear, adapters_into_base, fuse_adapters
+from mtp_jax.models.lora import Linear, fuse_adapters
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +45,6 @@ def test_fused_equals_unfused(tiny, settings):
     np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), atol=2e-5)
     plain, _ = CausalLM(config).apply({"params": base}, tokens)
     assert np.abs(np.asarray(h1) - np.asarray(plain)).max() > 1e-3, "adapters had no effect: test is vacuous"
-    # the decoding layout (A in the base kernels), from either layout: the same function again
-    for source_cfg, source_lora in ((cfg, lora), (fused_cfg, fused_lora)):
-        dec_cfg, dec_base, dec_lora = adapters_into_base(source_cfg, base, source_lora)
-        assert dec_cfg.a_in_base and adapters_into_base(dec_cfg, dec_base, dec_lora)[1] is dec_base
-        assert "lora_A" not in str(jax.tree_util.tree_structure(dec_lora)), "A left in the lora collection"
-        decoding = CausalLM(config, dec_cfg)
-        h3, _ = decoding.apply({"params": dec_base, "lora": dec_lora}, tokens, gate=gate)
-        np.testing.assert_allclose(np.asarray(h3), np.asarray(h1), atol=2e-5,
-                                   err_msg=f"decoding layout from the {'fused' if source_cfg.fuse else 'unfused'} one")
-        widened = dec_base["model"]["layers"]["self_attn"]["o_proj"]["kernel"].shape[-1] - config.hidden_size
-        assert widened == (cfg.rank if cfg.active("o") else 0), f"o_proj carries {widened} A columns"
 
 
 def test_fused_tree_shapes():

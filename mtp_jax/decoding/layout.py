@@ -6,8 +6,9 @@ the stack, one device copy per weight per call. `prepare` therefore
 - unstacks the layers (`scan_layers=False`, `unstack_layers`): straight-line code that reads each
   layer's weights in place;
 - fuses the adapters (`lora.fuse_adapters`) and carries their A matrices in the base kernels that
-  read the same inputs (`lora.adapters_into_base`): the same function with 4 adapter matmuls per
-  layer instead of 14 (a batch-1 step is bound by its kernel count);
+  read the same inputs (`adapters_into_base`), run by the layer of `decoding.model` (`DecodeLayer`):
+  the same function with 4 adapter matmuls per layer instead of 14 (a batch-1 step is bound by its
+  kernel count);
 - casts every floating parameter to the compute dtype: each use casts to it anyway (same values),
   and float32 adapters under bf16 compute would otherwise cost cast kernels per layer per call.
 """
@@ -20,8 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mtp_jax.decoding.model import DecodeLayer
 from mtp_jax.models.llama import CausalLM, stack_layers, unstack_layers
-from mtp_jax.models.lora import adapters_into_base, fuse_adapters
+from mtp_jax.models.lora import FUSED_MODULES, fuse_adapters
 from mtp_jax.mtp.model import MTPModel
 
 
@@ -29,7 +31,30 @@ def is_prepared(model: CausalLM | MTPModel) -> bool:
     """Whether `model` is in the decoding layout (its params then are, if `prepare` built them)."""
     if (model.mtp if isinstance(model, MTPModel) else model).scan_layers:
         return False
-    return not isinstance(model, MTPModel) or model.lora.rank == 0 or model.lora.a_in_base
+    return not isinstance(model, MTPModel) or model.layer is DecodeLayer
+
+
+def adapters_into_base(base: dict, lora: dict) -> tuple[dict, dict]:
+    """(base, lora) trees (stacked or per layer) -> the same with every `lora_A` appended as columns
+    to the base kernel that reads its input (a fused adapter's: its group's first projection; an
+    unfused one's: its own), the lora collection keeping B (and bias): the parameters of
+    `decoding.model.DecodeLayer`. A no-op on trees without a `lora_A` (already in this layout)."""
+    if "lora_A" not in str(jax.tree_util.tree_structure(lora)):
+        return base, lora
+    hosts = {module: f"{group[0]}_proj" for group, (_, module) in FUSED_MODULES.items()}  # else its own projection
+    base_model, lora_model = dict(base["model"]), dict(lora["model"])
+    for layer, blocks in lora["model"].items():  # "layers" (stacked) or "layers_{i}"
+        base_blocks = {block: dict(v) for block, v in base["model"][layer].items()}
+        lora_blocks = {block: dict(v) for block, v in blocks.items()}
+        for block, modules in blocks.items():  # iterate the input; the copies above change
+            for module, adapter in modules.items():
+                host = hosts.get(module, module)
+                kernel = base_blocks[block][host]["kernel"]
+                base_blocks[block][host] = {**base_blocks[block][host], "kernel": jnp.concatenate(
+                    [kernel, adapter["lora_A"].astype(kernel.dtype)], -1)}
+                lora_blocks[block][module] = {name: x for name, x in adapter.items() if name != "lora_A"}
+        base_model[layer], lora_model[layer] = base_blocks, lora_blocks
+    return {**base, "model": base_model}, {**lora, "model": lora_model}
 
 
 def _cast(tree: Any, dtype) -> Any:
@@ -51,9 +76,9 @@ def prepare(model: CausalLM | MTPModel, params: Any) -> tuple[CausalLM | MTPMode
     stacked = lambda tree: tree if "layers" in tree["model"] else stack_layers(tree, n)
     if isinstance(model, MTPModel):
         lora_cfg, lora = fuse_adapters(model.lora, stacked(params["lora"]))
-        lora_cfg, base, lora = adapters_into_base(lora_cfg, stacked(params["base"]), lora)
+        base, lora = adapters_into_base(stacked(params["base"]), lora)
         params = {**params, "base": unstack_layers(base, n), "lora": unstack_layers(lora, n)}
-        return (model.clone(lora=lora_cfg, mtp=dataclasses.replace(model.mtp, scan_layers=False)),
+        return (model.clone(lora=lora_cfg, mtp=dataclasses.replace(model.mtp, scan_layers=False), layer=DecodeLayer),
                 _cast(params, model.dtype))
     if not isinstance(model, CausalLM):
         raise TypeError(f"prepare: expected a CausalLM or an MTPModel, got {type(model).__name__}")

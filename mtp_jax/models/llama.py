@@ -81,19 +81,11 @@ def causal_attend(kv_valid: jax.Array | None = None) -> Attend:
     return attend
 
 
-def lora_linear(module: nn.Module, name: str, features: int, axes: tuple[str, str], target: str, bias: bool,
-                host_of: tuple[str, ...] = ()) -> Linear:
-    """`module`'s projection `name` with the adapter of LoRA target `target`; it carries the A columns of
-    the fused group `host_of` when that group is fused (called from `module.setup`)."""
-    lora = module.lora
-    return Linear(features, axes, bias, projection_lora(lora, target), module.dtype, module.param_dtype,
-                  lora.a_columns(target, host_of) if lora is not None else 0, name=name)
-
-
-def project(linear: Linear, x, gate, deterministic):
-    """(linear's output, x @ A of the adapter A columns its kernel carries, or None: `Linear.a_columns`)."""
-    out = linear(x, gate, deterministic)
-    return out if linear.a_columns else (out, None)
+def lora_linear(module: nn.Module, name: str, features: int, axes: tuple[str, str], target: str,
+                bias: bool) -> Linear:
+    """`module`'s projection `name` with the adapter of LoRA target `target` (called from `module.setup`)."""
+    return Linear(features, axes, bias, projection_lora(module.lora, target), module.dtype, module.param_dtype,
+                  name=name)
 
 
 class Attention(nn.Module):
@@ -105,7 +97,7 @@ class Attention(nn.Module):
     def setup(self):
         c, lora = self.config, self.lora
         bias = c.attention_bias
-        self.q_proj = lora_linear(self, "q_proj", c.q_features, ("embed", "q_heads"), "q", bias, FUSED_GROUPS[0])
+        self.q_proj = lora_linear(self, "q_proj", c.q_features, ("embed", "q_heads"), "q", bias)
         self.k_proj = lora_linear(self, "k_proj", c.kv_features, ("embed", "kv_heads"), "k", bias)
         self.v_proj = lora_linear(self, "v_proj", c.kv_features, ("embed", "kv_heads"), "v", bias)
         self.o_proj = lora_linear(self, "o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
@@ -118,17 +110,18 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
             self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
+    def qkv(self, x, gate, deterministic):
+        """(q, k, v), each [batch, length, heads * head_dim], adapters applied."""
+        q, k, v = (p(x, gate, deterministic) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.fused_targets and gate is not None:
+            deltas = dict(zip(self.fused_targets, self.qkv_proj(x, gate, deterministic)))
+            q, k, v = (y + deltas.get(t, 0.0) for y, t in zip((q, k, v), "qkv"))
+        return q, k, v
+
     def __call__(self, x, cos, sin, attend: Attend, layer_state=None, gate=None, deterministic=True):
         c = self.config
         b, t, _ = x.shape
-        q, xa = project(self.q_proj, x, gate, deterministic)
-        k, _ = project(self.k_proj, x, gate, deterministic)
-        v, _ = project(self.v_proj, x, gate, deterministic)
-        if self.fused_targets and gate is not None:
-            deltas = dict(zip(self.fused_targets, self.qkv_proj(x, gate, deterministic, xa)))
-            q = q + deltas.get("q", 0.0)
-            k = k + deltas.get("k", 0.0)
-            v = v + deltas.get("v", 0.0)
+        q, k, v = self.qkv(x, gate, deterministic)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -139,7 +132,7 @@ class Attention(nn.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         out, aux = attend(q, k, v, layer_state)
         out = out.astype(self.dtype).reshape(b, t, c.q_features)
-        return project(self.o_proj, out, gate, deterministic)[0], aux
+        return self.o_proj(out, gate, deterministic), aux
 
 
 class MLP(nn.Module):
@@ -151,7 +144,7 @@ class MLP(nn.Module):
     def setup(self):
         c, lora = self.config, self.lora
         bias, mlp = c.mlp_bias, c.intermediate_size
-        self.gate_proj = lora_linear(self, "gate_proj", mlp, ("embed", "mlp"), "gate", bias, FUSED_GROUPS[1])
+        self.gate_proj = lora_linear(self, "gate_proj", mlp, ("embed", "mlp"), "gate", bias)
         self.up_proj = lora_linear(self, "up_proj", mlp, ("embed", "mlp"), "up", bias)
         self.down_proj = lora_linear(self, "down_proj", c.hidden_size, ("mlp", "embed"), "down", bias)
         self.fused_targets = lora.group(FUSED_GROUPS[1]) if lora is not None else ()
@@ -159,15 +152,18 @@ class MLP(nn.Module):
             self.gate_up_proj = FusedLoRA((c.intermediate_size,) * len(self.fused_targets), ("embed", "mlp"),
                                           lora, self.dtype, self.param_dtype)
 
-    def __call__(self, x, gate=None, deterministic=True):
-        g, xa = project(self.gate_proj, x, gate, deterministic)
-        u, _ = project(self.up_proj, x, gate, deterministic)
+    def gate_up(self, x, gate, deterministic):
+        """(gate, up) projections [batch, length, mlp], adapters applied."""
+        g, u = self.gate_proj(x, gate, deterministic), self.up_proj(x, gate, deterministic)
         if self.fused_targets and gate is not None:
-            deltas = dict(zip(self.fused_targets, self.gate_up_proj(x, gate, deterministic, xa)))
-            g = g + deltas.get("gate", 0.0)
-            u = u + deltas.get("up", 0.0)
+            deltas = dict(zip(self.fused_targets, self.gate_up_proj(x, gate, deterministic)))
+            g, u = g + deltas.get("gate", 0.0), u + deltas.get("up", 0.0)
+        return g, u
+
+    def __call__(self, x, gate=None, deterministic=True):
+        g, u = self.gate_up(x, gate, deterministic)
         h = constrain(nn.silu(g) * u, ("batch", "length", "mlp"))
-        return project(self.down_proj, h, gate, deterministic)[0]
+        return self.down_proj(h, gate, deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -232,6 +228,7 @@ class Transformer(nn.Module):
     remat: str = "none"  # a key of REMAT_POLICIES
     unroll: int = 1  # layers per scan iteration (num_layers: straight-line code, for small-batch decoding)
     scan_layers: bool = True  # False: a Python loop over per-layer params (unstack_layers)
+    layer: type[DecoderLayer] = DecoderLayer  # the layer module: DecoderLayer or one with its interface and tree
 
     def setup(self):
         c = self.config
@@ -240,10 +237,10 @@ class Transformer(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
-        layer = DecoderLayer
+        layer = self.layer
         if self.remat != "none":  # static: the attend callable and deterministic (self is argument 0)
             # a scan already keeps XLA from merging the recomputation into the forward; straight-line code not
-            layer = nn.remat(DecoderLayer, static_argnums=(5, 7), policy=REMAT_POLICIES[self.remat],
+            layer = nn.remat(self.layer, static_argnums=(5, 7), policy=REMAT_POLICIES[self.remat],
                              prevent_cse=not self.scan_layers)
         if self.scan_layers:  # one layer body over stacked params / adapters (leading "layers" axis), layer_state
             self.layers = nn.scan(
@@ -300,10 +297,11 @@ class CausalLM(nn.Module):
     remat: str = "none"
     unroll: int = 1  # Transformer.unroll
     scan_layers: bool = True  # Transformer.scan_layers
+    layer: type[DecoderLayer] = DecoderLayer  # Transformer.layer
 
     def setup(self):
         self.model = Transformer(self.config, self.lora, self.dtype, self.param_dtype, self.remat, self.unroll,
-                                 self.scan_layers)
+                                 self.scan_layers, self.layer)
         if not self.config.tie_word_embeddings:
             self.lm_head = OutputHead(self.config.hidden_size, self.config.vocab_size, self.dtype,
                                       self.param_dtype)

@@ -30,9 +30,6 @@ class LoRAConfig:
     targets: tuple[str, ...] = TARGETS
     fuse: bool = False  # one adapter for q|k|v (rank 3r, alpha 3a) and one for gate|up (2r, 2a)
     bias: bool = False
-    # decoding layout only (`adapters_into_base`): each adapter's A sits as extra columns of the base kernel
-    # that reads the same input (q_proj for q|k|v, gate_proj for gate|up), so one matmul gives both
-    a_in_base: bool = False
 
     def __post_init__(self):
         if self.rank < 0:
@@ -57,15 +54,6 @@ class LoRAConfig:
     def group(self, group: tuple[str, ...]) -> tuple[str, ...]:
         """The members of a FUSED_GROUPS group that its fused adapter serves."""
         return tuple(t for t in group if self.fused(t))
-
-    def a_columns(self, target: str, host_of: tuple[str, ...] = ()) -> int:
-        """With `a_in_base`: how many A columns the base kernel of `target` carries (its own adapter's, or
-        those of the fused adapter of `host_of`, the group whose first projection it is); 0 otherwise."""
-        if not self.a_in_base:
-            return 0
-        if host_of and self.group(host_of):
-            return self.rank * len(self.group(host_of))
-        return self.rank if self.active(target) and not self.fused(target) else 0
 
 
 def projection_lora(lora: LoRAConfig | None, target: str) -> LoRAConfig | None:
@@ -108,29 +96,6 @@ def fuse_adapters(cfg: LoRAConfig, lora: dict) -> tuple[LoRAConfig, dict]:
     return fused_cfg, {**lora, "model": {**lora["model"], "layers": layers}}
 
 
-def adapters_into_base(cfg: LoRAConfig, base: dict, lora: dict) -> tuple[LoRAConfig, dict, dict]:
-    """The decoding layout (`cfg.a_in_base`): every A matrix appended as columns to the base kernel that
-    reads its input, so one matmul per input computes the base projection and the adapter's first half;
-    the lora collection keeps B (and bias). Same function, 4 fewer matmuls per layer with fused adapters
-    (a speculative step at batch 1 is bound by its kernel count). Decoding only: A is no longer trainable
-    apart from the frozen base. Returns (config, base params, lora collection)."""
-    if cfg.a_in_base or cfg.rank == 0:
-        return cfg, base, lora
-    hosts = {module: f"{group[0]}_proj" for group, (_, module) in FUSED_MODULES.items()}  # else its own projection
-    base_layers = {block: dict(v) for block, v in base["model"]["layers"].items()}
-    lora_layers = {block: dict(v) for block, v in lora["model"]["layers"].items()}
-    for block, modules in lora["model"]["layers"].items():  # iterate the input; the copies above change
-        for module, adapter in modules.items():
-            host = hosts.get(module, module)
-            kernel = base_layers[block][host]["kernel"]
-            base_layers[block][host] = {**base_layers[block][host], "kernel": jnp.concatenate(
-                [kernel, adapter["lora_A"].astype(kernel.dtype)], -1)}
-            lora_layers[block][module] = {name: x for name, x in adapter.items() if name != "lora_A"}
-    return (dataclasses.replace(cfg, a_in_base=True),
-            {**base, "model": {**base["model"], "layers": base_layers}},
-            {**lora, "model": {**lora["model"], "layers": lora_layers}})
-
-
 def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
     """torch.nn.Linear's default init for A ([in, r] here): U(-1/sqrt(in), 1/sqrt(in))."""
     bound = 1.0 / math.sqrt(shape[0])
@@ -138,27 +103,25 @@ def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
 
 
 def lora_delta(module: nn.Module, x: jax.Array, out_features: int, cfg: LoRAConfig, n_fused: int,
-               axes: tuple[str, str], gate, deterministic: bool, dtype, param_dtype, xa=None) -> jax.Array:
-    """Declares `lora_A`/`lora_B` on `module` (collection `lora`) and returns the gated update.
-    `xa`: x @ A already computed (the decoding layout: A rides in the base kernel), so no `lora_A`."""
-    in_features = x.shape[-1]
+               axes: tuple[str, str], gate, deterministic: bool, dtype, param_dtype) -> jax.Array:
+    """Declares `lora_A` (then `lora_B`: `lora_up`) on `module` (collection `lora`); returns the gated update."""
     rank = cfg.rank * n_fused
-    if xa is None:  # declared before B, as always: the collection keeps its order
-        a = module.variable(
-            LORA_COLLECTION, "lora_A",
-            nn.with_logical_partitioning(kaiming_uniform_a_sqrt5, (axes[0], "lora_rank")),
-            module.make_rng("params") if module.is_initializing() else None, (in_features, rank), param_dtype)
+    a = module.variable(
+        LORA_COLLECTION, "lora_A", nn.with_logical_partitioning(kaiming_uniform_a_sqrt5, (axes[0], "lora_rank")),
+        module.make_rng("params") if module.is_initializing() else None, (x.shape[-1], rank), param_dtype)
+    if cfg.dropout > 0.0 and not deterministic:
+        x = nn.Dropout(cfg.dropout, deterministic=False)(x)
+    xa = x.astype(dtype) @ nn.unbox(a.value).astype(dtype)
+    return lora_up(module, xa, out_features, cfg, n_fused, axes, gate, dtype, param_dtype)
+
+
+def lora_up(module: nn.Module, xa: jax.Array, out_features: int, cfg: LoRAConfig, n_fused: int,
+            axes: tuple[str, str], gate, dtype, param_dtype) -> jax.Array:
+    """The adapter's second half: declares `lora_B` (and `lora_bias`) on `module` and returns
+    `s * (xa @ B + bias) * gate` for `xa` = (dropout of) x @ A [..., rank * n_fused]."""
     b = module.variable(
-        LORA_COLLECTION, "lora_B",
-        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", axes[1])),
-        None, (rank, out_features), param_dtype)
-    if xa is None:
-        h = x
-        if cfg.dropout > 0.0 and not deterministic:
-            h = nn.Dropout(cfg.dropout, deterministic=False)(h)
-        xa = h.astype(dtype) @ nn.unbox(a.value).astype(dtype)
-    elif cfg.dropout > 0.0 and not deterministic:
-        raise ValueError("the decoding layout (lora.a_in_base) computes x @ A without dropout: deterministic only")
+        LORA_COLLECTION, "lora_B", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", axes[1])),
+        None, (cfg.rank * n_fused, out_features), param_dtype)
     delta = xa @ nn.unbox(b.value).astype(dtype)
     if cfg.bias:
         bias = module.variable(
@@ -172,10 +135,7 @@ def lora_delta(module: nn.Module, x: jax.Array, out_features: int, cfg: LoRAConf
 
 
 class Linear(nn.Module):
-    """A frozen projection `x @ kernel (+ bias)` with an optional gated LoRA beside it.
-
-    `a_columns` > 0 (the decoding layout, `adapters_into_base`): the kernel carries that many A columns
-    after its own; `__call__` then returns (y, x @ A), and its own adapter (if any) uses those columns."""
+    """A frozen projection `x @ kernel (+ bias)` with an optional gated LoRA beside it."""
 
     features: int
     axes: tuple[str, str]  # logical axes of the kernel [in, out]
@@ -183,23 +143,21 @@ class Linear(nn.Module):
     lora: LoRAConfig | None = None  # None: no adapter on this projection
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    a_columns: int = 0
 
     @nn.compact
     def __call__(self, x, gate=None, deterministic: bool = True):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
-            (x.shape[-1], self.features + self.a_columns), self.param_dtype)
+            (x.shape[-1], self.features), self.param_dtype)
         y = x.astype(self.dtype) @ kernel.astype(self.dtype)
-        y, xa = (y[..., :self.features], y[..., self.features:]) if self.a_columns else (y, None)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         if self.lora is not None and gate is not None:
             y = y + lora_delta(self, x, self.features, self.lora, 1, self.axes, gate, deterministic,
-                               self.dtype, self.param_dtype, xa)
-        return (y, xa) if self.a_columns else y
+                               self.dtype, self.param_dtype)
+        return y
 
 
 class FusedLoRA(nn.Module):
@@ -212,8 +170,8 @@ class FusedLoRA(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, gate, deterministic: bool = True, xa=None) -> list[jax.Array]:
+    def __call__(self, x, gate, deterministic: bool = True) -> list[jax.Array]:
         delta = lora_delta(self, x, sum(self.splits), self.lora, len(self.splits), self.axes, gate,
-                           deterministic, self.dtype, self.param_dtype, xa)
+                           deterministic, self.dtype, self.param_dtype)
         cuts = [sum(self.splits[:i]) for i in range(1, len(self.splits))]
         return jnp.split(delta, cuts, axis=-1)

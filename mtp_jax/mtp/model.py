@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.models.config import ModelConfig
-from mtp_jax.models.llama import CausalLM
+from mtp_jax.models.llama import CausalLM, DecoderLayer
 from mtp_jax.models.lora import LoRAConfig
 from mtp_jax.models.sampler import SamplerHead
 from mtp_jax.mtp.attention import (AttentionPlan, chunk_key_count, mask_attend, plan_attention, regular_attend,
@@ -85,6 +85,7 @@ class MTPModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     unroll: int = 1  # Transformer.unroll (decoding)
     plan: AttentionPlan | None = None  # None: resolved from `mtp` on jax's backend (`attention`)
+    layer: type[DecoderLayer] = DecoderLayer  # Transformer.layer (decoding swaps in its own)
 
     @property
     def attention(self) -> AttentionPlan:
@@ -93,7 +94,7 @@ class MTPModel(nn.Module):
 
     def setup(self):
         self.base = CausalLM(self.config, self.lora, self.dtype, self.param_dtype, self.mtp.remat, self.unroll,
-                             self.mtp.scan_layers)
+                             self.mtp.scan_layers, self.layer)
         self.sampler = SamplerHead(self.config.hidden_size, self.config.rms_norm_eps, self.dtype, self.param_dtype)
 
     def regular(self, tokens, positions, segment_ids):

@@ -109,9 +109,6 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        if self.lora.a_in_base:
-            raise ConfigError("lora.a_in_base is the decoding layout (mtp_jax.decoding.layout.prepare builds it from a "
-                              "trained run); training needs it off")
         if self.mtp.prefix_split and self.data.packing:
             raise ConfigError("mtp.prefix_split: the mask-free prefix attention needs one example per row, and "
                               "data.packing puts several in a row; set data.packing: false (or mtp.prefix_split: "

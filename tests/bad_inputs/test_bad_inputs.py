@@ -166,8 +166,6 @@ CASES = [
          r"set data\.packing: false", argv=("--mtp.prefix_split", "true")),
     Case("config_tail_chunk_not_a_divisor", r"got tail_chunk 3, chunk_size 8", r"mtp",
          r"0 or a divisor of chunk_size below it", argv=("--mtp.chunk_size", "8", "--mtp.tail_chunk", "3")),
-    Case("config_decoding_layout", r"is the decoding layout", r"lora\.a_in_base", r"training needs it off",
-         argv=("--lora.a_in_base", "true")),
     Case("config_missing_file", r"config file not found", r"nope\.yaml", r"pass a YAML file",
          config="{ws}/nope.yaml"),
     Case("config_value_not_allowed", r"got 'chatml'", r"data\.prompt_format", r"expected one of \['chat', 'raw'\]",

@@ -1,0 +1,144 @@
+"""The decoder layer of the decoding layout (`layout.prepare`): each adapter's A matrix rides as extra
+columns of the base kernel that reads the same input (`layout.adapters_into_base`), so one matmul
+gives the base projection and x @ A; the adapter's second half (B, bias, scale, gate: `lora_up`)
+applies to those columns. A fused adapter's A sits in its group's first projection (q_proj for
+q|k|v, gate_proj for gate|up); an unfused one's in its own projection.
+
+Same function as the training layer (`models.llama.DecoderLayer`, whose attention and MLP math it
+reuses; only the projections differ), with 4 fewer matmuls per layer with fused adapters: a
+speculative step at batch 1 is bound by its kernel count. Parameter names are the training tree's;
+only the widened kernels' shapes and the missing `lora_A` leaves differ. Decoding only: x @ A is
+computed without dropout.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mtp_jax.models.llama import MLP, Attention, DecoderLayer, RMSNorm
+from mtp_jax.models.lora import FUSED_GROUPS, FusedLoRA, Linear, LoRAConfig, lora_up, projection_lora
+
+
+def a_columns(lora: LoRAConfig | None, target: str, host_of: tuple[str, ...] = ()) -> int:
+    """How many A columns the kernel of projection `target` carries: those of the fused adapter of
+    `host_of` (the group whose first projection it is) where that group is fused, else its own
+    adapter's rank (0 without one)."""
+    if lora is None:
+        return 0
+    if host_of and lora.group(host_of):
+        return lora.rank * len(lora.group(host_of))
+    return lora.rank if lora.active(target) and not lora.fused(target) else 0
+
+
+class WideLinear(nn.Module):
+    """A projection over the core `Linear` with a kernel [in, features + a_columns]: its own adapter
+    (`lora`, A in the kernel) applied here; `with_xa` also returns the A columns' output x @ A, for
+    the fused adapter it hosts."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    lora: LoRAConfig | None = None  # its own adapter, or None
+    a_columns: int = 0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.linear = Linear(self.features + self.a_columns, self.axes, dtype=self.dtype, param_dtype=self.param_dtype)
+        nn.share_scope(self, self.linear)  # its kernel under this module's name, as in the training tree
+
+    @nn.compact
+    def __call__(self, x, gate=None, deterministic: bool = True, with_xa: bool = False):
+        y, xa = self.linear(x), None
+        if self.a_columns:
+            y, xa = y[..., :self.features], y[..., self.features:]
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.lora is not None and gate is not None:
+            y = y + lora_up(self, xa, self.features, self.lora, 1, self.axes, gate, self.dtype, self.param_dtype)
+        return (y, xa) if with_xa else y
+
+
+class FusedLoRAUp(FusedLoRA):
+    """A fused adapter's second half over x @ A [..., rank * len(splits)] from its host's kernel."""
+
+    @nn.compact
+    def __call__(self, xa, gate):
+        delta = lora_up(self, xa, sum(self.splits), self.lora, len(self.splits), self.axes, gate, self.dtype,
+                        self.param_dtype)
+        return jnp.split(delta, [sum(self.splits[:i]) for i in range(1, len(self.splits))], axis=-1)
+
+
+def wide_linear(module: nn.Module, name: str, features: int, axes: tuple[str, str], target: str, bias: bool,
+                host_of: tuple[str, ...] = ()) -> WideLinear:
+    """`module`'s projection `name` (`models.llama.lora_linear` in this layout); it carries the A
+    columns of the fused group `host_of` when that group is fused (called from `module.setup`)."""
+    lora = module.lora
+    return WideLinear(features, axes, bias, projection_lora(lora, target), a_columns(lora, target, host_of),
+                      module.dtype, module.param_dtype, name=name)
+
+
+class WideAttention(Attention):
+    def setup(self):
+        c, lora = self.config, self.lora
+        bias = c.attention_bias
+        self.q_proj = wide_linear(self, "q_proj", c.q_features, ("embed", "q_heads"), "q", bias, FUSED_GROUPS[0])
+        self.k_proj = wide_linear(self, "k_proj", c.kv_features, ("embed", "kv_heads"), "k", bias)
+        self.v_proj = wide_linear(self, "v_proj", c.kv_features, ("embed", "kv_heads"), "v", bias)
+        self.o_proj = wide_linear(self, "o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
+        self.fused_targets = lora.group(FUSED_GROUPS[0]) if lora is not None else ()
+        if self.fused_targets:
+            sizes = {"q": c.q_features, "k": c.kv_features, "v": c.kv_features}
+            self.qkv_proj = FusedLoRAUp(tuple(sizes[t] for t in self.fused_targets), ("embed", "q_heads"),
+                                        lora, self.dtype, self.param_dtype)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+            self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+
+    def qkv(self, x, gate, deterministic):
+        q, xa = self.q_proj(x, gate, deterministic, with_xa=True)
+        k, v = self.k_proj(x, gate, deterministic), self.v_proj(x, gate, deterministic)
+        if self.fused_targets and gate is not None:
+            deltas = dict(zip(self.fused_targets, self.qkv_proj(xa, gate)))
+            q, k, v = (y + deltas.get(t, 0.0) for y, t in zip((q, k, v), "qkv"))
+        return q, k, v
+
+
+class WideMLP(MLP):
+    def setup(self):
+        c, lora = self.config, self.lora
+        bias, mlp = c.mlp_bias, c.intermediate_size
+        self.gate_proj = wide_linear(self, "gate_proj", mlp, ("embed", "mlp"), "gate", bias, FUSED_GROUPS[1])
+        self.up_proj = wide_linear(self, "up_proj", mlp, ("embed", "mlp"), "up", bias)
+        self.down_proj = wide_linear(self, "down_proj", c.hidden_size, ("mlp", "embed"), "down", bias)
+        self.fused_targets = lora.group(FUSED_GROUPS[1]) if lora is not None else ()
+        if self.fused_targets:
+            self.gate_up_proj = FusedLoRAUp((mlp,) * len(self.fused_targets), ("embed", "mlp"), lora, self.dtype,
+                                            self.param_dtype)
+
+    def gate_up(self, x, gate, deterministic):
+        g, xa = self.gate_proj(x, gate, deterministic, with_xa=True)
+        u = self.up_proj(x, gate, deterministic)
+        if self.fused_targets and gate is not None:
+            deltas = dict(zip(self.fused_targets, self.gate_up_proj(xa, gate)))
+            g, u = g + deltas.get("gate", 0.0), u + deltas.get("up", 0.0)
+        return g, u
+
+
+class DecodeLayer(DecoderLayer):
+    """`DecoderLayer` over the decoding layout's parameters (module docstring)."""
+
+    def setup(self):
+        c = self.config
+        self.input_layernorm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+        self.self_attn = WideAttention(c, self.lora, self.dtype, self.param_dtype)
+        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+        self.mlp = WideMLP(c, self.lora, self.dtype, self.param_dtype)
+
+    def __call__(self, x, layer_state, cos, sin, attend, gate=None, deterministic=True):
+        if self.lora is not None and self.lora.dropout > 0.0 and not deterministic:
+            raise ValueError("the decoding layout computes x @ A without dropout: deterministic only")
+        return super().__call__(x, layer_state, cos, sin, attend, gate, deterministic)
