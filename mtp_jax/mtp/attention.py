@@ -291,8 +291,8 @@ def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str, dq_kernel: s
     does (p_j = exp(s_j - lse) over all key sets), so the merge needs no LSE gradient and no second
     forward; only dq is formed, k and v being the regular stream's K/V under stop_gradient. With remat
     `dots` the merged (out, lse) are kept ("mask_attention"), so the backward reruns no forward part.
-    `impl` runs both parts (resolved: "xla" or "cudnn"); `dq_kernel` "triton" forms the dq of the keys
-    before the chunk with mtp_kernels' kernel, any other value with `impl`'s own backward."""
+    `impl` runs both parts (resolved: "xla" or "cudnn"); under cuDNN, `dq_kernel` "triton" forms the dq of
+    the keys before the chunk with mtp_kernels' kernel; otherwise each part runs `impl`'s own backward."""
     return _split_fwd(q, k, v, first, out_x, lse_x, impl, dq_kernel)[0]
 
 
@@ -308,7 +308,8 @@ def _split_fwd(q, k, v, first, out_x, lse_x, impl, dq_kernel):
 
 def _split_bwd(impl, dq_kernel, res, g):
     q, k, v, first, out_x, lse_x, out, lse = res
-    part_dq = _triton_part_dq if dq_kernel == "triton" else _PARTS[impl][1]
+    # the Triton dq pairs with cuDNN's block backward; the XLA path keeps its own backward for both parts
+    part_dq = _triton_part_dq if dq_kernel == "triton" and impl == "cudnn" else _PARTS[impl][1]
     dq1, dq2 = (part_dq(q, *p, out, lse, g) for p in _split_parts(k, v, first, q.shape[1]))
     dq = jnp.where((first > 0)[:, None, None, None], dq1, 0.0) + dq2
     w = jnp.exp(lse_x - lse)
