@@ -174,7 +174,9 @@ BAD = {
     "max_tokens a string": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, "max_tokens"),
     "temperature too high": ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
     "n = 2": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
-    "prompt too long": ({"messages": [{"role": "user", "content": "hi " * 600}]}, "max_tokens"),
+    "prompt too long": ({"messages": [{"role": "user", "content": "hi " * 600}]}, "messages"),
+    "max_tokens beyond the context": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600},
+                                      "max_tokens"),
 }
 
 
@@ -224,7 +226,7 @@ class _Chars:
     """A tokenizer whose tokens are characters (decode joins them): TextStream's rules in isolation."""
 
     def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids)
+        return "".join(chr(i) for i in ids if i or not skip_special_tokens)  # 0: EOS
 
 
 @pytest.mark.parametrize("pieces,stop,sent_after,stopped", [
@@ -239,3 +241,46 @@ def test_text_stream_holds_back_what_may_change(pieces, stop, sent_after, stoppe
         sent += delta + ("" if hit or piece != pieces[-1] else ts.flush())
         assert sent == want, f"after {piece!r}"
     assert hit == stopped
+
+
+
+def test_each_request_gets_its_own_rows_figures():
+    """A request's usage: its own row's calls and accepted / offered drafts at the call where it ended
+    (here a stop string for one, EOS for the other), not another row's. Synthetic calls, since the tiny
+    run's drafts are never accepted, so the HTTP tests see zero acceptance only."""
+    from mtp_jax.decoding.sampling import Sampling
+    from mtp_jax.decoding.speculative import StreamCall
+    from mtp_jax.serve.batcher import Batcher, Delta, Finish, Request
+
+    stub = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    batcher = Batcher(stub, {}, _Chars(), eos_ids=[0], pad_id=0)
+    got = [[], []]
+    reqs = [Request([1], 9, Sampling(), ("!",), got[0].append), Request([1], 9, Sampling(), (), got[1].append)]
+    texts = [TextStream(_Chars(), r.stop) for r in reqs]
+    chars = lambda s: [ord(c) for c in s]
+    calls = [StreamCall([chars("a"), chars("x")], np.array([1, 1]), np.zeros((2, 2)), np.zeros((2, 2)),
+                        np.array([False, False])),
+             StreamCall([chars("b!c"), chars("yz") + [0]], np.array([2, 2]), np.array([[1, 0], [1, 1]]),
+                        np.array([[1, 1], [1, 1]]), np.array([False, True])),
+             StreamCall([chars("de"), []], np.array([3, 2]), np.array([[1, 1], [1, 1]]),
+                        np.array([[2, 2], [1, 1]]), np.array([False, True]))]
+    live = [True, True]
+    for call in calls:
+        live = [ok and batcher._advance(r, texts[i], call, i) for i, (r, ok) in enumerate(zip(reqs, live))]
+    assert live == [False, False]
+    assert got[0] == [Delta("a"), Delta("b"), Finish("stop", 4, 2, [1.0, 0.0])], got[0]
+    assert got[1] == [Delta("x"), Delta("yz"), Finish("stop", 4, 2, [1.0, 1.0])], got[1]
+
+
+def test_cli_help_and_a_bad_run(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from mtp_jax.serve.__main__ import main
+
+    done = subprocess.run([sys.executable, "-m", "mtp_jax.serve", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--max_batch" in done.stdout and "/v1/chat/completions" in done.stdout
+    assert main(["--adapter", str(tmp_path)]) == 2, "a directory that is no run was not refused"
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a training run directory" in err and "Traceback" not in err

@@ -96,8 +96,10 @@ def _job(batcher: Batcher, default_max_tokens: int, body, emit) -> Job:
         while max_tokens > 1 and not batcher.fits(len(prompt), max_tokens):
             max_tokens //= 2
     if not batcher.fits(len(prompt), max_tokens):
+        prompt_field = "messages" if isinstance(body, ChatRequest) else "prompt"
         raise RequestError(f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) exceed the model's "
-                           f"context of {batcher.max_positions} tokens", param="max_tokens",
+                           f"context of {batcher.max_positions} tokens",
+                           param="max_tokens" if batcher.fits(len(prompt), 1) else prompt_field,
                            code="context_length_exceeded")
     return Job(prompt, max_tokens, Sampling(body.temperature, 0, body.top_p), stop, emit)
 

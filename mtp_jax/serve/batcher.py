@@ -140,7 +140,7 @@ class Batcher:
                     return
                 self._backlog.append(first)
             deadline = time.monotonic() + self.batch_wait_s
-            while True:  # gather what arrives within the wait window
+            while len(self._backlog) < self.max_batch:  # gather what arrives within the wait window
                 try:
                     item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
