@@ -8,8 +8,9 @@ come. Requests that arrive meanwhile wait for the next batch; a batch ends when 
 have finished (EOS, their own `max_tokens`, a stop string) or were cancelled (a client gone).
 
 Compiled shapes are bucketed so a server compiles a few programs, not one per request: the batch
-is padded to a power of two rows (copies of its first prompt, whose output is dropped), the prompt
-to a multiple of 16 tokens (`request.left_pad`) and the decode length to a power of two (>= 16).
+is padded to a power of two rows, at most max_batch (copies of its first prompt, whose output is
+dropped), the prompt to a multiple of 16 tokens (`request.left_pad`) and the decode length to a
+power of two (>= 16). A request whose client left keeps its row until the batch ends, unread.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class Batcher:
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        rows = _power_of_two(len(batch))
+        rows = min(_power_of_two(len(batch)), self.max_batch)
         prompts = [r.prompt for r in batch] + [batch[0].prompt] * (rows - len(batch))
         texts = [TextStream(self.tokenizer, r.stop) for r in batch]
         live = [True] * len(batch)
