@@ -35,9 +35,13 @@ def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     if chat and tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  return_dict=False))
+        return encode_chat(tokenizer, [{"role": "user", "content": text}])
     return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """A conversation ({"role", "content"} dicts) rendered by the chat template, ready for the assistant's turn."""
+    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_dict=False))
 
 
 def eos_ids_of(tokenizer, config) -> list[int]:

@@ -349,13 +349,24 @@ def speculative_generate(model: MTPModel, params: Params, prompts: Sequence[Sequ
                   lossy, exact=exact)
 
 
-def speculative_stream(model: MTPModel, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                       eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0,
-                       draft_length: int | None = None, anchors: Sequence[int] | None = None,
-                       lossy: float | None = None) -> Iterator[tuple[list[list[int]], DecodeResult | None]]:
-    """Same tokens as `speculative_generate`, one model call at a time: yields the tokens each row
-    gained in the call (and, with the last, the DecodeResult). Each call is its own program here,
-    so in bf16 it is `speculative_generate`'s output only up to rounding (exact mode: use that)."""
+class StreamCall(NamedTuple):
+    """One model call of `speculative_calls`: the tokens each row gained in it and the row's counters
+    (as DecodeResult's) after it."""
+    chunks: list[list[int]]
+    steps: np.ndarray  # [batch] model calls while the row was running, this one included
+    accepted: np.ndarray  # [batch, k]
+    offered: np.ndarray  # [batch, k]
+    done: np.ndarray  # [batch] bool
+
+
+def speculative_calls(model: MTPModel, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                      eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0,
+                      draft_length: int | None = None, anchors: Sequence[int] | None = None,
+                      lossy: float | None = None) -> Iterator[StreamCall]:
+    """`speculative_generate`'s decoding one model call at a time (the prompt call first). A caller that
+    stops reading a row part-way (a server's stop string) has that row's counters up to there; closing
+    the generator stops decoding. Each call is its own program here, so in bf16 the tokens are
+    `speculative_generate`'s only up to rounding (exact mode: use that)."""
     tokens, pad_len, eos, k, anchors = _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id,
                                                draft_length, anchors, lossy, False)
     model, params = prepare(model, params)
@@ -366,9 +377,24 @@ def speculative_stream(model: MTPModel, params: Params, prompts: Sequence[Sequen
     while True:
         n_out, done = np.asarray(state.n_out), np.asarray(state.done)
         out = np.asarray(state.out)
-        yield [out[r, seen[r]:n_out[r]].tolist() for r in range(len(prompts))], (_result(state) if done.all() else None)
+        yield StreamCall([out[r, seen[r]:n_out[r]].tolist() for r in range(len(prompts))], np.asarray(state.steps),
+                         np.asarray(state.accepted), np.asarray(state.offered), done)
         if done.all():
             return
         seen = n_out
         state = step_jit(model, params, state, pad_len, slot_valid, eos, speculate, max_new_tokens, sampling, k,
                          anchors, lossy)
+
+
+def speculative_stream(model: MTPModel, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0,
+                       draft_length: int | None = None, anchors: Sequence[int] | None = None,
+                       lossy: float | None = None) -> Iterator[tuple[list[list[int]], DecodeResult | None]]:
+    """Same tokens as `speculative_generate`, one model call at a time (`speculative_calls`): yields the
+    tokens each row gained in the call (and, with the last, the DecodeResult)."""
+    tokens = [[] for _ in prompts]
+    for call in speculative_calls(model, params, prompts, max_new_tokens, eos_ids, sampling, seed, pad_id,
+                                  draft_length, anchors, lossy):
+        for row, chunk in zip(tokens, call.chunks):
+            row.extend(chunk)
+        yield call.chunks, (DecodeResult(tokens, call.steps, call.accepted, call.offered) if call.done.all() else None)

@@ -1,0 +1,67 @@
+"""Serve a training run's adapters over HTTP in OpenAI's schema:
+
+    python -m mtp_jax.serve --adapter runs/smollm2_k4 [--port 8000] [--max_batch 8]
+
+then POST to /v1/chat/completions or /v1/completions (`"stream": true` for server-sent events) and
+GET /v1/models. Output is the base model's own (speculative decoding is lossless); each response's
+`usage` adds `tokens_per_call` and the per-draft-position `acceptance` of that request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from mtp_jax import cli
+from mtp_jax.checkpoints import CheckpointError
+from mtp_jax.paths import absolute, absolute_if_local
+
+
+def build_app(adapter, model: str | None = None, step: int | None = None, dtype: str | None = None,
+              max_batch: int = 8, batch_wait_s: float = 0.002, default_max_tokens: int = 256,
+              model_id: str | None = None):
+    """The FastAPI app serving the run at `adapter` (loaded here; the decoding layout built once)."""
+    from mtp_jax.decoding.adapter import load_adapter
+    from mtp_jax.decoding.request import eos_ids_of, pad_id_of
+    from mtp_jax.serve.app import create_app
+    from mtp_jax.serve.batcher import Batcher
+
+    mtp_model, params, tokenizer = load_adapter(adapter, model, step, dtype)
+    eos = eos_ids_of(tokenizer, mtp_model.config)
+    batcher = Batcher(mtp_model, params, tokenizer, eos, pad_id_of(tokenizer, eos), max_batch, batch_wait_s)
+    return create_app(batcher, model_id or absolute(adapter).name, default_max_tokens)
+
+
+def _main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m mtp_jax.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", required=True, type=absolute, help="training run dir whose MTP drafts decode")
+    ap.add_argument("--model", default=None, type=absolute_if_local,
+                    help="another copy of the run's base model (HF dir, .gguf, alias or hub id; default: the run's)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step of --adapter (default: latest)")
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: the run's)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--max_batch", type=int, default=8, help="requests decoded together at most")
+    ap.add_argument("--batch_wait_ms", type=float, default=2.0,
+                    help="how long the engine waits for more requests before it starts a batch")
+    ap.add_argument("--max_tokens", type=int, default=256, help="token limit of a request that names none")
+    ap.add_argument("--served_model_name", default=None, help="the model id clients use (default: the run dir's name)")
+    args = ap.parse_args(argv)
+    if args.max_batch < 1 or args.max_tokens < 1 or args.batch_wait_ms < 0:
+        ap.error("--max_batch and --max_tokens must be >= 1, --batch_wait_ms >= 0")
+    import uvicorn
+
+    app = build_app(args.adapter, args.model, args.step, args.dtype, args.max_batch, args.batch_wait_ms / 1000,
+                    args.max_tokens, args.served_model_name)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0: served until stopped; 2: bad input (flags, model, adapter run), one `error:` line."""
+    return cli.run_main(_main, argv, errors=(CheckpointError, ValueError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

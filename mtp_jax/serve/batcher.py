@@ -1,0 +1,223 @@
+"""The request-batching engine: one background thread decodes the pending requests together.
+
+Granularity: a batch at a time (static batching). The thread takes the oldest pending request and up
+to `max_batch - 1` more that share its sampling settings (temperature and top-p are compiled into
+the decoding program) and fit the context together; it decodes them as one batch with
+`speculative_calls`, one model call at a time, and hands each request its new text as the calls
+come. Requests that arrive meanwhile wait for the next batch; a batch ends when all its requests
+have finished (EOS, their own `max_tokens`, a stop string) or were cancelled (a client gone).
+
+Compiled shapes are bucketed so a server compiles a few programs, not one per request: the batch
+is padded to a power of two rows, at most max_batch (copies of its first prompt, whose output is
+dropped), the prompt to a multiple of 16 tokens (`request.left_pad`) and the decode length to a
+power of two (>= 16). A request whose client left keeps its row until the batch ends, unread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+import traceback
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mtp_jax.decoding.request import left_pad
+from mtp_jax.decoding.sampling import Sampling
+from mtp_jax.decoding.speculative import speculative_calls
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
+    completion_tokens: int
+    calls: int  # model calls while the request ran, its prompt call included
+    acceptance: list[float]  # per draft position
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    message: str
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    emit: Callable[[Delta | Finish | Failure], None]  # thread-safe; called from the engine thread
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class TextStream:
+    """A request's completion text as tokens come: the text safe to send so far (no half UTF-8
+    character, nothing that may turn out to be the start of a stop string) and where a stop string cut it."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def add(self, tokens: Sequence[int]) -> tuple[str, bool]:
+        """(new text to send, whether a stop string ended the text) after `tokens`."""
+        self.tokens.extend(tokens)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.startswith(self.sent):  # a decoder that rewrites earlier text: wait until it settles
+            return "", False
+        hits = [i for i in (text.find(s, max(len(self.sent) - len(s) + 1, 0)) for s in self.stop) if i >= 0]
+        if hits:
+            return self._send(text[:min(hits)]), True
+        hold = 1 if text.endswith("\ufffd") else 0
+        for s in self.stop:  # the longest tail of the text that begins a stop string
+            hold = max([hold] + [n for n in range(1, len(s)) if text.endswith(s[:n])])
+        return self._send(text[:len(text) - hold]), False
+
+    def flush(self) -> str:
+        """The held-back rest of the text, at the end of a request that no stop string ended."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return self._send(text) if text.startswith(self.sent) else ""
+
+    def _send(self, text: str) -> str:
+        new = text[len(self.sent):]
+        self.sent = text if len(text) > len(self.sent) else self.sent
+        return new
+
+
+def _power_of_two(n: int, low: int = 1) -> int:
+    return max(low, 1 << (n - 1).bit_length())
+
+
+class Batcher:
+    """Decodes submitted Requests in batches of up to `max_batch` on a background thread (module
+    docstring). `stats` counts batches, requests, the largest batch (real requests, not padding) and
+    the requests dropped part-way because their client left."""
+
+    def __init__(self, model, params, tokenizer, eos_ids: Sequence[int], pad_id: int, max_batch: int = 8,
+                 batch_wait_s: float = 0.002):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.eos_ids, self.pad_id = list(eos_ids), pad_id
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.max_positions = model.config.max_position_embeddings
+        self.stats = {"batches": 0, "requests": 0, "largest_batch": 0, "cancelled": 0}
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._backlog: list[Request] = []  # engine thread only
+        self._thread: threading.Thread | None = None
+        self._seed = 0
+
+    def fits(self, prompt_len: int, max_tokens: int) -> bool:
+        """Whether a prompt of `prompt_len` tokens (padded as decoding pads it) and `max_tokens` fit the context."""
+        return left_pad([[0] * prompt_len], 0)[0].shape[1] + max_tokens <= self.max_positions
+
+    def submit(self, request: Request) -> None:
+        self._queue.put(request)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mtp-serve-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            if not self._backlog:
+                first = self._queue.get()
+                if first is None:
+                    return
+                self._backlog.append(first)
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(self._backlog) < self.max_batch:  # gather what arrives within the wait window
+                try:
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if item is None:
+                    return
+                self._backlog.append(item)
+            gone = [r for r in self._backlog if r.cancelled.is_set()]
+            self.stats["cancelled"] += len(gone)
+            self._backlog = [r for r in self._backlog if not r.cancelled.is_set()]
+            batch = self._pick()
+            if batch:
+                self._run(batch)
+
+    def _pick(self) -> list[Request]:
+        """The oldest request and the next ones with its sampling that fit the context beside it."""
+        batch, rest = [], []
+        for r in self._backlog:
+            joined = batch + [r]
+            if len(batch) < self.max_batch and (not batch or r.sampling == batch[0].sampling) and \
+                    self.fits(max(len(x.prompt) for x in joined), self._decode_length(joined)):
+                batch = joined
+            else:
+                rest.append(r)
+        self._backlog = rest
+        return batch
+
+    def _decode_length(self, batch: Sequence[Request]) -> int:
+        """The batch's decode length: its longest max_tokens, bucketed where the context allows."""
+        need = max(r.max_tokens for r in batch)
+        prompt = left_pad([max((r.prompt for r in batch), key=len)], 0)[0].shape[1]
+        return max(min(_power_of_two(need, 16), self.max_positions - prompt), need)
+
+    def _run(self, batch: list[Request]) -> None:
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(batch)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        rows = min(_power_of_two(len(batch)), self.max_batch)
+        prompts = [r.prompt for r in batch] + [batch[0].prompt] * (rows - len(batch))
+        texts = [TextStream(self.tokenizer, r.stop) for r in batch]
+        live = [True] * len(batch)
+        self._seed += 1
+        calls = speculative_calls(self.model, self.params, prompts, self._decode_length(batch), self.eos_ids,
+                                  batch[0].sampling, self._seed, self.pad_id)
+        try:
+            for call in calls:
+                for i, r in enumerate(batch):
+                    if live[i]:
+                        live[i] = self._advance(r, texts[i], call, i)
+                if not any(live):
+                    break
+        except Exception as e:  # a failed batch fails its requests, not the server
+            traceback.print_exc()
+            for i, r in enumerate(batch):
+                if live[i]:
+                    r.emit(Failure(f"decoding failed: {type(e).__name__}: {e}"))
+        finally:
+            calls.close()
+
+    def _advance(self, r: Request, text: TextStream, call, row: int) -> bool:
+        """Hands request `r` what its row gained in `call`; False once the request is over."""
+        if r.cancelled.is_set():
+            self.stats["cancelled"] += 1
+            return False
+        tokens = call.chunks[row][:r.max_tokens - len(text.tokens)]
+        delta, stopped = text.add(tokens)
+        eos = bool(tokens) and tokens[-1] in self.eos_ids
+        reason = "stop" if stopped or eos else ("length" if len(text.tokens) >= r.max_tokens else None)
+        if reason is None and call.done[row]:
+            reason = "length"  # the row ran out of the batch's decode length (never below max_tokens)
+        if reason and not stopped:
+            delta += text.flush()
+        if delta:
+            r.emit(Delta(delta))
+        if reason:
+            offered = np.maximum(call.offered[row], 1)
+            r.emit(Finish(reason, len(text.tokens), int(call.steps[row]),
+                          [float(a) for a in call.accepted[row] / offered]))
+        return reason is None

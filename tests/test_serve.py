@@ -1,0 +1,286 @@
+"""The OpenAI-compatible server (mtp_jax.serve) over real HTTP (httpx) against a tiny trained run,
+served in-process on 127.0.0.1: greedy output is plain greedy decoding of the same chat-templated
+prompt (mtp_jax.decoding.plain, an independent decoder), streamed text is the whole text, concurrent
+requests share a batch and each still gets its own output, usage holds the request's own speculative
+figures, bad requests get 4xx with OpenAI's error body, and a client that leaves mid-stream does not
+stop the server. Every request loop is bounded in count and time."""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import jax
+import numpy as np
+import pytest
+import uvicorn
+
+from conftest import make_hf_model, save_hf
+from mtp_jax.decoding.adapter import load_adapter
+from mtp_jax.decoding.plain import generate
+from mtp_jax.decoding.request import encode_chat, eos_ids_of
+from mtp_jax.decoding.speculative import speculative_generate
+from mtp_jax.models import load_model
+from mtp_jax.serve.__main__ import build_app
+from mtp_jax.serve.batcher import TextStream
+from test_export import TOKENIZER_SIZE, tiny_tokenizer, train_run
+from test_train import COMPILE_CACHE, write_data
+
+MAX = 16  # max_tokens of most requests: one decode-length bucket, one compiled program per batch size
+TIMEOUT = 120.0  # seconds any one HTTP call may take (the first ones compile)
+TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}Answer: {% endif %}"
+QUESTIONS = ["What is two plus two?", "Name a color.", "Write hello in Python.", "Count to five."]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step run on a tiny Llama whose word-level tokenizer has a chat template, and the references."""
+    jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    tmp = tmp_path_factory.mktemp("serve")
+    data = write_data(tmp / "train.jsonl")
+    base = save_hf(make_hf_model("llama"), tmp / "base")
+    tok = tiny_tokenizer(TOKENIZER_SIZE["llama"], [v for line in open(data) for v in json.loads(line).values()])
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(base)
+    run_dir = train_run(tmp, str(base), data)
+    lm, base_params, config = load_model(str(base))
+    return SimpleNamespace(run_dir=run_dir, tok=tok, lm=lm, base=base_params, eos=eos_ids_of(tok, config))
+
+
+def chat_ids(trained, question):
+    return encode_chat(trained.tok, [{"role": "user", "content": question}])
+
+
+def plain_text(trained, questions, max_tokens=MAX):
+    """Plain greedy decoding of the chat-templated questions, decoded to text."""
+    outs = generate(trained.lm, trained.base, [chat_ids(trained, q) for q in questions], max_tokens, trained.eos)
+    return [trained.tok.decode(o, skip_special_tokens=True) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """The server on a free 127.0.0.1 port in a thread (max_batch 4; the engine waits 0.3 s for more
+    requests before a batch, so requests sent together share one)."""
+    app = build_app(trained.run_dir, max_batch=4, batch_wait_s=0.3, default_max_tokens=MAX)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start within 60 s"
+        time.sleep(0.05)
+    with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=TIMEOUT) as client:
+        yield SimpleNamespace(client=client, model=trained.run_dir.name)
+    srv.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+def chat(server, question, **kw):
+    body = {"model": server.model, "messages": [{"role": "user", "content": question}], "max_tokens": MAX,
+            "temperature": 0.0, **kw}
+    return server.client.post("/v1/chat/completions", json=body)
+
+
+def stream_events(response) -> list:
+    """The JSON objects of an SSE response, checking it ends with `data: [DONE]`."""
+    lines = [line for line in response.iter_lines() if line]
+    assert lines and lines[-1] == "data: [DONE]", f"the stream does not end with [DONE]: {lines[-3:]}"
+    assert all(line.startswith("data: ") for line in lines), lines
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def test_greedy_chat_is_plain_greedy_decoding(server, trained):
+    r = chat(server, QUESTIONS[0])
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == server.model
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": plain_text(trained, QUESTIONS[:1])[0]}
+    # usage: this request's own figures, as speculative decoding of its prompt alone gives them
+    ids = chat_ids(trained, QUESTIONS[0])
+    model, params, _ = load_adapter(trained.run_dir)
+    ref = speculative_generate(model, params, [ids], MAX, trained.eos)
+    use = out["usage"]
+    assert (use["prompt_tokens"], use["completion_tokens"]) == (len(ids), len(ref.tokens[0]))
+    assert use["total_tokens"] == len(ids) + len(ref.tokens[0])
+    assert use["model_calls"] == ref.steps[0] and use["tokens_per_call"] == pytest.approx(ref.tokens_per_step)
+    np.testing.assert_allclose(use["acceptance"], ref.acceptance, err_msg="per-position acceptance")
+    assert out["choices"][0]["finish_reason"] == ("stop" if ref.tokens[0][-1] in trained.eos else "length")
+
+
+def test_streamed_chat_concatenates_to_the_same_text(server, trained):
+    with server.client.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": MAX, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = stream_events(r)
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == plain_text(trained, QUESTIONS[1:2])[0]
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_completions_streamed_and_whole_with_a_stop_string(server, trained):
+    """/v1/completions on a raw prompt; a stop string ends the text just before it, streamed or not."""
+    ids = trained.tok(QUESTIONS[2], add_special_tokens=True)["input_ids"]
+    full = trained.tok.decode(generate(trained.lm, trained.base, [ids], MAX, trained.eos)[0],
+                              skip_special_tokens=True)
+    words = full.split()
+    assert len(words) > 4, f"reference too short to cut: {full!r}"
+    stop = " ".join(words[3:5])  # spans tokens; the first occurrence is at or before words[3]
+    want = full[:full.find(stop)]
+    body = {"prompt": QUESTIONS[2], "max_tokens": MAX, "temperature": 0.0, "stop": [stop]}
+    whole = server.client.post("/v1/completions", json=body).json()
+    assert whole["object"] == "text_completion"
+    assert (whole["choices"][0]["text"], whole["choices"][0]["finish_reason"]) == (want, "stop")
+    with server.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = stream_events(r)
+    assert "".join(e["choices"][0]["text"] for e in events) == want
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_concurrent_requests_share_a_batch(server, trained):
+    before = server.client.get("/v1/models").json()["data"][0]["batching"]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda q: chat(server, q), QUESTIONS))
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    texts = [r.json()["choices"][0]["message"]["content"] for r in responses]
+    assert texts == plain_text(trained, QUESTIONS), "a batched request's output differs from plain greedy"
+    after = server.client.get("/v1/models").json()["data"][0]["batching"]
+    assert after["requests"] - before["requests"] == 4
+    assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < 4, f"no batch held >1: {after}"
+
+
+def test_sampled_request(server):
+    r = chat(server, QUESTIONS[3], temperature=0.8, top_p=0.9, seed=1)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert 1 <= out["usage"]["completion_tokens"] <= MAX and out["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+BAD = {
+    "missing messages": ({"max_tokens": 4}, "messages"),
+    "messages not a list": ({"messages": "hi"}, "messages"),
+    "unknown role": ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    "max_tokens 0": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    "max_tokens a string": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, "max_tokens"),
+    "temperature too high": ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+    "n = 2": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    "prompt too long": ({"messages": [{"role": "user", "content": "hi " * 600}]}, "messages"),
+    "max_tokens beyond the context": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600},
+                                      "max_tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request_gets_400_with_an_error_body(server, case):
+    body, param = BAD[case]
+    r = server.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, f"{case}: {r.status_code} {r.text}"
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"], error
+
+
+def test_other_refusals(server):
+    r = server.client.post("/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = chat(server, "hi", model="gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = server.client.post("/v1/completions", json={"prompt": ["a", "b"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = server.client.get("/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_client_leaving_mid_stream_leaves_the_server_serving(server, trained):
+    """A client reads one event of a long stream and hangs up; the engine drops its row (its batch
+    ends early) and the next request is answered as before."""
+    with server.client.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 400, "temperature": 0.0,
+            "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(10):  # up to the first decoded text: the engine is decoding this request's row now
+            line = next(lines)
+            if line and json.loads(line[len("data: "):])["choices"][0]["delta"].get("content"):
+                break
+        else:
+            pytest.fail("no text in the stream's first events")
+    deadline = time.monotonic() + 60
+    while server.client.get("/v1/models").json()["data"][0]["batching"]["cancelled"] < 1:
+        assert time.monotonic() < deadline, "the engine never noticed the client had gone"
+        time.sleep(0.1)
+    r = chat(server, QUESTIONS[0])
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == plain_text(trained, QUESTIONS[:1])[0]
+
+
+class _Chars:
+    """A tokenizer whose tokens are characters (decode joins them): TextStream's rules in isolation."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i or not skip_special_tokens)  # 0: EOS
+
+
+@pytest.mark.parametrize("pieces,stop,sent_after,stopped", [
+    (["ab", "cS", "TOPd"], ["STOP"], ["ab", "abc", "abc"], True),  # a stop string split over calls
+    (["ab", "cS", "Td"], ["STOP"], ["ab", "abc", "abcSTd"], False),  # a start that turned out not to be one
+    (["ab", "c\ufffd", "d"], [], ["ab", "abc", "abc\ufffdd"], False),  # a half character waits
+])
+def test_text_stream_holds_back_what_may_change(pieces, stop, sent_after, stopped):
+    ts, sent, hit = TextStream(_Chars(), stop), "", False
+    for piece, want in zip(pieces, sent_after):
+        delta, hit = ts.add([ord(c) for c in piece])
+        sent += delta + ("" if hit or piece != pieces[-1] else ts.flush())
+        assert sent == want, f"after {piece!r}"
+    assert hit == stopped
+
+
+
+def test_each_request_gets_its_own_rows_figures():
+    """A request's usage: its own row's calls and accepted / offered drafts at the call where it ended
+    (here a stop string for one, EOS for the other), not another row's. Synthetic calls, since the tiny
+    run's drafts are never accepted, so the HTTP tests see zero acceptance only."""
+    from mtp_jax.decoding.sampling import Sampling
+    from mtp_jax.decoding.speculative import StreamCall
+    from mtp_jax.serve.batcher import Batcher, Delta, Finish, Request
+
+    stub = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    batcher = Batcher(stub, {}, _Chars(), eos_ids=[0], pad_id=0)
+    got = [[], []]
+    reqs = [Request([1], 9, Sampling(), ("!",), got[0].append), Request([1], 9, Sampling(), (), got[1].append)]
+    texts = [TextStream(_Chars(), r.stop) for r in reqs]
+    chars = lambda s: [ord(c) for c in s]
+    calls = [StreamCall([chars("a"), chars("x")], np.array([1, 1]), np.zeros((2, 2)), np.zeros((2, 2)),
+                        np.array([False, False])),
+             StreamCall([chars("b!c"), chars("yz") + [0]], np.array([2, 2]), np.array([[1, 0], [1, 1]]),
+                        np.array([[1, 1], [1, 1]]), np.array([False, True])),
+             StreamCall([chars("de"), []], np.array([3, 2]), np.array([[1, 1], [1, 1]]),
+                        np.array([[2, 2], [1, 1]]), np.array([False, True]))]
+    live = [True, True]
+    for call in calls:
+        live = [ok and batcher._advance(r, texts[i], call, i) for i, (r, ok) in enumerate(zip(reqs, live))]
+    assert live == [False, False]
+    assert got[0] == [Delta("a"), Delta("b"), Finish("stop", 4, 2, [1.0, 0.0])], got[0]
+    assert got[1] == [Delta("x"), Delta("yz"), Finish("stop", 4, 2, [1.0, 1.0])], got[1]
+
+
+def test_cli_help_and_a_bad_run(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from mtp_jax.serve.__main__ import main
+
+    done = subprocess.run([sys.executable, "-m", "mtp_jax.serve", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--max_batch" in done.stdout and "/v1/chat/completions" in done.stdout
+    assert main(["--adapter", str(tmp_path)]) == 2, "a directory that is no run was not refused"
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a training run directory" in err and "Traceback" not in err
