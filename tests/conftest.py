@@ -27,9 +27,8 @@ def cpu_devices_flags(n: int) -> str:
     """XLA_FLAGS for a child process with n emulated CPU devices. On 2 cores its device threads share the
     machine with anything else running, so the tests that use it run it alone, and a collective may wait
     10 minutes (XLA's default: 40 s) before XLA aborts the process as deadlocked. XLA:CPU's
-    concurrency-optimised scheduler is off: with it, the 2x2x2 mesh's first step hung in about one run of
-    four, its devices waiting in different collectives (seen 2026-12-04, on the code before and after that
-    day's changes); without it, 11 runs of 11 passed."""
+    concurrency-optimised scheduler is off: it can order the emulated devices' collectives differently,
+    so that the 2x2x2 mesh's first step hangs with its devices waiting in different collectives."""
     return (f"--xla_force_host_platform_device_count={n} "
             "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
             "--xla_cpu_enable_concurrency_optimized_scheduler=false")
