@@ -24,7 +24,6 @@ from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.loading import abstract_params
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, loss_and_grads, split_params, training_layout
-from mtp_jax.train.state import count_params
 from _report import environment, fmt, header, ratio, write_json
 
 
@@ -155,7 +154,6 @@ def main():
     mask_row = jnp.mean(base["model"]["embed_tokens"]["embedding"][:1000].astype(jnp.float32), 0)
     params = init_params(model, base, mask_row, jax.random.key(1))
     trainable, frozen = split_params(model, params)
-    n_base = count_params(base)
     peak = device_peak_flops(jax.devices()[0])
     rows = []
     for total in args.lengths:
@@ -165,7 +163,7 @@ def main():
         base_r = (measure(naive, trainable, frozen, batch["tokens"], interleaved_layout(batch, args.k), reps=args.reps)
                   if total <= args.baseline_max
                   else {"time_s": None, "peak_gib": None, "error": "skipped (too large)"})
-        counted = step_flops(config, n_base, jax.tree.map(np.asarray, batch), args.k)
+        counted = step_flops(config, jax.tree.map(np.asarray, batch), args.k)
         if ours["time_s"] and peak:  # SPEC §11, attention included
             ours["regular_tokens_per_s"] = counted["tokens"] / ours["time_s"]
             ours["mfu"] = counted["flops"] / (ours["time_s"] * peak)

@@ -38,7 +38,6 @@ from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, loss_and_grads, regular_stream, split_params, training_layout
 from mtp_jax.train.config import OptimConfig
-from mtp_jax.train.state import count_params
 from mtp_jax.train.step import make_optimizer, train_step
 from _report import environment, fmt, header, ratio, write_json
 from mtp_step import interleaved_layout, interleaved_loss, make_batch, random_base
@@ -128,7 +127,6 @@ def main():
             return trainable, training_layout(model, frozen)  # as the CLI passes it: per layer without the scan
 
         trainable, frozen = jax.eval_shape(build) if args.compile_only else build()
-        n_base = count_params(frozen["base"])
         tx, schedule = make_optimizer(OptimConfig(lr=2e-4, warmup_steps=10), 1000)
 
         def fresh_state():
@@ -151,7 +149,7 @@ def main():
 
         for total in args.lengths:
             batch = make_batch(args.prompt, total - args.prompt, config.vocab_size)
-            counted = step_flops(config, n_base, jax.tree.map(np.asarray, batch), args.k)
+            counted = step_flops(config, jax.tree.map(np.asarray, batch), args.k)
             row = {"model": path, "regular_tokens": total, "flops": counted,
                    "step": measure(step, fresh_state(), frozen, batch, trace_dir=args.trace_dir)}
             if total <= args.breakdown_max:

@@ -143,7 +143,7 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches from the training data."""
         position = self.train_iter.get_state()  # where the step's data lies in the data order, for error messages
         hosts = [next(self.train_iter) for _ in range(self.cfg.optim.grad_accum)]
-        counted = [step_flops(self.setup.model.config, self.setup.n_base, h, self.cfg.mtp.draft_length) for h in hosts]
+        counted = [step_flops(self.setup.model.config, h, self.cfg.mtp.draft_length) for h in hosts]
         batch = host_to_global(stack_micro_batches(hosts), self.batch_sh)
         self.state, metrics = self.compiled(batch)(self.state, self.setup.frozen, batch)
         window.add(metrics, Source(f"step {opt_step}", position, hosts[0]["tokens"][0, :24].copy()),
@@ -213,7 +213,7 @@ class Trainer:
 
     def train(self) -> dict:
         """The loop from the restored step to max_steps (or train.stop_after_steps more)."""
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         start = opt_step = int(to_host(self.state["step"]))
         stop = min(t.max_steps, start + t.stop_after_steps) if t.stop_after_steps else t.max_steps
         writer = MetricWriter(self.run_dir, self.main_process, start)

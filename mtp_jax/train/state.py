@@ -133,7 +133,6 @@ class Setup:
     state_sh: dict
     tx: optax.GradientTransformation
     schedule: Any
-    n_base: int  # frozen base params
 
 
 def build_model(cfg: Config, config: ModelConfig) -> MTPModel:
@@ -179,7 +178,7 @@ def build(cfg: Config, config: ModelConfig, mesh: Mesh, rules, text_vocab: int) 
     log(f"model {cfg.model.path}: {n_base / 1e6:.1f}M frozen base params, "
         f"{count_params(state['trainable']) / 1e6:.2f}M trainable, k={cfg.mtp.draft_length}, "
         f"<mask> row = mean of {min(text_vocab, config.vocab_size)} embedding rows")
-    return Setup(model, frozen, jax.tree.map(lambda x: x.sharding, frozen), state, state_sh, tx, schedule, n_base)
+    return Setup(model, frozen, jax.tree.map(lambda x: x.sharding, frozen), state, state_sh, tx, schedule)
 
 
 def abstract_state(setup: Setup) -> dict:
