@@ -46,7 +46,6 @@ def interleave(tokens: np.ndarray, prompt_len: int, k: int, mask_id: int) -> Int
         if a >= prompt_len:
             for j in range(1, k + 1):
                 ids.append(mask_id); pos.append(a + j); gate.append(1.0); reg.append(a); step.append(j)
-    n = len(ids)
     reg_a, step_a = np.asarray(reg), np.asarray(step)
     is_mask = step_a > 0
     q_reg, k_reg = reg_a[:, None], reg_a[None, :]
