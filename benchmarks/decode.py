@@ -78,6 +78,7 @@ SMOKE_SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 # ---------------------------------------------------------------------------------------------------
 from mtp_jax.decoding.adapter import load_adapter  # noqa: E402
 from mtp_jax.decoding.cli import compile_seconds  # noqa: E402
+from mtp_jax.decoding.exactness import NEAR_TIE_ULPS, near_tie  # noqa: E402
 from mtp_jax.decoding.layout import prepare  # noqa: E402
 from mtp_jax.decoding.plain import generate, generate_with_logits  # noqa: E402
 from mtp_jax.decoding.speculative import speculative_generate  # noqa: E402
@@ -384,14 +385,6 @@ def hf_distill_rows(args, pad_id) -> list[dict]:
 
 
 # ---------------------------------------------------------------- exactness
-def near_tie(margin: float, top_logit: float, ulps: float) -> bool:
-    """Whether a top-2 logit margin is within `ulps` bf16 spacings at the top logit's magnitude: bf16 keeps
-    8 significant bits, so logits in [2^e, 2^(e+1)) are spaced 2^(e-7), and a call that rounds differently
-    (another shape, another reduction order) can move a logit by about that much."""
-    spacing = 2.0 ** (np.floor(np.log2(max(abs(top_logit), 2.0 ** -126))) - 7)
-    return bool(margin <= ulps * spacing)
-
-
 def exactness(args, pad_id, exact: bool) -> dict:
     """Speculative vs plain greedy in bf16 on held-out prompts, one prompt per call."""
     tok = load_tokenizer(args.smollm2)
@@ -419,7 +412,7 @@ def exactness(args, pad_id, exact: bool) -> dict:
             logits = plain_logits[min(i, len(plain) - 1)]  # the plain decoder's own logits where they part
             top2 = np.sort(logits)[-2:]
             margin = float(top2[1] - top2[0])
-            tie = near_tie(margin, float(top2[1]), args.near_tie_ulps)
+            tie = near_tie(margin, logits, jnp.bfloat16, args.near_tie_ulps)
             not_tie += not tie
             entry |= {"first_difference": i, "top2_margin": round(margin, 5), "top_logit": round(float(top2[1]), 4),
                       "near_tie": tie,
@@ -437,7 +430,7 @@ def exactness(args, pad_id, exact: bool) -> dict:
             "exact_mode_mismatches": exact_mismatches, "layout": args.exact_layout, "new_tokens": args.exact_tokens,
             "adapter": args.adapter or "random", "near_tie_ulps": args.near_tie_ulps,
             "near_tie_definition": "top-2 margin of the plain decoder's own bf16 logits at the first "
-                                   "differing token <= near_tie_ulps x the bf16 spacing at the top logit "
+                                   "differing token <= near_tie_ulps x the bf16 spacing at the row's largest |logit| "
                                    "(2^(floor(log2|top|) - 7))", "per_prompt": records}
 
 
@@ -493,7 +486,7 @@ def main(argv=None):
     ap.add_argument("--exact_prompts", type=int, default=10, help="held-out prompts per domain for exactness")
     ap.add_argument("--exact_tokens", type=int, default=256)
     ap.add_argument("--exact_layout", default="all", choices=["all", "0"])
-    ap.add_argument("--near_tie_ulps", type=float, default=4.0)
+    ap.add_argument("--near_tie_ulps", type=float, default=NEAR_TIE_ULPS)
     ap.add_argument("--distill", action="store_true", help="also distillation throughput of SmolLM2 (ours vs peer)")
     ap.add_argument("--distill_batches", default="64,256")
     ap.add_argument("--distill_tokens", type=int, default=256)

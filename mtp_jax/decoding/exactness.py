@@ -22,7 +22,7 @@ from mtp_jax.models.llama import CausalLM
 NEAR_TIE_ULPS = 4.0
 
 
-def near_tie(margin: float, logits: np.ndarray, dtype) -> bool:
+def near_tie(margin: float, logits: np.ndarray, dtype, ulps: float = NEAR_TIE_ULPS) -> bool:
     """Whether a top-2 logit margin is within `dtype` rounding of logits of that magnitude.
 
     logits: the row [vocab] (or just its top values) the margin was taken from. One ulp at the top
@@ -37,7 +37,7 @@ def near_tie(margin: float, logits: np.ndarray, dtype) -> bool:
     if top == 0.0:
         return margin == 0.0
     ulp = float(jnp.finfo(dtype).eps) * 2.0 ** math.floor(math.log2(top))
-    return margin <= NEAR_TIE_ULPS * ulp
+    return margin <= ulps * ulp
 
 
 @dataclasses.dataclass(frozen=True)
