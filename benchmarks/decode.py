@@ -79,7 +79,7 @@ SMOKE_SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 from mtp_jax.decoding.adapter import load_adapter  # noqa: E402
 from mtp_jax.decoding.cli import compile_seconds  # noqa: E402
 from mtp_jax.decoding.exactness import NEAR_TIE_ULPS, near_tie  # noqa: E402
-from mtp_jax.decoding.layout import prepare  # noqa: E402
+from mtp_jax.decoding.layout import plain_of, prepare  # noqa: E402
 from mtp_jax.decoding.plain import generate, generate_with_logits  # noqa: E402
 from mtp_jax.decoding.speculative import speculative_generate  # noqa: E402
 
@@ -87,11 +87,6 @@ from mtp_jax.decoding.speculative import speculative_generate  # noqa: E402
 def supports_exact() -> bool:
     """Whether the decoders take `exact=True` (batch-invariant reductions)."""
     return all("exact" in inspect.signature(f).parameters for f in (generate, speculative_generate))
-
-
-def prepare_plain(lm: CausalLM, base):
-    """(model, params) of plain decoding in its decode layout, built once outside the timings."""
-    return prepare(lm, base)
 
 
 def prepare_spec(model: MTPModel, params):
@@ -303,8 +298,8 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
             "adapter": args.adapter if MODELS[name] is None and args.adapter else "random",
             "k": model.mtp.draft_length}
     floor = round(info["weight_bytes"] / bytes_per_ms, 4)
-    plain_m, plain_p = prepare_plain(lm, base)
     spec_m, spec_p = prepare_spec(model, params)
+    plain_m, plain_p = plain_of(spec_m, spec_p)
     methods = {"plain": lambda p, n, x: plain_decode(spec_m, spec_p, p, n, NEVER, pad_id, True, LAYOUTS["spec_0"])
                if x else plain_decode(plain_m, plain_p, p, n, NEVER, pad_id)}
     for method, anchors in LAYOUTS.items():
@@ -394,9 +389,8 @@ def exactness(args, pad_id, exact: bool) -> dict:
     else:
         _, base, config = load_model(args.smollm2, "bfloat16")
         model, params = mtp_model(config, base, jnp.bfloat16, args.k)
-    lm = CausalLM(config, None, jnp.bfloat16, jnp.bfloat16)
-    plain_m, plain_p = prepare_plain(lm, params["base"])
     spec_m, spec_p = prepare_spec(model, params)
+    plain_m, plain_p = plain_of(spec_m, spec_p)
     eos = eos_ids_of(tok, config)
     anchors = LAYOUTS[f"spec_{args.exact_layout}"]
     records, mismatches, not_tie, exact_mismatches = [], 0, 0, 0 if exact else None

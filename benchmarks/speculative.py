@@ -32,7 +32,7 @@ import numpy as np
 
 from mtp_jax.decoding.adapter import load_adapter
 from mtp_jax.decoding.cli import compile_seconds
-from mtp_jax.decoding.layout import prepare
+from mtp_jax.decoding.layout import plain_of, prepare
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.request import encode_prompt, eos_ids_of, pad_id_of
 from mtp_jax.decoding.speculative import speculative_generate
@@ -137,8 +137,8 @@ def main(argv=None):
         prompts = read_prompts(args.prompts, args.per_domain)
         ids = {d: [encode_prompt(tokenizer, t, chat=True) for t in texts] for d, texts in prompts.items()}
     # the decoding layout (unstacked layers, folded adapters) is built once here, outside the timings
-    lm, base = prepare(CausalLM(model.config, None, model.dtype, model.param_dtype), params["base"])
     model, params = prepare(model, params)
+    lm, base = plain_of(model, params)
     domains = list(ids)
     layouts = args.layouts.replace(";", " ").split() if ";" in args.layouts else args.layouts.split(",")
     layouts = [lay for lay in layouts if lay]

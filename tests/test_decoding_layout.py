@@ -11,8 +11,9 @@ import pytest
 
 from mtp_jax.decoding import speculative
 from mtp_jax.decoding.cache import init_cache
-from mtp_jax.decoding.layout import adapters_into_base, is_prepared, prepare
+from mtp_jax.decoding.layout import adapters_into_base, is_prepared, plain_of, prepare
 from mtp_jax.decoding.model import DecodeLayer
+from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.sampling import Sampling
 from mtp_jax.models import LoRAConfig
 from mtp_jax.models.llama import CausalLM
@@ -98,3 +99,20 @@ def test_decoding_programs_read_weights_in_place(setup):
     copies = weight_copies(forward_hlo(model.clone(lora=cfg, layer=DecodeLayer), {**params, "base": base, "lora": lora},
                                        stacked_cache), dec_params)
     assert len(copies) >= 7, f"the scanned layout should slice every layer weight, found {copies}"
+
+
+def test_plain_of_prepared_params_is_the_base_model(setup):
+    """The plain baseline from an MTPModel's prepared params (what `load_adapter` returns, A columns in the
+    base kernels) is the base model itself: the same per-layer kernels and the same greedy tokens as from
+    the unprepared base."""
+    model, params, _ = setup
+    ref_model, ref_params = prepare(CausalLM(model.config, None, model.dtype, model.param_dtype), params["base"])
+    dec_model, dec_params = prepare(model, params)
+    widened = dec_params["base"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].shape[-1]
+    assert widened > model.config.q_features, "the prepared q_proj carries no A columns: test is vacuous"
+    lm, base = plain_of(dec_model, dec_params)
+    assert jax.tree.map(jnp.shape, base) == jax.tree.map(jnp.shape, ref_params)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(ref_params)))
+    prompts = [[3, 5, 7, 9], [11, 2]]
+    assert generate(lm, base, prompts, 6, [-1]) == generate(ref_model, ref_params, prompts, 6, [-1])
+    assert plain_of(model, params)[1] is not None  # unprepared params work too

@@ -83,4 +83,31 @@ def prepare(model: CausalLM | MTPModel, params: Any) -> tuple[CausalLM | MTPMode
     if not isinstance(model, CausalLM):
         raise TypeError(f"prepare: expected a CausalLM or an MTPModel, got {type(model).__name__}")
     tree = params["params"] if "params" in params else params
-    return model.clone(scan_layers=False), _cast(unstack_layers(tree, n), model.dtype)
+    if "layers" in tree["model"]:  # else per layer already: the base of a prepared MTPModel's params
+        tree = unstack_layers(tree, n)
+    return model.clone(scan_layers=False), _cast(tree, model.dtype)
+
+
+def _without_a_columns(base: dict, config) -> dict:
+    """A per-layer base tree of the decoding layout with the adapters' A columns (`adapters_into_base`)
+    cut off its kernels again: the base model's own projections."""
+    width = {"q_proj": config.q_features, "k_proj": config.kv_features, "v_proj": config.kv_features,
+             "o_proj": config.hidden_size, "gate_proj": config.intermediate_size,
+             "up_proj": config.intermediate_size, "down_proj": config.hidden_size}
+
+    def cut(path, x):
+        names = [getattr(key, "key", None) for key in path]
+        proj = names[-2] if len(names) >= 2 and names[-1] == "kernel" else None
+        return x[..., :width[proj]] if proj in width and x.shape[-1] > width[proj] else x
+
+    return jax.tree_util.tree_map_with_path(cut, base)
+
+
+def plain_of(model: MTPModel, params: Any) -> tuple[CausalLM, Any]:
+    """(CausalLM, params) of plain decoding with `model`'s frozen base, in the decoding layout, from the
+    MTPModel's params in either layout (`adapter.load_adapter` returns them prepared): the baseline
+    speculative decoding is checked and timed against. Prepared params carry the adapters' A
+    matrices in the base kernels; the plain model gets a copy of those kernels without them."""
+    lm = CausalLM(model.config, None, model.dtype, model.param_dtype)
+    base = _without_a_columns(params["base"], model.config) if is_prepared(model) else params["base"]
+    return prepare(lm, base)
