@@ -167,6 +167,18 @@ def weight_bytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+def spec_bound(config: ModelConfig, base, params, k: int) -> float:
+    """The least a speculative call can cost, in plain calls, where both read their weights once at the
+    same rate: the drafts come one after another (draft j's sampler input embeds draft j - 1, SPEC §4),
+    so each of the k reads the sampler head and the whole lm_head (its argmax is over the full
+    vocabulary) once more, after the call's one read of the base and the adapters."""
+    model = base["model"]
+    head = (model["embed_tokens"]["embedding"] if config.tie_word_embeddings else base["lm_head"]["kernel"])
+    adapters = weight_bytes({key: v for key, v in params.items() if key not in ("base", "sampler")})
+    draft = k * (weight_bytes(head) + weight_bytes(params["sampler"]))
+    return (weight_bytes(base) + adapters + draft) / weight_bytes(base)
+
+
 # ---------------------------------------------------------------- models
 def model_config(name: str, smoke: bool, smollm2: str) -> tuple[ModelConfig, dict]:
     """(our config, the HF config dict) of `name` (tiny shapes with --smoke, except SmolLM2's real ones)."""
@@ -297,6 +309,9 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
                                                                                if k != "base"}),
             "adapter": args.adapter if MODELS[name] is None and args.adapter else "random",
             "k": model.mtp.draft_length}
+    info["spec_bound_x_plain"] = round(spec_bound(config, base, params, model.mtp.draft_length), 4)
+    print(f"  {name}: a speculative call reads {info['spec_bound_x_plain']:.3f}x a plain call's bytes "
+          f"(k = {model.mtp.draft_length} more lm_head and sampler reads)", flush=True)
     floor = round(info["weight_bytes"] / bytes_per_ms, 4)
     spec_m, spec_p = prepare_spec(model, params)
     plain_m, plain_p = plain_of(spec_m, spec_p)
