@@ -340,3 +340,33 @@ def test_cli_help_and_a_bad_run(tmp_path, capsys):
     assert main(["--adapter", str(tmp_path)]) == 2, "a directory that is no run was not refused"
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a training run directory" in err and "Traceback" not in err
+
+
+def test_load_benchmark_smoke(trained, tmp_path, monkeypatch):
+    """benchmarks/serve.py --smoke: both servers as subprocesses on 127.0.0.1, 1 and 2 clients; the report
+    has a row per mode and concurrency with every request answered, and a speculative / plain row each."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", COMPILE_CACHE)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
+    spec = importlib.util.spec_from_file_location("serve_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "serve_smoke.md"
+    report = bench.main(["--adapter", str(trained.run_dir), "--smoke", "--out", str(out),
+                         "--startup_timeout", "300", "--request_timeout", "120"])
+    rows = {(r["mode"], r["clients"]): r for r in report["rows"]}
+    assert set(rows) == {(m, c) for m in ("speculative", "plain") for c in (1, 2)}
+    for (mode, c), r in rows.items():
+        assert (r["requests"], r["errors"]) == (2 * c, 0), r
+        assert r["tokens_per_s"] > 0 and r["latency_p50_s"] <= r["latency_p90_s"] and r["tokens_per_call"] >= 1
+        assert (r["acceptance"] is None) == (mode == "plain"), r
+    assert rows[("plain", 1)]["tokens_per_call"] == 1.0
+    text = out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == report["rows"]
+    for c in (1, 2):
+        assert f"\n| {c} | " in text.split("## Per mode")[0], f"no speculative/plain row for {c} clients"
+        for mode in ("speculative", "plain"):
+            assert f"\n| {mode} | {c} | {2 * c} | 0 |" in text, f"no {mode} row for {c} clients"
