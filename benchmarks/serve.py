@@ -108,7 +108,8 @@ def server(args, mode: str, log_dir: Path):
     log = log_dir / f"server_{mode}.log"
     print(f"[{mode}] {shlex.join(cmd)}  (log: {log})", flush=True)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + args.startup_timeout
@@ -206,8 +207,8 @@ def warmup_tokens(max_tokens: int) -> int:
     return max(2, bucket // 2 + 1 if bucket > 16 else 2)
 
 
-def run_mode(args, mode: str, prompts: list[str], log_dir: Path) -> list[dict]:
-    rows = []
+def run_mode(args, mode: str, prompts: list[str], log_dir: Path, rows: list[dict]) -> None:
+    """Starts the `mode` server, measures each concurrency (a row each, appended to `rows`), stops it."""
     with server(args, mode, log_dir) as url:
         for c in args.clients:
             if args.warmup:
@@ -224,7 +225,6 @@ def run_mode(args, mode: str, prompts: list[str], log_dir: Path) -> list[dict]:
                   f"{fmt(row['requests_per_s'], '.2f')} req/s, {fmt(row['tokens_per_s'], '.1f')} tok/s, "
                   f"p50 {fmt(row['latency_p50_s'], '.2f')} s, {fmt(row['tokens_per_call'], '.2f')} tok/call",
                   flush=True)
-    return rows
 
 
 def ratio_rows(rows: list[dict], clients: list[int]) -> list[list[str]]:
@@ -266,6 +266,8 @@ def markdown(report: dict) -> str:
                              "requests/batch"], table, [False] + [True] * 11 + [False, True])
     errors = [f"- {r['mode']}, {r['clients']} clients: {r['first_error']}" for r in rows if r["first_error"]]
     lines += ["", "Failed requests (first error of each phase):", *errors] if errors else []
+    lines += ["", "Failed modes (no rows):", *[f"- `{f.splitlines()[0]} ... {f.splitlines()[-1]}`" for f in report["failures"]]] \
+        if report["failures"] else []
     lines += ["", "Latency: a whole request, sent to last byte. tokens/s: completion tokens (`usage`) per second "
               "of the phase's wall time. tokens/call: the phase's completion tokens / model calls (`usage`); "
               "acceptance: per draft position, the mean over requests of `usage.acceptance`. requests/batch: "
@@ -327,15 +329,20 @@ def main(argv: list[str] | None = None) -> dict:
     env = {"device": device, "jax": version("jax"), "httpx": version("httpx"),
            "python": sys.version.split()[0], "commit": commit(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    rows = []
+    rows, failures = [], []
     with tempfile.TemporaryDirectory(prefix="serve_bench_") as logs:
         for mode in args.modes:
-            rows += run_mode(args, mode, prompts, Path(logs))
+            try:
+                run_mode(args, mode, prompts, Path(logs), rows)
+            except (RuntimeError, OSError, TimeoutError, httpx.HTTPError) as e:  # the next mode may still run
+                print(f"[{mode}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                failures.append(f"{mode}: {type(e).__name__}: {str(e)[-2000:]}")
     command = shlex.join(["python", "benchmarks/serve.py", *(sys.argv[1:] if argv is None else argv)])
     report = {"environment": env, "command": command,
               "adapter": args.adapter, "prompts": args.prompts, "prompt_count": len(prompts),
               "max_tokens": args.max_tokens, "max_batch": args.max_batch, "clients": args.clients,
-              "seconds": args.seconds, "requests": args.requests, "warmup": args.warmup, "rows": rows}
+              "seconds": args.seconds, "requests": args.requests, "warmup": args.warmup, "rows": rows,
+              "failures": failures}
     write_text(out, markdown(report))
     write_json(out.with_suffix(".json"), report)
     print(f"wrote {out} and {out.with_suffix('.json')}", flush=True)
@@ -343,4 +350,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failures"] else 0)

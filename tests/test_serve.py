@@ -340,6 +340,9 @@ def test_cli_help_and_a_bad_run(tmp_path, capsys):
     assert main(["--adapter", str(tmp_path)]) == 2, "a directory that is no run was not refused"
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a training run directory" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--adapter", str(tmp_path), "--dtype", "nonsense"])
+    assert exit_.value.code == 2 and "--dtype nonsense: not a dtype" in capsys.readouterr().err
 
 
 def test_load_benchmark_smoke(trained, tmp_path, monkeypatch):
@@ -363,7 +366,7 @@ def test_load_benchmark_smoke(trained, tmp_path, monkeypatch):
         assert (r["requests"], r["errors"]) == (2 * c, 0), r
         assert r["tokens_per_s"] > 0 and r["latency_p50_s"] <= r["latency_p90_s"] and r["tokens_per_call"] >= 1
         assert (r["acceptance"] is None) == (mode == "plain"), r
-    assert rows[("plain", 1)]["tokens_per_call"] == 1.0
+    assert rows[("plain", 1)]["tokens_per_call"] == 1.0 and report["failures"] == []
     text = out.read_text()
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == report["rows"]
     for c in (1, 2):

@@ -59,6 +59,13 @@ def _main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     if args.max_batch < 1 or args.max_tokens < 1 or args.batch_wait_ms < 0:
         ap.error("--max_batch and --max_tokens must be >= 1, --batch_wait_ms >= 0")
+    if args.dtype is not None:
+        import jax.numpy as jnp
+
+        try:
+            jnp.dtype(args.dtype)
+        except TypeError:
+            ap.error(f"--dtype {args.dtype}: not a dtype (e.g. bfloat16, float32)")
     import uvicorn
 
     app = build_app(args.adapter, args.model, args.step, args.dtype, args.max_batch, args.batch_wait_ms / 1000,
