@@ -117,7 +117,7 @@ def server(args, mode: str, log_dir: Path):
             if proc.poll() is not None:
                 raise RuntimeError(f"the {mode} server exited with status {proc.returncode}:\n{_log_tail(log)}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                if httpx.get(f"{url}/v1/models", timeout=5, trust_env=False).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the {mode} server did not answer within {args.startup_timeout} s:\n"
@@ -166,7 +166,7 @@ async def load(url: str, clients: int, prompts: list[str], max_tokens: int, seco
                requests: int | None, timeout: float) -> tuple[list[dict], float]:
     """`clients` concurrent clients for `seconds` or `requests` each: (per-request results, wall seconds)."""
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False) as http:
         results: list[dict] = []
         t0 = time.perf_counter()
         deadline = None if seconds is None else time.monotonic() + seconds
@@ -177,7 +177,7 @@ async def load(url: str, clients: int, prompts: list[str], max_tokens: int, seco
 
 
 def batching(url: str) -> dict:
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["batching"]
+    return httpx.get(f"{url}/v1/models", timeout=30, trust_env=False).json()["data"][0]["batching"]
 
 
 def summarize(mode: str, clients: int, results: list[dict], wall: float, before: dict, after: dict) -> dict:
@@ -266,8 +266,9 @@ def markdown(report: dict) -> str:
                              "requests/batch"], table, [False] + [True] * 11 + [False, True])
     errors = [f"- {r['mode']}, {r['clients']} clients: {r['first_error']}" for r in rows if r["first_error"]]
     lines += ["", "Failed requests (first error of each phase):", *errors] if errors else []
-    lines += ["", "Failed modes (no rows):", *[f"- `{f.splitlines()[0]} ... {f.splitlines()[-1]}`" for f in report["failures"]]] \
-        if report["failures"] else []
+    failed = [f"- `{f.splitlines()[0]} ... {f.splitlines()[-1]}`" for f in report["failures"]]
+    lines += ["", "Modes that stopped (their remaining rows are missing; the JSON has the server log's tail):",
+              *failed] if failed else []
     lines += ["", "Latency: a whole request, sent to last byte. tokens/s: completion tokens (`usage`) per second "
               "of the phase's wall time. tokens/call: the phase's completion tokens / model calls (`usage`); "
               "acceptance: per draft position, the mean over requests of `usage.acceptance`. requests/batch: "
