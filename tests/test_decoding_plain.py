@@ -77,3 +77,26 @@ def test_bad_generation_arguments(tiny_hf, bad):
     kwargs = dict(prompts=[[1, 2]], max_new_tokens=4, eos_ids=[2]) | bad
     with pytest.raises(ValueError):
         generate(model, params, **kwargs)
+
+
+def test_plain_calls_yield_generates_tokens_one_call_at_a_time(tiny_hf):
+    """The server's plain mode: one token per running row per call, the same tokens as `generate`
+    (greedy and sampled with the same seed), a row that hit EOS gaining nothing after it."""
+    from mtp_jax.decoding.plain import plain_calls
+
+    _, _, path = tiny_hf
+    model, params, config = load_model(path)
+    prompts = [[3, 4, 5, 6], [9, 8], [7] * 20]
+    free = generate(model, params, prompts[:1], 9, eos_ids=[config.vocab_size - 1])[0]
+    eos = [free[3]]  # row 0 stops after its 4th token; the others run on (or stop where they meet it)
+    for sampling, seed in ((Sampling(), 0), (Sampling(temperature=1.1, top_p=0.9), 5)):
+        want = generate(model, params, prompts, 9, eos, sampling, seed)
+        got, calls = [[] for _ in prompts], list(plain_calls(model, params, prompts, 9, eos, sampling, seed))
+        for c in calls:
+            assert all(len(chunk) <= 1 for chunk in c.chunks) and c.accepted.shape == (3, 0)
+            for row, chunk in zip(got, c.chunks):
+                row.extend(chunk)
+        assert got == want, sampling
+        assert calls[-1].done.all() and len(calls) == max(map(len, want))
+        assert calls[-1].steps.tolist() == [len(w) for w in want]
+    assert len(want[0]) <= 4 or eos[0] not in want[0]

@@ -5,6 +5,7 @@ requests share a batch and each still gets its own output, usage holds the reque
 figures, bad requests get 4xx with OpenAI's error body, and a client that leaves mid-stream does not
 stop the server. Every request loop is bounded in count and time."""
 
+import contextlib
 import json
 import socket
 import threading
@@ -61,11 +62,9 @@ def plain_text(trained, questions, max_tokens=MAX):
     return [trained.tok.decode(o, skip_special_tokens=True) for o in outs]
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    """The server on a free 127.0.0.1 port in a thread (max_batch 4; the engine waits 0.3 s for more
-    requests before a batch, so requests sent together share one)."""
-    app = build_app(trained.run_dir, max_batch=4, batch_wait_s=0.3, default_max_tokens=MAX)
+@contextlib.contextmanager
+def serving(app):
+    """`app` on a free 127.0.0.1 port in a thread, and an httpx client for it."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -75,11 +74,29 @@ def server(trained):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start within 60 s"
         time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=TIMEOUT) as client:
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=TIMEOUT) as client:
+            yield client
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """The speculative server (max_batch 4; the engine waits 0.3 s for more requests before a batch, so
+    requests sent together share one)."""
+    with serving(build_app(trained.run_dir, max_batch=4, batch_wait_s=0.3, default_max_tokens=MAX)) as client:
         yield SimpleNamespace(client=client, model=trained.run_dir.name)
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+
+
+@pytest.fixture(scope="module")
+def plain_server(trained):
+    """The same run served with `decoding="plain"` (its base model alone), batched alike."""
+    app = build_app(trained.run_dir, max_batch=4, batch_wait_s=0.3, default_max_tokens=MAX, decoding="plain")
+    with serving(app) as client:
+        yield SimpleNamespace(client=client, model=trained.run_dir.name)
 
 
 def chat(server, question, **kw):
@@ -161,6 +178,44 @@ def test_concurrent_requests_share_a_batch(server, trained):
 
 def test_sampled_request(server):
     r = chat(server, QUESTIONS[3], temperature=0.8, top_p=0.9, seed=1)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert 1 <= out["usage"]["completion_tokens"] <= MAX and out["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_plain_mode_greedy_is_the_speculative_servers_and_plain_decodings(server, plain_server, trained):
+    """Plain mode, 4 concurrent greedy requests (one batch): each text is plain greedy decoding's
+    (decoding.plain.generate, one prompt at a time) and the speculative server's for the same request;
+    usage counts one token per call and no acceptance (no drafts)."""
+    assert plain_server.client.get("/v1/models").json()["data"][0]["decoding"] == "plain"
+    assert server.client.get("/v1/models").json()["data"][0]["decoding"] == "speculative"
+    with ThreadPoolExecutor(4) as pool:
+        plain = list(pool.map(lambda q: chat(plain_server, q), QUESTIONS))
+        spec = list(pool.map(lambda q: chat(server, q), QUESTIONS))
+    assert [r.status_code for r in plain + spec] == [200] * 8, [r.text for r in plain + spec]
+    texts = [r.json()["choices"][0]["message"]["content"] for r in plain]
+    assert texts == [plain_text(trained, [q])[0] for q in QUESTIONS]
+    assert texts == [r.json()["choices"][0]["message"]["content"] for r in spec]
+    for r, q in zip(plain, QUESTIONS):
+        use = r.json()["usage"]
+        assert use["prompt_tokens"] == len(chat_ids(trained, q)) and "acceptance" not in use, use
+        assert use["model_calls"] == use["completion_tokens"] >= 1 and use["tokens_per_call"] == 1.0, use
+    batching = plain_server.client.get("/v1/models").json()["data"][0]["batching"]
+    assert batching["largest_batch"] > 1, f"plain mode did not batch concurrent requests: {batching}"
+
+
+def test_plain_mode_streams_and_samples(plain_server, trained):
+    with plain_server.client.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": MAX, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = stream_events(r)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == plain_text(trained, QUESTIONS[1:2])[0]
+    assert len([e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]) > 1, \
+        "the text came in one piece, not token by token"
+    assert events[-1]["usage"]["tokens_per_call"] == 1.0
+    r = chat(plain_server, QUESTIONS[3], temperature=0.8, top_p=0.9)
     assert r.status_code == 200, r.text
     out = r.json()
     assert 1 <= out["usage"]["completion_tokens"] <= MAX and out["choices"][0]["finish_reason"] in ("stop", "length")
@@ -280,7 +335,41 @@ def test_cli_help_and_a_bad_run(tmp_path, capsys):
 
     done = subprocess.run([sys.executable, "-m", "mtp_jax.serve", "--help"], capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == 0 and "--max_batch" in done.stdout and "/v1/chat/completions" in done.stdout
+    assert done.returncode == 0 and "/v1/chat/completions" in done.stdout
+    assert "--max_batch" in done.stdout and "--decoding" in done.stdout
     assert main(["--adapter", str(tmp_path)]) == 2, "a directory that is no run was not refused"
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a training run directory" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--adapter", str(tmp_path), "--dtype", "nonsense"])
+    assert exit_.value.code == 2 and "--dtype nonsense: not a dtype" in capsys.readouterr().err
+
+
+def test_load_benchmark_smoke(trained, tmp_path, monkeypatch):
+    """benchmarks/serve.py --smoke: both servers as subprocesses on 127.0.0.1, 1 and 2 clients; the report
+    has a row per mode and concurrency with every request answered, and a speculative / plain row each."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", COMPILE_CACHE)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
+    spec = importlib.util.spec_from_file_location("serve_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "serve_smoke.md"
+    report = bench.main(["--adapter", str(trained.run_dir), "--smoke", "--out", str(out),
+                         "--startup_timeout", "300", "--request_timeout", "120"])
+    rows = {(r["mode"], r["clients"]): r for r in report["rows"]}
+    assert set(rows) == {(m, c) for m in ("speculative", "plain") for c in (1, 2)}
+    for (mode, c), r in rows.items():
+        assert (r["requests"], r["errors"]) == (2 * c, 0), r
+        assert r["tokens_per_s"] > 0 and r["latency_p50_s"] <= r["latency_p90_s"] and r["tokens_per_call"] >= 1
+        assert (r["acceptance"] is None) == (mode == "plain"), r
+    assert rows[("plain", 1)]["tokens_per_call"] == 1.0 and report["failures"] == []
+    text = out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == report["rows"]
+    for c in (1, 2):
+        assert f"\n| {c} | " in text.split("## Per mode")[0], f"no speculative/plain row for {c} clients"
+        for mode in ("speculative", "plain"):
+            assert f"\n| {mode} | {c} | {2 * c} | 0 |" in text, f"no {mode} row for {c} clients"

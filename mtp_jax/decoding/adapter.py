@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from mtp_jax.decoding.layout import prepare
 from mtp_jax.models.config import ModelConfig
+from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPModel
 from mtp_jax.paths import absolute
 
@@ -40,6 +41,22 @@ def check_vocabulary(trained_tokenizer, mask_token: str, tokenizer, what: str) -
                                    f"{len(other)} tokens; first differences {changed})")
 
 
+def _checked_base(run, model_path: str):
+    """(base params, config) of `model_path` once checked against `run` (architecture and vocabulary)."""
+    from mtp_jax.models import load_model, load_tokenizer
+    from mtp_jax.models.loading import resolve_model_dir
+
+    m = run.model
+    what = f"--adapter {run.run_dir} (trained on {run.config.model.path}) with --model {model_path}"
+    check_architecture(m.config, ModelConfig.from_file(resolve_model_dir(model_path) / "config.json"), what)
+    check_vocabulary(run.tokenizer, run.config.mtp.mask_token, load_tokenizer(model_path), what)
+    _, base, config = load_model(model_path, jnp.dtype(m.dtype).name, jnp.dtype(m.param_dtype).name)
+    if resolve_model_dir(model_path) != resolve_model_dir(run.config.model.path):
+        warnings.warn(f"{what}: same architecture and vocabulary, but a different checkpoint; drafts may be "
+                      "accepted less often (output is still exactly this model's)")
+    return base, config
+
+
 def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None):
     """(MTPModel, params, tokenizer with <mask>) to decode with a training run's adapters, the model and
     params in the decoding layout (`layout.prepare`, built here once).
@@ -48,8 +65,6 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
     it, which is checked against the run (architecture and vocabulary) first.
     """
     from mtp_jax.checkpoints import load_run
-    from mtp_jax.models import load_model, load_tokenizer
-    from mtp_jax.models.loading import resolve_model_dir
 
     run_dir = absolute(run_dir)
     if model_path is None:
@@ -57,12 +72,22 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
         return (*prepare(run.model, run.params), run.tokenizer)
     run = load_run(run_dir, step, load_base=False, dtype=dtype)
     m = run.model
-    what = f"--adapter {run_dir} (trained on {run.config.model.path}) with --model {model_path}"
-    check_architecture(m.config, ModelConfig.from_file(resolve_model_dir(model_path) / "config.json"), what)
-    check_vocabulary(run.tokenizer, run.config.mtp.mask_token, load_tokenizer(model_path), what)
-    _, base, config = load_model(model_path, jnp.dtype(m.dtype).name, jnp.dtype(m.param_dtype).name)
-    if resolve_model_dir(model_path) != resolve_model_dir(run.config.model.path):
-        warnings.warn(f"{what}: same architecture and vocabulary, but a different checkpoint; drafts may be "
-                      "accepted less often (output is still exactly this model's)")
+    base, config = _checked_base(run, model_path)
     return (*prepare(MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base}),
             run.tokenizer)
+
+
+def load_base(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None):
+    """(CausalLM, params, tokenizer with <mask>): the base model that `load_adapter` decodes with, alone
+    (no adapter weights in its layers), in the decoding layout, in the run's dtypes (or `dtype`): plain
+    decoding of the very model the run's drafts speed up, with the run's tokenizer."""
+    from mtp_jax.checkpoints import load_run
+    from mtp_jax.models import load_model
+
+    run = load_run(absolute(run_dir), step, load_base=False, dtype=dtype)
+    m = run.model
+    if model_path is None:
+        _, base, config = load_model(run.config.model.path, jnp.dtype(m.dtype).name, jnp.dtype(m.param_dtype).name)
+    else:
+        base, config = _checked_base(run, model_path)
+    return (*prepare(CausalLM(config, None, m.dtype, m.param_dtype), base), run.tokenizer)

@@ -2,15 +2,16 @@
 
 Serves self-distillation data and is the baseline the speculative decoder is checked against. It
 runs over the decoding layout (`layout.prepare`: unstacked layers, per-layer cache buffers updated
-in place). `exact=True` decodes greedily through the speculative decoder's own call program with
-verification off (`speculative` module docstring): bf16 output that speculative decoding then
+in place). `plain_calls` yields the same decoding one call at a time (a server's plain mode, the
+baseline of its speculative one). `exact=True` decodes greedily through the speculative decoder's
+own call program with verification off (`speculative` module docstring): bf16 output that speculative decoding then
 reproduces bit for bit, at the cost of a speculative call per token.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,49 +22,105 @@ from mtp_jax.decoding.cache import cache_attend, init_cache
 from mtp_jax.decoding.layout import prepare
 from mtp_jax.decoding.request import check_request
 from mtp_jax.decoding.sampling import Sampling, sample_token
+from mtp_jax.decoding.speculative import StreamCall
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPModel
+
+
+class PlainState(NamedTuple):
+    cache: tuple  # per layer (k, v) [batch, slots, kv_heads, head_dim]
+    last: jax.Array  # [b] the newest token, not yet in the cache
+    n: jax.Array  # [] tokens emitted per row so far (the rows step together)
+    done: jax.Array  # [b] the row has emitted an EOS
+    rng: jax.Array
+
+
+def _apply(model, params, slot_valid, cache, toks, pos, index):
+    variables = {"params": params}
+    hidden, cache = model.apply(variables, toks, pos, cache_attend(index, slot_valid), layer_state=cache)
+    return model.apply(variables, hidden[:, -1], method=model.logits), cache
+
+
+def _prefill(model: CausalLM, params: Any, tokens: jax.Array, pad_len: jax.Array, eos_ids: jax.Array,
+             rng: jax.Array, max_new_tokens: int, sampling: Sampling):
+    """The prompt's call: (state after its first token, slot_valid [b, slots], that token's logits)."""
+    batch, prompt_len = tokens.shape
+    slot_valid = jnp.arange(prompt_len + max_new_tokens)[None, :] >= pad_len[:, None]
+    positions = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad_len[:, None], 0)
+    logits, cache = _apply(model, params, slot_valid, init_cache(model.config, batch, slot_valid.shape[1], model.dtype),
+                           tokens, positions, 0)
+    rng, sub = jax.random.split(rng)
+    first = sample_token(logits, sub, sampling)
+    return PlainState(cache, first, jnp.int32(1), jnp.isin(first, eos_ids), rng), slot_valid, logits
+
+
+def _next(model: CausalLM, params: Any, state: PlainState, pad_len: jax.Array, slot_valid: jax.Array,
+          eos_ids: jax.Array, max_new_tokens: int, sampling: Sampling):
+    """One call on each row's newest token: (state after the next token, its logits). A finished row
+    emits eos_ids[0] (callers drop it)."""
+    prompt_len = slot_valid.shape[1] - max_new_tokens
+    index = prompt_len + state.n - 1
+    logits, cache = _apply(model, params, slot_valid, state.cache, state.last[:, None], (index - pad_len)[:, None],
+                           index)
+    rng, sub = jax.random.split(state.rng)
+    tok = jnp.where(state.done, eos_ids[0], sample_token(logits, sub, sampling))
+    return PlainState(cache, tok, state.n + 1, state.done | jnp.isin(tok, eos_ids), rng), logits
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "keep_logits"))
 def _generate(model: CausalLM, params: Any, tokens: jax.Array, pad_len: jax.Array, eos_ids: jax.Array,
               rng: jax.Array, max_new_tokens: int, sampling: Sampling, keep_logits: bool = False):
-    batch, prompt_len = tokens.shape
-    slots = prompt_len + max_new_tokens
-    slot_valid = jnp.arange(slots)[None, :] >= pad_len[:, None]
-    positions = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad_len[:, None], 0)
-    variables = {"params": params}
-
-    def run(cache, toks, pos, index):
-        hidden, cache = model.apply(variables, toks, pos, cache_attend(index, slot_valid), layer_state=cache)
-        return model.apply(variables, hidden[:, -1], method=model.logits), cache
-
-    logits, cache = run(init_cache(model.config, batch, slots, model.dtype), tokens, positions, 0)
-    rng, sub = jax.random.split(rng)
-    first = sample_token(logits, sub, sampling)
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    state, slot_valid, logits = _prefill(model, params, tokens, pad_len, eos_ids, rng, max_new_tokens, sampling)
+    batch = tokens.shape[0]
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(state.last)
     kept = jnp.zeros((batch, max_new_tokens, logits.shape[-1]), logits.dtype).at[:, 0].set(logits) \
         if keep_logits else None
-    done = jnp.isin(first, eos_ids)
 
-    def cond(state):
-        i, _, _, _, done, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def cond(carry):
+        state = carry[0]
+        return (state.n < max_new_tokens) & ~jnp.all(state.done)
 
-    def body(state):
-        i, cache, out, kept, done, rng = state
-        prev = out[:, i - 1]
-        pos = (prompt_len + i - 1 - pad_len)[:, None]
-        logits, cache = run(cache, prev[:, None], pos, prompt_len + i - 1)
-        rng, sub = jax.random.split(rng)
-        tok = sample_token(logits, sub, sampling)
-        tok = jnp.where(done, eos_ids[0], tok)
-        if kept is not None:
-            kept = kept.at[:, i].set(logits)
-        return i + 1, cache, out.at[:, i].set(tok), kept, done | jnp.isin(tok, eos_ids), rng
+    def body(carry):
+        state, out, kept = carry
+        i = state.n
+        state, logits = _next(model, params, state, pad_len, slot_valid, eos_ids, max_new_tokens, sampling)
+        return state, out.at[:, i].set(state.last), None if kept is None else kept.at[:, i].set(logits)
 
-    n, _, out, kept, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, kept, done, rng))
-    return out, n, kept
+    state, out, kept = jax.lax.while_loop(cond, body, (state, out, kept))
+    return out, state.n, kept
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_new_tokens", "sampling"))
+# the state (KV cache included) is donated: each call updates the previous call's buffers in place
+_next_jit = jax.jit(_next, static_argnames=("model", "max_new_tokens", "sampling"), donate_argnames=("state",))
+
+
+def plain_calls(model: CausalLM, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0
+                ) -> Iterator[StreamCall]:
+    """`generate`'s decoding one model call (one token per running row) at a time, the prompt call first,
+    as `speculative.speculative_calls` yields them (a server decodes with either): `steps` counts a row's
+    calls while it ran, `accepted` / `offered` are [batch, 0] (no drafts). Closing the generator stops
+    decoding."""
+    if isinstance(model, MTPModel):
+        raise TypeError("plain decoding takes the base CausalLM, got an MTPModel")
+    tokens, pad_len = check_request(prompts, max_new_tokens, eos_ids, pad_id, model.config.max_position_embeddings)
+    model, params = prepare(model, params["params"] if "params" in params else params)
+    pad_len, eos = jnp.asarray(pad_len), jnp.asarray(list(eos_ids), jnp.int32)
+    state, slot_valid, _ = _prefill_jit(model, params, jnp.asarray(tokens), pad_len, eos, jax.random.key(seed),
+                                        max_new_tokens, sampling)
+    running = np.ones(len(prompts), bool)  # rows that emit a token in this call
+    steps, none = np.zeros(len(prompts), np.int64), np.zeros((len(prompts), 0), np.int64)
+    while True:
+        last, eos_done, n = np.asarray(state.last), np.asarray(state.done), int(state.n)
+        steps = steps + running
+        done = eos_done | (n >= max_new_tokens)
+        yield StreamCall([[int(last[r])] if running[r] else [] for r in range(len(prompts))], steps, none, none,
+                         done)
+        if done.all():
+            return
+        running = ~done
+        state, _ = _next_jit(model, params, state, pad_len, slot_valid, eos, max_new_tokens, sampling)
 
 
 def generate_with_logits(model: CausalLM | MTPModel, params: Any, prompts: Sequence[Sequence[int]],

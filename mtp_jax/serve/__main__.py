@@ -5,6 +5,8 @@
 then POST to /v1/chat/completions or /v1/completions (`"stream": true` for server-sent events) and
 GET /v1/models. Output is the base model's own (speculative decoding is lossless); each response's
 `usage` adds `tokens_per_call` and the per-draft-position `acceptance` of that request.
+`--decoding plain` serves the same API with plain decoding of the run's base model alone (one token
+per model call, no drafts, no `acceptance`): the baseline the speculative server is measured against.
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ from mtp_jax.paths import absolute, absolute_if_local
 
 def build_app(adapter, model: str | None = None, step: int | None = None, dtype: str | None = None,
               max_batch: int = 8, batch_wait_s: float = 0.002, default_max_tokens: int = 256,
-              model_id: str | None = None):
-    """The FastAPI app serving the run at `adapter` (loaded here; the decoding layout built once)."""
-    from mtp_jax.decoding.adapter import load_adapter
+              model_id: str | None = None, decoding: str = "speculative"):
+    """The FastAPI app serving the run at `adapter` (loaded here; the decoding layout built once):
+    `decoding` "speculative" with its drafts, or "plain" with its base model alone."""
+    from mtp_jax.decoding.adapter import load_adapter, load_base
     from mtp_jax.decoding.request import eos_ids_of, pad_id_of
     from mtp_jax.serve.app import create_app
     from mtp_jax.serve.batcher import Batcher
 
-    mtp_model, params, tokenizer = load_adapter(adapter, model, step, dtype)
-    eos = eos_ids_of(tokenizer, mtp_model.config)
-    batcher = Batcher(mtp_model, params, tokenizer, eos, pad_id_of(tokenizer, eos), max_batch, batch_wait_s)
+    if decoding not in ("speculative", "plain"):
+        raise ValueError(f"decoding {decoding!r}: expected 'speculative' or 'plain'")
+    load = load_adapter if decoding == "speculative" else load_base
+    lm, params, tokenizer = load(adapter, model, step, dtype)
+    eos = eos_ids_of(tokenizer, lm.config)
+    batcher = Batcher(lm, params, tokenizer, eos, pad_id_of(tokenizer, eos), max_batch, batch_wait_s, decoding)
     return create_app(batcher, model_id or absolute(adapter).name, default_max_tokens)
 
 
@@ -37,6 +43,8 @@ def _main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m mtp_jax.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", required=True, type=absolute, help="training run dir whose MTP drafts decode")
+    ap.add_argument("--decoding", choices=("speculative", "plain"), default="speculative",
+                    help="speculative (the run's drafts) or plain (its base model alone, the baseline)")
     ap.add_argument("--model", default=None, type=absolute_if_local,
                     help="another copy of the run's base model (HF dir, .gguf, alias or hub id; default: the run's)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of --adapter (default: latest)")
@@ -51,10 +59,17 @@ def _main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     if args.max_batch < 1 or args.max_tokens < 1 or args.batch_wait_ms < 0:
         ap.error("--max_batch and --max_tokens must be >= 1, --batch_wait_ms >= 0")
+    if args.dtype is not None:
+        import jax.numpy as jnp
+
+        try:
+            jnp.dtype(args.dtype)
+        except TypeError:
+            ap.error(f"--dtype {args.dtype}: not a dtype (e.g. bfloat16, float32)")
     import uvicorn
 
     app = build_app(args.adapter, args.model, args.step, args.dtype, args.max_batch, args.batch_wait_ms / 1000,
-                    args.max_tokens, args.served_model_name)
+                    args.max_tokens, args.served_model_name, args.decoding)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

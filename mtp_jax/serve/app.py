@@ -47,7 +47,8 @@ def create_app(batcher: Batcher, model_id: str, default_max_tokens: int = 256) -
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "mtp-jax", "max_batch": batcher.max_batch,
+                                            "owned_by": "mtp-jax", "decoding": batcher.decoding,
+                                            "max_batch": batcher.max_batch,
                                             "batching": dict(batcher.stats)}]}
 
     @app.post("/v1/chat/completions")

@@ -3,9 +3,10 @@
 Granularity: a batch at a time (static batching). The thread takes the oldest pending request and up
 to `max_batch - 1` more that share its sampling settings (temperature and top-p are compiled into
 the decoding program) and fit the context together; it decodes them as one batch with
-`speculative_calls`, one model call at a time, and hands each request its new text as the calls
-come. Requests that arrive meanwhile wait for the next batch; a batch ends when all its requests
-have finished (EOS, their own `max_tokens`, a stop string) or were cancelled (a client gone).
+`speculative_calls` (or, in plain mode, `plain_calls`: the base model alone, one token per call),
+one model call at a time, and hands each request its new text as the calls come. Requests that
+arrive meanwhile wait for the next batch; a batch ends when all its requests have finished (EOS,
+their own `max_tokens`, a stop string) or were cancelled (a client gone).
 
 Compiled shapes are bucketed so a server compiles a few programs, not one per request: the batch
 is padded to a power of two rows, at most max_batch (copies of its first prompt, whose output is
@@ -24,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mtp_jax.decoding.plain import plain_calls
 from mtp_jax.decoding.request import left_pad
 from mtp_jax.decoding.sampling import Sampling
 from mtp_jax.decoding.speculative import speculative_calls
@@ -39,7 +41,7 @@ class Finish:
     reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
     completion_tokens: int
     calls: int  # model calls while the request ran, its prompt call included
-    acceptance: list[float]  # per draft position
+    acceptance: list[float]  # per draft position (none in plain mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,15 +100,23 @@ def _power_of_two(n: int, low: int = 1) -> int:
     return max(low, 1 << (n - 1).bit_length())
 
 
+DECODERS = {"speculative": speculative_calls, "plain": plain_calls}
+
+
 class Batcher:
     """Decodes submitted Requests in batches of up to `max_batch` on a background thread (module
-    docstring). `stats` counts batches, requests, the largest batch (real requests, not padding) and
-    the requests dropped part-way because their client left."""
+    docstring): `decoding` "speculative" (model, params: the MTPModel's, as `adapter.load_adapter`
+    returns them) or "plain" (the base CausalLM's, `adapter.load_base`). `stats` counts batches,
+    requests, the largest batch (real requests, not padding) and the requests dropped part-way
+    because their client left."""
 
     def __init__(self, model, params, tokenizer, eos_ids: Sequence[int], pad_id: int, max_batch: int = 8,
-                 batch_wait_s: float = 0.002):
+                 batch_wait_s: float = 0.002, decoding: str = "speculative"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if decoding not in DECODERS:
+            raise ValueError(f"decoding {decoding!r}: expected one of {sorted(DECODERS)}")
+        self.decoding, self._calls = decoding, DECODERS[decoding]
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.eos_ids, self.pad_id = list(eos_ids), pad_id
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
@@ -184,7 +194,7 @@ class Batcher:
         texts = [TextStream(self.tokenizer, r.stop) for r in batch]
         live = [True] * len(batch)
         self._seed += 1
-        calls = speculative_calls(self.model, self.params, prompts, self._decode_length(batch), self.eos_ids,
+        calls = self._calls(self.model, self.params, prompts, self._decode_length(batch), self.eos_ids,
                                   batch[0].sampling, self._seed, self.pad_id)
         try:
             for call in calls:

@@ -101,11 +101,15 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, calls: int, acceptance: list[float]) -> dict:
-    """OpenAI's usage plus this server's speculative figures: tokens per model call and, per draft
-    position j, the share of the calls offering a j-th draft in which drafts 1..j were all accepted."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "tokens_per_call": completion_tokens / max(calls, 1), "model_calls": calls, "acceptance": acceptance}
+    """OpenAI's usage plus this server's figures: tokens per model call and, per draft position j, the
+    share of the calls offering a j-th draft in which drafts 1..j were all accepted (`acceptance`,
+    left out where no draft was offered at all: plain decoding)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "tokens_per_call": completion_tokens / max(calls, 1), "model_calls": calls}
+    if acceptance:
+        out["acceptance"] = acceptance
+    return out
 
 
 def completion(chat: bool, rid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
