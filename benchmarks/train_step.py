@@ -234,14 +234,15 @@ def measure_model(args, path: str, peak: float | None) -> list[dict]:
             batch = rows_of(data, total, args, config.vocab_size)
             counted = step_flops(config, jax.tree.map(np.asarray, batch), args.k)
             row = {"model": path, "regular_tokens": total, "data": data, "flops": counted,
-                   "examples": int(np.max(np.asarray(batch["segment_ids"]))), "prefix_split": row_model.mtp.prefix_split,
+                   "examples": int(np.max(np.asarray(batch["segment_ids"]))),
+                   "prefix_split": row_model.mtp.prefix_split,
                    "step": measure(step, fresh_state(), frozen, batch, trace_dir=args.trace_dir)}
             row.update(flat_figures(row, peak))
             if total <= args.breakdown_max:
                 row["loss_and_grads"] = measure(lambda t, f, b: loss_and_grads(row_model, t, f, b)[:2], trainable,
                                                 frozen, batch)
-                row["regular_stream"] = measure(
-                    lambda t, f, b: (jnp.float32(0), regular_stream(row_model, {**f, **training_layout(row_model, t)}, b)),
+                row["regular_stream"] = measure(lambda t, f, b: (
+                    jnp.float32(0), regular_stream(row_model, {**f, **training_layout(row_model, t)}, b)),
                     trainable, frozen, batch)
                 if row["time_s"] and row["loss_and_grads"].get("time_s") and row["regular_stream"].get("time_s"):
                     row["breakdown_s"] = {

@@ -63,9 +63,9 @@ def assert_within_bf16_rounding(ours, ref, scale, what):
 
 def test_chunk_gradients_are_summed_in_float32(monkeypatch, llama):
     """bf16 trainables, one example with 149 anchors (its last token has no pair) in chunks of one:
-    loss_and_grads' gradient is the float64 sum of the 149 chunk gradients it computed (recorded as the loop runs), divided by the pair count,
-    rounded to bf16 once. A bf16 carry gets 8 bits per addition: past 2^8 times a chunk's part the sum
-    stops moving, and long before that its rounding errors add up to several units."""
+    loss_and_grads' gradient is the float64 sum of the 149 chunk gradients it computed (recorded as the loop
+    runs), divided by the pair count, rounded to bf16 once. A bf16 carry keeps 8 bits at each addition: past
+    2^8 times a chunk's part the sum stops moving, and long before that its rounding errors add up."""
     model, trainable, frozen = bf16_trainables(llama, MTPConfig(draft_length=2, chunk_size=1))
     batch, _ = make_batch([(4, 150)], rows=1, length=160)
 
