@@ -35,6 +35,12 @@ def test_reference_configs_are_mtp_glora_settings():
         assert (cfg.mtp.draft_length, cfg.mtp.chunk_size, cfg.lora.rank, cfg.optim.lr) == (4, 5120, 32, 2e-4), name
 
 
+def test_8b_configs_train_float32_trainables_over_a_bf16_base():
+    for name in ("qwen3_8b_k4.yaml", "qwen3_8b_k4_long.yaml", "llama31_8b_k4.yaml"):
+        m = load_config(Config, CONFIGS[0].parent / name).model
+        assert (m.dtype, m.base_dtype, m.trainables_dtype) == ("bfloat16", "bfloat16", "float32"), name
+
+
 def test_long_response_config_trains_one_example_per_row():
     cfg = load_config(Config, CONFIGS[0].parent / "qwen3_8b_k4_long.yaml")
     assert cfg.mtp.prefix_split and not cfg.data.packing  # the CLI refuses prefix_split with packing

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from mtp_jax.mtp.cudnn_private import cudnn_part_dq
 
@@ -16,3 +17,32 @@ def test_private_cudnn_backward_binding_still_fits():
         k = jax.ShapeDtypeStruct((2, keys, 8, 128), jnp.bfloat16)
         dq = jax.eval_shape(lambda q, k, lse: cudnn_part_dq(q, k, k, kv_len, causal, q, lse, q), q, k, lse)
         assert (dq.shape, dq.dtype) == (q.shape, jnp.float32)
+
+
+@pytest.mark.parametrize("mask,key_count,causal", [(True, False, False), (True, True, False), (False, True, True)])
+def test_private_cudnn_attention_binding_still_fits(monkeypatch, mask, key_count, causal):
+    """The masked layout's prefix attention on cuDNN (attention_lse through cudnn_attention): jax's private
+    forward binding, traced without a GPU (its cuDNN version check faked), still takes a boolean mask, key
+    lengths and causality, gives the LSE in fp32 (the public binding's is bf16 here) and, through the custom
+    VJP, dq in q's shape and dtype. Run on cuDNN in tests/test_mtp_gpu.py."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from mtp_jax.mtp.attention import attention_lse
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    q = jax.ShapeDtypeStruct((2, 64, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 64 if causal else 256, 8, 128), jnp.bfloat16)
+    m = jax.ShapeDtypeStruct((2, 1, 64, k.shape[1]), jnp.bool_) if mask else None
+    count = jnp.array([3, 100], jnp.int32) if key_count else None
+
+    def f(q, k, m):
+        out, lse = attention_lse(q, k, k, m, count, causal, "cudnn")
+        return out, lse, jax.grad(lambda q: jnp.sum(attention_lse(q, k, k, m, count, causal, "cudnn")[1]))(q)
+
+    out, lse, dq = jax.eval_shape(f, q, k, m)
+    assert (out.shape, out.dtype) == (q.shape, jnp.bfloat16)
+    assert (lse.shape, lse.dtype) == (q.shape[:3], jnp.float32)
+    assert (dq.shape, dq.dtype) == (q.shape, jnp.bfloat16)
+    public = jax.eval_shape(lambda q, k: jax.nn.dot_product_attention(q, k, k, implementation="cudnn",
+                                                                      return_residual=True)[1], q, k)
+    assert public.dtype == jnp.bfloat16, "jax's public binding now returns an fp32 LSE: the private path may go"

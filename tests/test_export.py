@@ -362,3 +362,37 @@ def test_smollm2_default_run(tmp_path):
     print(f"bf16 export of a {model_mib:.0f} MiB fp32 model: anonymous memory {start:.0f} -> peak {peak:.0f} MiB; "
           + proc.stderr.strip().splitlines()[-1])
     assert peak - start < model_mib, f"export took {peak - start:.0f} MiB for a {model_mib:.0f} MiB model"
+
+
+def test_float32_trainables_over_a_bf16_base(tmp_path):
+    """model.trainable_dtype float32 over a bf16 base (the 8B configs' setting), through checkpoint, export and
+    decoding: the run's checkpoint gives float32 adapters and sampler beside the bf16 base, an fp32 export writes
+    them unrounded (they hold values bf16 cannot), and exact speculative decoding with them equals exact plain
+    decoding."""
+    from safetensors.numpy import load_file
+
+    from mtp_jax.decoding.adapter import load_adapter
+    from mtp_jax.decoding.plain import generate
+    from mtp_jax.decoding.request import eos_ids_of
+    from mtp_jax.decoding.speculative import speculative_generate
+
+    data = write_data(tmp_path / "train.jsonl")
+    base = save_hf(make_hf_model("llama"), tmp_path / "base")
+    texts = [v for line in open(data) for v in json.loads(line).values()]
+    tiny_tokenizer(TOKENIZER_SIZE["llama"], texts).save_pretrained(base)
+    run_dir = train_run(tmp_path, str(base), data, *RUN_OVERRIDES["llama"], "--model.dtype", "bfloat16",
+                        "--model.param_dtype", "bfloat16", "--model.trainable_dtype", "float32")
+    r = load_run(run_dir)
+    dtypes = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}  # noqa: E731
+    assert dtypes(r.params["lora"]) | dtypes(r.params["sampler"]) == {jnp.dtype(jnp.float32)}
+    assert dtypes(r.params["base"]) == {jnp.dtype(jnp.bfloat16)}
+    fc1 = np.asarray(r.params["sampler"]["fc1"]["kernel"]).T
+    assert not np.array_equal(fc1, fc1.astype(jnp.bfloat16).astype(np.float32)), "trained values fit bf16"
+    tensors = load_file(str(export(run_dir, tmp_path / "out", dtype="float32") / ADAPTER_FILE))
+    np.testing.assert_array_equal(tensors["mtp_sampler.fc1.weight"], fc1)
+
+    model, params, tok = load_adapter(run_dir)
+    prompts = [tok(t)["input_ids"] for t in texts[:2]]
+    eos = eos_ids_of(tok, model.config)
+    res = speculative_generate(model, params, prompts, 12, eos, exact=True)
+    assert res.tokens == generate(model, params, prompts, 12, eos, exact=True)

@@ -364,8 +364,10 @@ def test_attention_lse_gradient_reaches_q(variant):
 
 
 def test_auto_attention_reaches_cudnn_with_its_arguments(monkeypatch):
-    """On a GPU (faked) both streams call jax's cuDNN attention: 'auto' resolved, causality and key
-    counts passed on (the kernels themselves run in tests/test_mtp_gpu.py)."""
+    """On a GPU (faked) both streams call cuDNN attention: the regular stream jax's, the mask stream's prefix
+    the private binding (for its fp32 LSE); 'auto' resolved, causality and key counts passed on (the kernels
+    themselves run in tests/test_mtp_gpu.py)."""
+    from mtp_jax.mtp import attention
     from mtp_jax.mtp.attention import mask_attend, plan_attention, regular_attend
 
     calls = []
@@ -375,8 +377,13 @@ def test_auto_attention_reaches_cudnn_with_its_arguments(monkeypatch):
         calls.append((implementation, is_causal, lengths))
         return (q, jnp.zeros(q.shape[:3], q.dtype)) if return_residual else q
 
+    def fake_private(q, k, v, mask, key_count, causal, return_residual=False):
+        return fake(q, k, v, mask=mask, implementation="cudnn private", is_causal=causal,
+                    return_residual=return_residual, key_value_seq_lengths=key_count)
+
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    monkeypatch.setattr(attention, "cudnn_attention", fake_private)
     seg = jnp.ones((2, 8), jnp.int32)
     x = jnp.zeros((2, 8, 4, 8), jnp.bfloat16)
     plan = plan_attention(MTPConfig(bound_keys=True), jnp.bfloat16, 8)
@@ -384,7 +391,7 @@ def test_auto_attention_reaches_cudnn_with_its_arguments(monkeypatch):
     q = jnp.zeros((2, 4 * 2, 4, 8), jnp.bfloat16)  # 4 anchors x 2 steps
     mask_attend(plan, 2, jnp.ones((2, 1, 4, 8), bool), jnp.asarray([5, 8]))(q, q[:, :, :2], q[:, :, :2],
                                                                               (x[:, :, :2], x[:, :, :2]))
-    assert calls == [("cudnn", True, None), ("cudnn", False, [5, 8])]
+    assert calls == [("cudnn", True, None), ("cudnn private", False, [5, 8])]
 
 
 def test_regular_stream_is_the_base_model_bit_for_bit(setups):

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from test_mtp import EXAMPLES, build, lse_case, make_batch, one_example_per_row, rel, setups  # noqa: F401 (fixture)
@@ -86,3 +87,64 @@ def test_cudnn_split_prefix_attention_matches_xla(dq_kernel):
     ours = jax.jit(functools.partial(run, "cudnn"))(*bf)
     for name, a, b in zip(("out", "dq", "d_out_x", "d_lse_x"), ours, ref):
         assert rel(a.astype(jnp.float32), b) < 3e-2, f"{name}: rel {rel(a.astype(jnp.float32), b):.2e}"
+
+
+def packed_mask_stream(impl: str, dtype, rows=2, length=512, anchors=64, heads=9, kv=3, d=64, steps=4):
+    """The masked layout's mask stream for one chunk of anchors over packed rows at SmolLM2-135M's attention
+    shapes (9 query heads over 3 K/V heads of 64, k = 4): (prefix LSE [b, a, k*h] fp32, merged output, dq of
+    the merged output against a random cotangent). Inputs are drawn once and rounded to bf16, so every impl
+    and dtype sees the same values. Every anchor sees >= 32 keys of its own example, with scores ~ N(0, 1):
+    each LSE >= log(32) + mean score, about 3.5 (Jensen), so 1% of it is >= 0.03."""
+    from mtp_jax.mtp.attention import AttentionPlan, mask_attend, prefix_attention, segment_causal_mask
+
+    seg = np.zeros((rows, length), np.int32)
+    seg[0, :200], seg[0, 200:350], seg[0, 350:] = 1, 2, 3
+    seg[1, :300], seg[1, 300:480] = 1, 2  # 32 padding slots at the end
+    starts = [np.array([0, 200, 350]), np.array([0, 300])]
+    gen = np.random.default_rng(0)
+    index = np.stack([np.sort(gen.choice(np.concatenate([np.arange(s + 31, e) for s, e in
+                                                         zip(st, list(st[1:]) + [int((seg[r] > 0).sum())])]),
+                                         anchors, replace=False)) for r, st in enumerate(starts)])
+    keys = jax.random.split(jax.random.key(0), 6)
+    bf = lambda x: x.astype(jnp.bfloat16).astype(dtype)  # noqa: E731
+    q = bf(jax.random.normal(keys[0], (rows, anchors * steps, heads, d)))
+    k_mask, v_mask = (bf(jax.random.normal(kk, (rows, anchors * steps, kv, d))) for kk in keys[1:3])
+    k_reg, v_reg = (bf(jax.random.normal(kk, (rows, length, kv, d))) for kk in keys[3:5])
+    g = jax.random.normal(keys[5], q.shape)
+    mask = segment_causal_mask(jnp.asarray(seg), jnp.asarray(index))
+    folded = jnp.swapaxes(q.reshape(rows, anchors, steps, heads, d), 2, 3).reshape(rows, anchors, heads * steps, d)
+    _, lse = jax.jit(lambda q: prefix_attention(q, k_reg, v_reg, mask, impl))(folded)
+    attend = mask_attend(AttentionPlan(impl=impl), steps, mask)
+    out, vjp = jax.vjp(lambda q: attend(q, k_mask, v_mask, (k_reg, v_reg))[0], q)
+    return lse, out, vjp(g.astype(out.dtype))[0]
+
+
+@gpu
+@pytest.mark.gpu
+def test_cudnn_packed_mask_stream_lse_is_fp32():
+    """The masked layout on cuDNN in bf16 (packed rows, the prefix mask as cuDNN's bias) against its fp32 XLA
+    path: the prefix LSE to 5e-3 absolute, the merged output and dq to bf16 noise.
+    The LSE bound, from the case's LSEs >= 3.5: a 1% error is >= 0.035, 7 times it; rounding to bf16 (the
+    public binding) errs up to 2^-6 = 0.0156 for LSEs in [4, 8), as the reference's own rounding shows here;
+    cuDNN's fp32 LSE of the same bf16 scores is exact to fp32 accumulation, far below."""
+    lse_ref, out_ref, dq_ref = packed_mask_stream("xla", jnp.float32)
+    lse, out, dq = packed_mask_stream("cudnn", jnp.bfloat16)
+    assert float(jnp.min(lse_ref)) > 3.0, "the case's LSEs fell below the bound's premise"
+    assert lse.dtype == jnp.float32
+    rounded = float(jnp.max(jnp.abs(lse_ref.astype(jnp.bfloat16).astype(jnp.float32) - lse_ref)))
+    assert rounded > 5e-3, f"bf16 rounding errs only {rounded:.1e} here: the bound would not catch it"
+    err = float(jnp.max(jnp.abs(lse - lse_ref)))
+    assert err < 5e-3, f"LSE off by {err:.2e}"
+    assert rel(out.astype(jnp.float32), out_ref) < 2e-2, f"out: rel {rel(out.astype(jnp.float32), out_ref):.2e}"
+    assert rel(dq.astype(jnp.float32), dq_ref) < 3e-2, f"dq: rel {rel(dq.astype(jnp.float32), dq_ref):.2e}"
+
+
+def test_packed_mask_stream_case_on_xla():
+    """The case above on XLA (CPU): bf16 inputs give the fp32 path's LSE (XLA's path computes in fp32), the LSEs
+    hold the bound's premise, and bf16 rounding of them would break the bound."""
+    lse_ref, out_ref, _ = packed_mask_stream("xla", jnp.float32)
+    lse, out, _ = packed_mask_stream("xla", jnp.bfloat16)
+    assert float(jnp.min(lse_ref)) > 3.0
+    assert float(jnp.max(jnp.abs(lse - lse_ref))) < 1e-4
+    assert float(jnp.max(jnp.abs(lse_ref.astype(jnp.bfloat16).astype(jnp.float32) - lse_ref))) > 5e-3
+    assert rel(out.astype(jnp.float32), out_ref) < 2e-2

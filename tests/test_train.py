@@ -94,14 +94,31 @@ def test_longest_example_and_its_masks_fit_the_positions(tmp_path, data_file):
     assert not (tmp_path / "short" / "run").exists()
 
 
-def test_bf16_params_keep_their_dtypes_across_steps(tmp_path, data_file):
-    """bf16 trainable params (the 8B configs): AdamW's moments must stay bf16 after an update (fp32 grads
-    once promoted them, and the second call of the compiled step refused the changed state)."""
-    out = run(tiny(tmp_path, data_file, "--model.dtype", "bfloat16", "--model.param_dtype", "bfloat16",
-                   "--train.max_steps", "3", "--train.save_steps", "3"))
-    dtypes = {x.dtype for x in jax.tree.leaves(out["state"]["opt_state"]) if jnp.issubdtype(x.dtype, jnp.floating)}
-    assert dtypes == {jnp.dtype(jnp.bfloat16)}, dtypes
+@pytest.mark.parametrize("trainable_dtype", [None, "float32"])
+def test_trainables_and_moments_keep_their_dtype_over_a_bf16_base(tmp_path, data_file, trainable_dtype):
+    """A bf16 base: the trainables (LoRA, sampler, a trained <mask> row) and AdamW's moments are in
+    model.trainable_dtype (default: the base's param_dtype), after updates too (fp32 grads once promoted bf16
+    moments, and the second call of the compiled step refused the changed state); the base stays bf16."""
+    from mtp_jax.train.state import load_base, model_config, training_mesh
+
+    extra = ("--model.trainable_dtype", trainable_dtype) if trainable_dtype else ()
+    cfg = tiny(tmp_path, data_file, "--model.dtype", "bfloat16", "--model.param_dtype", "bfloat16",
+               "--mtp.train_mask_embedding", "true", "--train.max_steps", "3", "--train.save_steps", "3", *extra)
+    out = run(cfg)
+    want = jnp.dtype(trainable_dtype or "bfloat16")
+    state = out["state"]
+    assert "mask_embedding" in state["trainable"]
+    for part in ("trainable", "opt_state"):
+        dtypes = {x.dtype for x in jax.tree.leaves(state[part]) if jnp.issubdtype(x.dtype, jnp.floating)}
+        assert dtypes == {want}, f"{part}: {dtypes}, want {want}"
     assert len(out["history"]) == 3
+    base = load_base(cfg, model_config(cfg), *training_mesh(cfg))
+    assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_trainable_dtype_must_be_a_float_dtype(tmp_path, data_file):
+    with pytest.raises(ConfigError, match=r"model\.trainable_dtype must be float32\|bfloat16\|float16, got 'float64'"):
+        tiny(tmp_path, data_file, "--model.trainable_dtype", "float64")
 
 
 def test_prefix_split_run_equals_dense_mask_run(tmp_path, data_file):

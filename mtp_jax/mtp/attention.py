@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mtp_jax.mtp.cudnn_private import cudnn_part, cudnn_part_dq
+from mtp_jax.mtp.cudnn_private import cudnn_attention, cudnn_part, cudnn_part_dq
 from mtp_kernels.attention_dq import jax_attention_dq
 from mtp_kernels.jax_triton_support import has_jax_triton
 
@@ -133,14 +133,18 @@ def chunk_key_count(anchor_index: jax.Array, keys: int) -> jax.Array:
     return jnp.atleast_1d(last + 1).astype(jnp.int32)
 
 
-def _fused(q, k, v, mask, key_count, causal, impl, **kw):
+def _fused(q, k, v, mask, key_count, causal, impl, return_residual=False):
+    if impl == "cudnn":  # the private binding: its LSE in fp32, where the public one rounds it to q's dtype
+        return cudnn_attention(q, k, v, mask, key_count, causal, return_residual)
+    kw = dict(return_residual=True) if return_residual else {}
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=key_count,
                                         implementation=impl, **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def attention_lse(q, k, v, mask, key_count, causal: bool, impl: str):
-    """(out, lse fp32) of jax.nn.dot_product_attention with the LSE's gradient wrt q restored.
+    """(out, lse fp32) of jax.nn.dot_product_attention with the LSE's gradient wrt q restored; on cuDNN through
+    the private binding (`cudnn_attention`), whose LSE is fp32, not rounded to q's dtype.
 
     jax's attention VJPs (cuDNN's and XLA's, jax 0.10-0.11) drop the cotangent of the returned LSE, and
     the two-stream merge needs it: the merged output depends on q through each part's LSE, so without it

@@ -54,7 +54,8 @@ def stored_layout(model: MTPModel) -> MTPModel:
 
 def init_params(model: MTPModel, base_params, mask_row: jax.Array, rng: jax.Array) -> Params:
     """Fresh adapters (A Kaiming-uniform, B = 0) and sampler beside the given base params, in the
-    stacked layout (`stored_layout`).
+    stacked layout (`stored_layout`), in `model.param_dtype` (the trainables' dtype; so is a trained
+    `<mask>` row, a frozen one stays float32).
 
     The init runs under jit and returns only the small trainable trees, so XLA drops the
     base-model initialisation (an 8B random init never materialises).
@@ -67,7 +68,8 @@ def init_params(model: MTPModel, base_params, mask_row: jax.Array, rng: jax.Arra
         return v["lora"]["base"], v["params"]["sampler"]
 
     lora, sampler = jax.jit(init)(rng)
-    return {"base": base_params, "lora": lora, "sampler": sampler, "mask_embedding": jnp.asarray(mask_row, jnp.float32)}
+    row_dtype = model.param_dtype if model.mtp.train_mask_embedding else jnp.float32  # trained: a trainable
+    return {"base": base_params, "lora": lora, "sampler": sampler, "mask_embedding": jnp.asarray(mask_row, row_dtype)}
 
 
 def training_layout(model: MTPModel, params: Params) -> Params:
@@ -172,7 +174,15 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
         sown = {name: jax.tree.map(lambda *xs: sum(xs), *vals) for name, vals in sown.items()}
         return total, g, sown
 
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: chunk(0, 0, c)))
+    # the chunks' gradients are summed in float32 whatever the trainables' dtype: a bf16 running sum over
+    # many chunks rounds each addition to the sum's 8 bits and stalls once a chunk's part falls below half
+    # its last bit; cast back once, after the division
+    shapes = jax.eval_shape(lambda: chunk(0, 0, c))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    zero = (zero[0], jax.tree.map(lambda g: g.astype(jnp.float32), zero[1]), zero[2])
+
+    def add(carry, out):
+        return jax.tree.map(lambda total, x: total + x.astype(total.dtype), carry, out)
 
     # Only chunks up to the fullest row's last anchor with a valid pair run; the loop stops there. (Not a
     # loop over all chunks with a lax.cond skipping the empty ones: that puts collectives inside the cond,
@@ -181,13 +191,13 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
     # a second compiled body, for less padding (the last chunk pads fewer than `tail` anchor slots, not up
     # to chunk_size - 1).
     full = anchors // c if tail else -(-anchors // c)
-    carry = jax.lax.fori_loop(0, full, lambda i, carry: jax.tree.map(jnp.add, carry, chunk(i, i * c, c)), zero)
+    carry = jax.lax.fori_loop(0, full, lambda i, carry: add(carry, chunk(i, i * c, c)), zero)
     if tail:
         tails = -(-(anchors - full * c) // tail)
-        carry = jax.lax.fori_loop(
-            0, tails, lambda i, carry: jax.tree.map(jnp.add, carry, chunk(full + i, full * c + i * tail, tail)), carry)
+        carry = jax.lax.fori_loop(0, tails, lambda i, carry: add(carry, chunk(full + i, full * c + i * tail, tail)),
+                                  carry)
     loss_sum, grads, sums = carry
-    grads = jax.tree.map(lambda g: g / n_valid, grads)
+    grads = jax.tree.map(lambda g, s: (g / n_valid).astype(s.dtype), grads, shapes[1])
     if not model.mtp.scan_layers:
         grads = {**grads, "lora": stack_layers(grads["lora"], model.config.num_layers)}
     return loss_sum / n_valid, grads, sums

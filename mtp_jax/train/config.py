@@ -24,7 +24,10 @@ class ModelSection:
     config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # HF config keys (random_init)
     tokenizer: str | None = None  # default: `path` (required with random_init)
     dtype: str = "float32"  # compute dtype
-    param_dtype: str | None = None  # default: dtype
+    param_dtype: str | None = None  # the frozen base's storage; default: dtype
+    # LoRA, sampler head, a trained <mask> row and their AdamW moments; default: param_dtype (one
+    # setting for both, as before). float32 over a bf16 base keeps small updates that bf16 rounds away.
+    trainable_dtype: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "path", absolute_if_local(self.path))
@@ -34,10 +37,20 @@ class ModelSection:
             raise ValueError("model.config_overrides needs model.random_init: true (real weights fix the shapes)")
         if self.random_init and not self.tokenizer:
             raise ValueError("model.random_init needs model.tokenizer (a model dir or alias to take the tokenizer from)")
-        for name in ("dtype", "param_dtype"):
+        for name in ("dtype", "param_dtype", "trainable_dtype"):
             v = getattr(self, name)
             if v is not None and v not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name} must be float32|bfloat16|float16, got {v!r}")
+
+    @property
+    def base_dtype(self) -> str:
+        """The frozen base's storage dtype."""
+        return self.param_dtype or self.dtype
+
+    @property
+    def trainables_dtype(self) -> str:
+        """The trainables' (and their optimizer moments') dtype."""
+        return self.trainable_dtype or self.base_dtype
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,7 +97,7 @@ def load_base(cfg: Config, config: ModelConfig, mesh: Mesh, rules):
     """Base params placed by the logical rules: random for model.random_init, else read from model.path."""
     m = cfg.model
     if m.random_init:
-        lm = CausalLM(config, None, jnp.dtype(m.dtype), jnp.dtype(m.param_dtype or m.dtype))
+        lm = CausalLM(config, None, jnp.dtype(m.dtype), jnp.dtype(m.base_dtype))
         shardings = logical_shardings(abstract_params(lm), mesh, rules)
         tokens = jnp.zeros((1, 1), jnp.int32)
         init = jax.jit(lambda r: nn.unbox(lm.init(r, tokens, method=lm.forward_logits)["params"]),
@@ -108,7 +108,7 @@ def load_base(cfg: Config, config: ModelConfig, mesh: Mesh, rules):
         names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
         return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
 
-    return load_model(m.path, m.dtype, m.param_dtype, sharding=place)[1]
+    return load_model(m.path, m.dtype, m.base_dtype, sharding=place)[1]
 
 
 def abstract_trainable(model: MTPModel) -> dict:
@@ -136,9 +136,12 @@ class Setup:
 
 
 def build_model(cfg: Config, config: ModelConfig) -> MTPModel:
-    """The MTP model with its attention plan resolved once, for this config on this backend."""
-    dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype or cfg.model.dtype)
-    return MTPModel(config, cfg.lora, cfg.mtp, dtype, param_dtype, plan=plan_attention(cfg.mtp, dtype, config.head_dim))
+    """The MTP model with its attention plan resolved once, for this config on this backend. Its param
+    dtype is the trainables' (`model.trainable_dtype`): the params it initialises are only those; the
+    frozen base is loaded in `model.param_dtype` (`load_base`)."""
+    dtype, trainable_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.trainables_dtype)
+    return MTPModel(config, cfg.lora, cfg.mtp, dtype, trainable_dtype,
+                    plan=plan_attention(cfg.mtp, dtype, config.head_dim))
 
 
 def _fresh_trainable(model: MTPModel, rng, mask_row) -> dict:

@@ -55,7 +55,9 @@ def accumulate(model, trainable, frozen, batches: dict, rng):
             "loss": jnp.float32(0), "pairs": jnp.float32(0),
             "sums": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[2]), "bad": jnp.int32(0)}
     total, _ = jax.lax.scan(body, zero, (jnp.arange(n), batches))
-    grads = jax.tree.map(lambda g: g / jnp.maximum(total["weight"], 1.0), total["grads"])
+    # summed in float32 (above) whatever the trainables' dtype; cast back once
+    grads = jax.tree.map(lambda g, s: (g / jnp.maximum(total["weight"], 1.0)).astype(s.dtype), total["grads"],
+                         first[1])
     return total["loss"] / jnp.maximum(total["pairs"], 1.0), grads, total["sums"], total["bad"]
 
 
@@ -112,6 +114,8 @@ def make_optimizer(cfg: OptimConfig, max_steps: int):
         main = optax.constant_schedule(cfg.lr)
     schedule = optax.join_schedules([warmup, main], [cfg.warmup_steps]) if cfg.warmup_steps else main
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+    # moments: optax's adamw (mu_dtype None) makes them like the params, the trainables' dtype, and
+    # train_step's `keep` holds them there
     parts.append(optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
 
