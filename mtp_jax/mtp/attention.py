@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.mtp.cudnn_private import cudnn_packed_part, segment_runs
-from mtp_jax.mtp.split_attention import (_NEG, PackedChunk, _softmax_attention, merge_lse,  # noqa: F401
-                                         packed_chunk, packed_split_attention, split_prefix_attention)
+from mtp_jax.mtp.split_attention import (_NEG, PackedChunk, _softmax_attention, merge_lse, packed_split_attention,
+                                         split_prefix_attention)
 from mtp_kernels.jax_triton_support import has_jax_triton
 
 Impl = Literal["xla", "cudnn"]

@@ -21,9 +21,10 @@ from mtp_jax.models.config import ModelConfig
 from mtp_jax.models.llama import CausalLM, DecoderLayer
 from mtp_jax.models.lora import LoRAConfig
 from mtp_jax.models.sampler import SamplerHead
-from mtp_jax.mtp.attention import (AttentionPlan, chunk_key_count, mask_attend, packed_chunk, plan_attention,
-                                   regular_attend, segment_causal_mask)
+from mtp_jax.mtp.attention import (AttentionPlan, chunk_key_count, mask_attend, plan_attention, regular_attend,
+                                   segment_causal_mask)
 from mtp_jax.mtp.loss import argmax_rows, soft_ce_rows, soft_ce_rows_vs_logits
+from mtp_jax.mtp.split_attention import packed_chunk
 
 
 @dataclasses.dataclass(frozen=True)
