@@ -166,3 +166,17 @@ def test_unpacked_split_on_packed_rows_is_wrong(setups):  # noqa: F811
     loss = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)[0]
     loss_s = jax.jit(functools.partial(loss_and_grads, split))(trainable, frozen, batch)[0]
     assert rel(loss_s, loss) > 1e-5  # the tests above hold to 1e-6
+
+
+def test_rows_over_max_segments_are_refused_before_the_step():
+    """The packed split on cuDNN has a static number of runs per row: a batch with a row of more examples
+    is refused on the host with what to change; other plans take any number."""
+    from mtp_jax.mtp.attention import AttentionPlan, check_packed_rows
+
+    segment_ids = np.asarray([[1, 1, 2, 3, 3, 0], [1, 2, 3, 4, 5, 0]])
+    plan = AttentionPlan(layout="split", impl="cudnn", packed=True, max_segments=4)
+    with pytest.raises(ValueError, match=r"a row packs 5 examples, over mtp.max_segments \(4\)"):
+        check_packed_rows(segment_ids, plan)
+    check_packed_rows(segment_ids[:1], plan)
+    for other in (dataclasses.replace(plan, impl="xla"), dataclasses.replace(plan, packed=False), AttentionPlan()):
+        check_packed_rows(segment_ids, other)

@@ -16,6 +16,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtp_jax.mtp.cudnn_private import cudnn_packed_part, segment_runs
 from mtp_jax.mtp.split_attention import (_NEG, PackedChunk, _softmax_attention, merge_lse, packed_split_attention,
@@ -69,6 +70,17 @@ class AttentionPlan:
         if self.impl == "cudnn" and self.odd_lengths_on_xla and (q.shape[1] % 2 or k.shape[1] % 2):
             return "xla"
         return self.impl
+
+
+def check_packed_rows(segment_ids, plan: AttentionPlan) -> None:
+    """Host side, before a step: the packed split on cuDNN takes at most `plan.max_segments` examples per
+    row (its static number of runs; a row with more would give a NaN loss), so refuse such a batch."""
+    if plan.split and plan.packed and plan.impl == "cudnn":
+        most = int(np.max(segment_ids, initial=0))
+        if most > plan.max_segments:
+            raise ValueError(f"a row packs {most} examples, over mtp.max_segments ({plan.max_segments}) for "
+                             "the packed prefix_split on cuDNN; raise mtp.max_segments or lower "
+                             "data.max_tokens_per_row")
 
 
 def cudnn_fits(dtype, head_dim: int, backend: str | None = None) -> bool:
