@@ -5,7 +5,8 @@ Mask stream: the k masks of anchor a attend to (i) regular K/V at indices <= a, 
 queries folded into the head axis so one causal-attention call serves all draft steps, and
 (ii) their own block (k x k, causal); the two parts merge by log-sum-exp in float32.
 How both streams attend (layout, kernel, dq kernel, key bounding) is one `AttentionPlan`, resolved
-once from the config and the backend (`plan_attention`); the attend functions only read it.
+once from the config and the backend (`plan_attention`); the attend functions only read it. The split
+layout's parts (no mask for the fused kernels) live in `mtp.split_attention`.
 """
 
 from __future__ import annotations

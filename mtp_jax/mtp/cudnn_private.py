@@ -1,8 +1,9 @@
 """jax's private cuDNN fused-attention bindings (`jax._src.cudnn`, jax 0.10-0.11), behind one module.
 
-They do the one thing the public `jax.nn.dot_product_attention` cannot: run the backward from a given
-(output, LSE), the merged ones of `split_prefix_attention`. Their residual LSE also comes back in fp32,
-not rounded to bf16. tests/test_cudnn_private.py fails when jax changes the primitive's operands.
+They do two things the public `jax.nn.dot_product_attention` cannot: run the backward from a given
+(output, LSE), the merged ones of `split_prefix_attention`, and sequence packing (runs of queries and keys
+per example, `packed_split_attention` and the packed regular stream). Their residual LSE also comes back
+in fp32, not rounded to bf16. tests/test_cudnn_private.py fails when jax changes the primitive's operands.
 """
 
 from __future__ import annotations
