@@ -39,7 +39,6 @@ def _softmax_attention(q, k, v, mask):
     return out.reshape(q.shape).astype(q.dtype), jnp.moveaxis(lse, -1, 1).reshape(b, t, heads)
 
 
-
 def _part_mask(q, k, kv_len, causal):
     """The one mask a split part needs, broadcastable to [b, 1, queries, keys]: the first kv_len[row]
     keys, or causal over a square block."""
@@ -219,6 +218,7 @@ def packed_runs(chunk: PackedChunk, causal: bool, max_runs: int):
 
 
 def _xla_packed_part(q, k, v, chunk, causal, max_runs):
+    """One packed part written out in fp32 under its small mask (its backward is _xla_packed_part_dq)."""
     return _softmax_attention(q, k, v, packed_part_mask(chunk, k.shape[1], causal))
 
 
@@ -227,6 +227,7 @@ def _xla_packed_part_dq(q, k, v, chunk, causal, max_runs, out, lse, g):
 
 
 def _cudnn_packed_part(q, k, v, chunk, causal, max_runs):
+    """One packed part on cuDNN: the chunk's examples as runs (at most one per anchor slot)."""
     return cudnn_packed_part(q, k, v, packed_runs(chunk, causal, min(max_runs, q.shape[1])), causal)
 
 
