@@ -1,10 +1,12 @@
 """Every YAML in configs/ loads into the training Config; the embedded default is configs/smollm2_k4.yaml."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from mtp_jax.config import load_config, to_dict
+from mtp_jax.mtp.model import MTPConfig
 from mtp_jax.train import Config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -43,5 +45,14 @@ def test_8b_configs_train_float32_trainables_over_a_bf16_base():
 
 def test_long_response_config_trains_one_example_per_row():
     cfg = load_config(Config, CONFIGS[0].parent / "qwen3_8b_k4_long.yaml")
-    assert cfg.mtp.prefix_split and not cfg.data.packing  # the CLI refuses prefix_split with packing
+    assert cfg.mtp.prefix_split and not cfg.data.packing and not cfg.mtp.packed
     assert cfg.data.max_total_tokens >= 32768 and cfg.mtp.remat == "dots"
+
+
+def test_packing_sets_the_packed_mask_stream():
+    """data.packing makes mtp.packed true (prefix_split then attends per example and keeps per-anchor teacher
+    rows); without packing it stays as set."""
+    for packing, asked, packed in ((True, False, True), (False, False, False), (False, True, True)):
+        data = dataclasses.replace(Config().data, packing=packing)
+        cfg = Config(mtp=MTPConfig(prefix_split=True, packed=asked), data=data)
+        assert cfg.mtp.packed == packed, (packing, asked)

@@ -46,3 +46,27 @@ def test_private_cudnn_attention_binding_still_fits(monkeypatch, mask, key_count
     public = jax.eval_shape(lambda q, k: jax.nn.dot_product_attention(q, k, k, implementation="cudnn",
                                                                       return_residual=True)[1], q, k)
     assert public.dtype == jnp.bfloat16, "jax's public binding now returns an fp32 LSE: the private path may go"
+
+
+def test_private_cudnn_packed_backward_binding_still_fits():
+    """The packed split's cuDNN backward binds the same primitive with sequence-packing operands (query and
+    key lengths [b, runs], offsets [b, runs + 1]); its abstract evaluation still takes them. The merged LSE
+    goes in as cuDNN's packed softmax stats, [b * runs, heads, t] with the g-th used run's queries at
+    [g, :, :length]: scattered there and gathered back, every query in a run keeps its own LSE."""
+    from mtp_jax.mtp.cudnn_private import _stats_index, cudnn_packed_part_dq
+
+    q_len = jnp.array([[3, 2, -1], [-1, 4, -1]], jnp.int32)
+    q_off = jnp.array([[0, 5, -1], [-1, 1, -1]], jnp.int32)
+    runs = (q_len, q_off, q_len, q_off, jnp.zeros(2, bool))
+    q = jax.ShapeDtypeStruct((2, 8, 4, 64), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((2, 8, 4), jnp.float32)
+    for causal in (False, True):
+        dq = jax.eval_shape(lambda q, lse: cudnn_packed_part_dq(q, q, q, runs, causal, q, lse, q), q, lse)
+        assert (dq.shape, dq.dtype) == (q.shape, jnp.float32)
+    g, place, has = _stats_index(q_len, q_off, 8)
+    assert has.tolist() == [[1, 1, 1, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0, 0]]
+    assert g[has].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2] and place[has].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    lse_v = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    stats = jnp.zeros((6, 4, 8)).at[g, :, place].set(lse_v, mode="drop")
+    back = jnp.where(has[..., None], stats[g, :, place], 0.0)
+    assert jnp.array_equal(back, jnp.where(has[..., None], lse_v, 0.0))

@@ -21,13 +21,14 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GP
 @pytest.mark.parametrize("attention_impl,soft_ce_impl,option", [
     ("xla", "triton", None), ("cudnn", "jnp", None), ("cudnn", "triton", None), ("cudnn", "jnp", "bound_keys"),
     ("cudnn", "jnp", "prefix_split"), ("cudnn", "jnp", "prefix_split+triton_dq"),
-    ("cudnn", "triton", "prefix_split+triton_dq+layer_loop")])
+    ("cudnn", "triton", "prefix_split+triton_dq+layer_loop"), ("cudnn", "jnp", "prefix_split+packed")])
 def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option):
     """bound_keys: cuDNN takes causal and per-chunk key lengths; prefix_split: two unmasked cuDNN calls
     per chunk, on one example per row (chunks of 4 anchors: cuDNN wants even lengths with a mask);
-    layer_loop: all of it with mtp.scan_layers off."""
+    layer_loop: all of it with mtp.scan_layers off; packed: prefix_split on packed rows (cuDNN's sequence
+    packing in both streams, chunks straddling examples)."""
     ref_model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
-    if option and option.startswith("prefix_split"):
+    if option and option.startswith("prefix_split") and "packed" not in option:
         batch = one_example_per_row(EXAMPLES, length=16)
     else:
         batch, _ = make_batch(EXAMPLES, rows=3, length=16)
@@ -36,7 +37,8 @@ def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option
     cfg = dataclasses.replace(ref_model.mtp, attention_impl=attention_impl, soft_ce_impl=soft_ce_impl,
                               bound_keys=option == "bound_keys", prefix_split=bool(option and "prefix_split" in option),
                               dq_kernel="triton" if option and "triton_dq" in option else "cudnn",
-                              chunk_size=4 if option else 0, scan_layers=not (option and "layer_loop" in option))
+                              chunk_size=4 if option else 0, scan_layers=not (option and "layer_loop" in option),
+                              packed=bool(option and "packed" in option))
     dtype = jnp.bfloat16 if attention_impl == "cudnn" else jnp.float32
     model = MTPModel(ref_model.config, ref_model.lora, cfg, dtype, jnp.float32)
     loss, grads, _ = jax.jit(functools.partial(loss_and_grads, model))(trainable, training_layout(model, frozen), batch)
@@ -119,6 +121,39 @@ def packed_mask_stream(impl: str, dtype, rows=2, length=512, anchors=64, heads=9
     return lse, out, vjp(g.astype(out.dtype))[0]
 
 
+def packed_case(seed=0, c=64, heads=32, kv=8, d=128):
+    """bf16 q, k, v and an extra part of a chunk of c anchors over two packed rows of 256 (3 and 5 examples,
+    the second row padded), in objective order: row 0's chunk straddles three examples, row 1's ends in
+    padding slots. Returns (segment_ids, anchors, q, k, v, out_x, lse_x, g)."""
+    from test_packed_split import packed_batch
+    from mtp_jax.mtp.layout import pair_valid
+
+    rows = [[(12, 48), (30, 30), (20, 116)], [(10, 20), (5, 45), (20, 20), (15, 55), (8, 32)]]
+    batch, _, _ = packed_batch(rows, 256)
+    has = pair_valid(batch["segment_ids"], batch["response_mask"], 1)[..., 0]
+    order = jnp.argsort(~has, axis=1, stable=True)
+    count = jnp.sum(has, axis=1)
+    order = jnp.where(jnp.arange(256) < count[:, None], order, 256 + jnp.arange(256))
+    anchors = jnp.stack([order[0, 40:40 + c], order[1, count[1] - c // 2: count[1] + c // 2]])
+    keys = jax.random.split(jax.random.key(seed), 6)
+    q, out_x = (jax.random.normal(kk, (2, c, heads, d)) for kk in keys[:2])
+    k, v = (jax.random.normal(kk, (2, 256, kv, d)) for kk in keys[2:4])
+    lse_x = jax.random.normal(keys[4], (2, c, heads)) + 3.0
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    return batch["segment_ids"], anchors, *bf, out_x, lse_x, jax.random.normal(keys[5], q.shape)
+
+
+# bf16 rounding (P and the outputs) puts these within about 0.5% of fp32; 0.8% still fails a 1% error
+_PACKED_TOL = 8e-3
+
+
+def _close(name, a, b):
+    a = a.astype(jnp.float32)
+    assert rel(a, b) < _PACKED_TOL, f"{name}: rel {rel(a, b):.2e}"
+    off = a * (1 + 0.01 * jnp.sign(jnp.sin(jnp.arange(a.size).reshape(a.shape))))
+    assert rel(off, b) > _PACKED_TOL, f"{name}: the tolerance lets a 1% error through"
+
+
 @gpu
 @pytest.mark.gpu
 def test_cudnn_packed_mask_stream_lse_is_fp32():
@@ -148,3 +183,44 @@ def test_packed_mask_stream_case_on_xla():
     assert float(jnp.max(jnp.abs(lse - lse_ref))) < 1e-4
     assert float(jnp.max(jnp.abs(lse_ref.astype(jnp.bfloat16).astype(jnp.float32) - lse_ref))) > 5e-3
     assert rel(out.astype(jnp.float32), out_ref) < 2e-2
+
+
+@gpu
+@pytest.mark.gpu
+def test_cudnn_packed_split_attention_matches_xla():
+    """packed_split_attention on cuDNN in bf16 (parts A and B as packed runs of queries and keys per
+    example, backward from the merged output and LSE through the private backward primitive with the runs'
+    offsets) against its fp32 XLA path on the same bf16 inputs: output and the gradients wrt q and the extra
+    part, for chunks that straddle examples and end in padding slots."""
+    from mtp_jax.mtp.split_attention import packed_chunk, packed_split_attention
+
+    segment_ids, anchors, q, k, v, out_x, lse_x, g = packed_case()
+    chunk = packed_chunk(anchors, segment_ids)
+
+    def run(impl, q, k, v):
+        out, vjp = jax.vjp(lambda q, ox, lx: packed_split_attention(q, k, v, chunk, ox, lx, impl), q, out_x, lse_x)
+        return (out, *vjp(g))
+
+    ref = jax.jit(functools.partial(run, "xla"))(*[x.astype(jnp.float32) for x in (q, k, v)])
+    ours = jax.jit(functools.partial(run, "cudnn"))(q, k, v)
+    for name, a, b in zip(("out", "dq", "d_out_x", "d_lse_x"), ours, ref):
+        _close(name, a, b)
+
+
+@gpu
+@pytest.mark.gpu
+def test_cudnn_packed_regular_stream_matches_xla():
+    """The regular stream of packed rows under the split layout on cuDNN (each example a causal run, no mask)
+    against the XLA segment mask in fp32 on the same bf16 inputs, at every real token; padding gets 0."""
+    from mtp_jax.mtp.attention import AttentionPlan, regular_attend
+
+    segment_ids, _, _, k, v, *_ = packed_case()
+    q = jax.random.normal(jax.random.key(7), (2, 256, 32, 128)).astype(jnp.bfloat16)
+    plan = AttentionPlan(layout="split", packed=True, max_segments=8)
+    ours = jax.jit(lambda q, k, v: regular_attend(segment_ids, dataclasses.replace(plan, impl="cudnn"))(
+        q, k, v, None)[0])(q, k, v)
+    ref = jax.jit(lambda q, k, v: regular_attend(segment_ids, plan)(q, k, v, None)[0])(
+        *[x.astype(jnp.float32) for x in (q, k, v)])
+    real = (segment_ids > 0)[..., None, None]
+    _close("regular out", jnp.where(real, ours, 0), jnp.where(real, ref, 0))
+    assert not jnp.any(jnp.where(real, 0, ours))

@@ -121,10 +121,11 @@ def test_trainable_dtype_must_be_a_float_dtype(tmp_path, data_file):
         tiny(tmp_path, data_file, "--model.trainable_dtype", "float64")
 
 
-def test_prefix_split_run_equals_dense_mask_run(tmp_path, data_file):
-    """The CLI with one example per row (data.packing false): mtp.prefix_split (configs/qwen3_8b_k4_long.yaml)
-    trains the same run as the dense prefix mask, step for step; with packing it is refused (bad_inputs)."""
-    runs = {split: run(tiny(tmp_path / split, data_file, "--data.packing", "false", "--mtp.prefix_split", split,
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_prefix_split_run_equals_dense_mask_run(tmp_path, data_file, packing):
+    """The CLI, with one example per row (data.packing false) or packed rows: mtp.prefix_split
+    (configs/qwen3_8b_k4_long.yaml) trains the same run as the dense prefix mask, step for step."""
+    runs = {split: run(tiny(tmp_path / split, data_file, "--data.packing", packing, "--mtp.prefix_split", split,
                             "--train.max_steps", "3", "--train.save_steps", "3"))["history"]
             for split in ("false", "true")}
     for dense, split in zip(runs["false"], runs["true"], strict=True):

@@ -176,7 +176,7 @@ def prepare(cfg: DataConfig, tokenizer, draft_length: int, split: str = "train",
             ) -> CachedDataset:
     """The cache of cfg.train_file (split='train') or cfg.eval_file (split='eval'), built if needed. The
     cache is the same for every draft_length; it only counts the responses shorter than it. `one_span`:
-    refuse examples with several responses (mtp.prefix_split needs each row's anchors contiguous)."""
+    refuse examples with several responses (mtp.prefix_split needs each example's anchors contiguous)."""
     path = cfg.train_file if split == "train" else cfg.eval_file
     if path is None:
         raise ValueError(f"data: no file for split {split!r}")

@@ -5,7 +5,8 @@ Mask stream: the k masks of anchor a attend to (i) regular K/V at indices <= a, 
 queries folded into the head axis so one causal-attention call serves all draft steps, and
 (ii) their own block (k x k, causal); the two parts merge by log-sum-exp in float32.
 How both streams attend (layout, kernel, dq kernel, key bounding) is one `AttentionPlan`, resolved
-once from the config and the backend (`plan_attention`); the attend functions only read it.
+once from the config and the backend (`plan_attention`); the attend functions only read it. The split
+layout's parts (no mask for the fused kernels) live in `mtp.split_attention`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
+import numpy as np
 
-from mtp_jax.mtp.cudnn_private import cudnn_attention, cudnn_part, cudnn_part_dq
-from mtp_kernels.attention_dq import jax_attention_dq
+from mtp_jax.mtp.cudnn_private import cudnn_attention, cudnn_packed_part, segment_runs
+from mtp_jax.mtp.split_attention import (_NEG, PackedChunk, _softmax_attention, merge_lse, packed_split_attention,
+                                         split_prefix_attention)
 from mtp_kernels.jax_triton_support import has_jax_triton
 
 Impl = Literal["xla", "cudnn"]
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 DQ_KERNELS = ("auto", "cudnn", "triton")
 
 
@@ -31,9 +32,12 @@ DQ_KERNELS = ("auto", "cudnn", "triton")
 class AttentionPlan:
     """How both streams attend, fixed for a run.
 
-    layout: "masked" (segment and prefix masks, packed rows) or "split" (no mask: one example per row,
-      the regular stream causal over the row's real tokens, the prefix as the keys before each anchor
-      chunk + its causal diagonal block; `split_prefix_attention`).
+    layout: "masked" (segment and prefix masks) or "split" (no mask: the prefix as the keys before each
+      anchor chunk + its causal diagonal block; `split_prefix_attention`, or with `packed`,
+      `packed_split_attention`).
+    packed: rows may hold several examples (data.packing). The split layout then attends per example
+      (cuDNN's sequence packing, at most `max_segments` examples per row) and reads k+1 teacher rows per
+      anchor; without it the split takes one example per row, at its start, and shares one teacher block.
     impl: the fused attention, "cudnn" or "xla" (which materialises the [queries, keys] scores).
     dq_kernel: the split layout's backward of the keys before each chunk: "triton" (dq only), else
       `impl`'s own.
@@ -48,16 +52,36 @@ class AttentionPlan:
     dq_kernel: Literal["xla", "cudnn", "triton"] = "xla"
     bound_keys: bool = False
     odd_lengths_on_xla: bool = False
+    packed: bool = False
+    max_segments: int = 64
 
     @property
     def split(self) -> bool:
         return self.layout == "split"
+
+    @property
+    def shared_teacher(self) -> bool:
+        """Each chunk's anchors are consecutive positions from its first (split layout, one example per
+        row), so one block of c+k teacher rows serves every draft step; packed rows can skip positions
+        between examples inside a chunk, so they keep k+1 teacher rows per anchor."""
+        return self.split and not self.packed
 
     def impl_for(self, q: jax.Array, k: jax.Array) -> Impl:
         """The kernel for this call: `impl`, unless its lengths keep an automatic cuDNN choice off."""
         if self.impl == "cudnn" and self.odd_lengths_on_xla and (q.shape[1] % 2 or k.shape[1] % 2):
             return "xla"
         return self.impl
+
+
+def check_packed_rows(segment_ids, plan: AttentionPlan) -> None:
+    """Host side, before a step: the packed split on cuDNN takes at most `plan.max_segments` examples per
+    row (its static number of runs; a row with more would give a NaN loss), so refuse such a batch."""
+    if plan.split and plan.packed and plan.impl == "cudnn":
+        most = int(np.max(segment_ids, initial=0))
+        if most > plan.max_segments:
+            raise ValueError(f"a row packs {most} examples, over mtp.max_segments ({plan.max_segments}) for "
+                             "the packed prefix_split on cuDNN; raise mtp.max_segments or lower "
+                             "data.max_tokens_per_row")
 
 
 def cudnn_fits(dtype, head_dim: int, backend: str | None = None) -> bool:
@@ -88,7 +112,7 @@ def plan_attention(mtp, dtype, head_dim: int, backend: str | None = None) -> Att
     impl = ("cudnn" if cudnn_fits(dtype, head_dim, backend) else "xla") if auto else mtp.attention_impl
     return AttentionPlan(layout="split" if mtp.prefix_split else "masked", impl=impl,
                          dq_kernel=resolve_dq_kernel(mtp.dq_kernel, impl), bound_keys=mtp.bound_keys,
-                         odd_lengths_on_xla=auto)
+                         odd_lengths_on_xla=auto, packed=mtp.packed, max_segments=mtp.max_segments)
 
 
 def segment_causal_mask(segment_ids: jax.Array, q_index: jax.Array | None = None) -> jax.Array:
@@ -112,14 +136,20 @@ def regular_attend(segment_ids: jax.Array, plan: AttentionPlan = AttentionPlan()
     attention causal, which the mask already is, so that cuDNN skips the key tiles above the diagonal.
     The split layout (one example per row, at its start): no mask at all, causal attention over the
     row's real tokens (a key length; padding queries see them too, which no valid pair reads). At 128k
-    tokens the [L, L] mask alone is 16 GiB, and cuDNN reads it as a bf16 bias."""
-    if plan.split:
+    tokens the [L, L] mask alone is 16 GiB, and cuDNN reads it as a bf16 bias. The split layout on packed
+    rows under cuDNN: each example its own causal run (sequence packing, no mask; padding gets 0)."""
+    if plan.split and plan.packed:
+        runs = segment_runs(segment_ids, plan.max_segments) if plan.impl == "cudnn" else None
+        mask, kw = segment_causal_mask(segment_ids), dict(is_causal=plan.bound_keys)
+    elif plan.split:
         lengths = jnp.maximum(jnp.sum(segment_ids > 0, axis=1), 1).astype(jnp.int32)
         mask, kw = None, dict(is_causal=True, key_value_seq_lengths=lengths)
     else:
         mask, kw = segment_causal_mask(segment_ids), dict(is_causal=plan.bound_keys)
 
     def attend(q, k, v, layer_state):
+        if plan.split and plan.packed and plan.impl == "cudnn":
+            return cudnn_packed_part(q, k, v, runs, causal=True, with_lse=False)[0], (k, v)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=plan.impl_for(q, k), **kw)
         return out, (k, v)
 
@@ -190,23 +220,6 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     return _xla_prefix_attention(q, k, v, mask)
 
 
-def _grouped_scores(q, k, mask):
-    """Scaled fp32 scores [b, kv, group, queries, keys] of q [b, t, heads, d] against k [b, s, kv, d],
-    `_NEG` where `mask` (broadcastable to [b, 1, queries, keys]) is false."""
-    b, t, heads, d = q.shape
-    qg = q.reshape(b, t, k.shape[2], heads // k.shape[2], d).astype(jnp.float32)
-    scores = jnp.einsum("bacgd,bscd->bcgas", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
-    return jnp.where(mask[:, :, None], scores, _NEG)
-
-
-def _softmax_attention(q, k, v, mask):
-    """Attention written out in fp32: (out [b, t, heads, d] in q's dtype, lse [b, t, heads] fp32)."""
-    b, t, heads, d = q.shape
-    scores = _grouped_scores(q, k, mask)
-    lse = jax.nn.logsumexp(scores, axis=-1)  # [b, kv, g, t]
-    out = jnp.einsum("bcgas,bscd->bacgd", jnp.exp(scores - lse[..., None]), v.astype(jnp.float32))
-    return out.reshape(q.shape).astype(q.dtype), jnp.moveaxis(lse, -1, 1).reshape(b, t, heads)
-
 
 # The XLA path: jax's XLA dot_product_attention (0.10) returns the LSE residual without a gradient, and the
 # merge needs d(lse)/dq. Rematerialised: the backward recomputes the [queries, keys] scores rather than
@@ -234,111 +247,17 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array):
     return out, lse
 
 
-def _part_mask(q, k, kv_len, causal):
-    """The one mask a split part needs, broadcastable to [b, 1, queries, keys]: the first kv_len[row]
-    keys, or causal over a square block."""
-    if causal:
-        return jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
-    return (jnp.arange(k.shape[1]) < kv_len[:, None])[:, None, None]
-
-
-def _xla_part(q, k, v, kv_len, causal):
-    """One part of the split, written out in fp32 (its backward is _xla_part_dq)."""
-    return _softmax_attention(q, k, v, _part_mask(q, k, kv_len, causal))
-
-
-def _xla_part_dq(q, k, v, kv_len, causal, out, lse, g):
-    """dq of one part from the merged (out, lse) and the merged output's cotangent g (all [b, t, heads, ...]):
-    scale * sum_j p_j (g . v_j - g . out) k_j with p_j = exp(s_j - lse), as a flash-attention backward."""
-    b, t, heads, d = q.shape
-    kv = k.shape[2]
-
-    def grouped(x):  # [b, t, heads, ...] -> [b, kv, group, t, ...]
-        return jnp.moveaxis(x.reshape(b, t, kv, heads // kv, *x.shape[3:]).astype(jnp.float32), 1, 3)
-
-    p = jnp.exp(_grouped_scores(q, k, _part_mask(q, k, kv_len, causal)) - grouped(lse)[..., None])
-    g4 = grouped(g)
-    dp = jnp.einsum("bcgad,bscd->bcgas", g4, v.astype(jnp.float32))
-    ds = p * (dp - jnp.sum(g4 * grouped(out), axis=-1)[..., None])
-    dq = jnp.einsum("bcgas,bscd->bacgd", ds, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
-    return dq.reshape(q.shape)
-
-
-def _triton_part_dq(q, k, v, kv_len, causal, out, lse, g):
-    """The keys-before-the-chunk part's dq from mtp_kernels' Triton kernel (dq only: cuDNN's backward also
-    forms dK/dV, two of its five matmuls, for K/V under stop_gradient); the small causal block stays on cuDNN."""
-    if causal:
-        return cudnn_part_dq(q, k, v, kv_len, causal, out, lse, g)
-    return jax_attention_dq(q, k, v, g, lse, jnp.sum(g * out, axis=-1), kv_len)
-
-
-_PARTS = {"xla": (_xla_part, _xla_part_dq), "cudnn": (cudnn_part, cudnn_part_dq)}
-
-
-def _split_parts(k, v, first, a):
-    """(keys, values, key length, causal) of the two parts: the keys before `first` (>= 1 key; a row
-    with first = 0 drops this part) and the causal diagonal block first .. first + a - 1."""
-    idx = (first[:, None] + jnp.arange(a))[:, :, None, None]
-    kb, vb = (jnp.take_along_axis(x, idx, axis=1, mode="fill", fill_value=0) for x in (k, v))
-    return (k, v, jnp.clip(first, 1, k.shape[1]).astype(jnp.int32), False), (kb, vb, None, True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def split_prefix_attention(q, k, v, first, out_x, lse_x, impl: str, dq_kernel: str = "xla"):
-    """Softmax over a chunk of contiguous anchors' prefix keys and one more key set, for one example per
-    row, without a mask: the regular keys before `first` ([b]; a key length, so cuDNN skips the rest),
-    the causal diagonal block of keys first .. first + a - 1, and a part given as (out_x fp32, lse_x)
-    (the masks' own block), merged by LSE -> out fp32 [b, a, heads, d]. For those anchors it equals
-    attention under the prefix mask; other anchors of the chunk (no valid pair) get finite junk.
-
-    The backward runs each part's attention backward from the merged output and LSE, as ring attention
-    does (p_j = exp(s_j - lse) over all key sets), so the merge needs no LSE gradient and no second
-    forward; only dq is formed, k and v being the regular stream's K/V under stop_gradient. With remat
-    `dots` the merged (out, lse) are kept ("mask_attention"), so the backward reruns no forward part.
-    `impl` runs both parts (resolved: "xla" or "cudnn"); under cuDNN, `dq_kernel` "triton" forms the dq of
-    the keys before the chunk with mtp_kernels' kernel; otherwise each part runs `impl`'s own backward."""
-    return _split_fwd(q, k, v, first, out_x, lse_x, impl, dq_kernel)[0]
-
-
-def _split_fwd(q, k, v, first, out_x, lse_x, impl, dq_kernel):
-    part = _PARTS[impl][0]
-    (out1, lse1), (out2, lse2) = (part(q, *p) for p in _split_parts(k, v, first, q.shape[1]))
-    lse1 = jnp.where((first > 0)[:, None, None], lse1.astype(jnp.float32), _NEG)
-    out, lse = merge_lse(out1.astype(jnp.float32), lse1, out2.astype(jnp.float32), lse2.astype(jnp.float32))
-    out, lse = merge_lse(out, lse, out_x, lse_x)
-    out, lse = checkpoint_name(out, "mask_attention"), checkpoint_name(lse, "mask_attention")
-    return out, (q, k, v, first, out_x, lse_x, out, lse)
-
-
-def _split_bwd(impl, dq_kernel, res, g):
-    q, k, v, first, out_x, lse_x, out, lse = res
-    # the Triton dq pairs with cuDNN's block backward; the XLA path keeps its own backward for both parts
-    part_dq = _triton_part_dq if dq_kernel == "triton" and impl == "cudnn" else _PARTS[impl][1]
-    dq1, dq2 = (part_dq(q, *p, out, lse, g) for p in _split_parts(k, v, first, q.shape[1]))
-    dq = jnp.where((first > 0)[:, None, None, None], dq1, 0.0) + dq2
-    w = jnp.exp(lse_x - lse)
-    return (dq.astype(q.dtype), None, None, None, w[..., None] * g, w * jnp.sum(g * (out_x - out), axis=-1))
-
-
-split_prefix_attention.defvjp(_split_fwd, _split_bwd)
-
-
-def merge_lse(out1, lse1, out2, lse2):
-    """Softmax over the union of two disjoint key sets from each part's output and LSE -> (out, lse)."""
-    m = jnp.maximum(lse1, lse2)
-    w1, w2 = jnp.exp(lse1 - m), jnp.exp(lse2 - m)
-    return (out1 * w1[..., None] + out2 * w2[..., None]) / (w1 + w2)[..., None], m + jnp.log(w1 + w2)
-
 
 def mask_attend(plan: AttentionPlan, steps: int, prefix_mask: jax.Array | None = None,
-                key_count: jax.Array | None = None, first_anchor: jax.Array | None = None):
+                key_count: jax.Array | None = None, split_index: jax.Array | PackedChunk | None = None):
     """Attention for mask tokens laid out as [batch, anchors * k] (anchor-major).
 
     `layer_state` = this layer's (k, v) [batch, keys, kv, d] of the regular stream (the decoder
     slices it from the stacked [layers, ...] K/V of `regular_attend`). Masked layout: `prefix_mask`
     [batch, 1, anchors, keys] says which regular keys each anchor sees; `key_count` [b] (optional,
     `chunk_key_count`, with plan.bound_keys) bounds them, changing nothing but the work cuDNN skips.
-    Split layout: `first_anchor` [b], the chunk's first anchor per row (`split_prefix_attention`).
+    Split layout: `split_index`, the chunk's first anchor per row [b] (one example per row,
+    `split_prefix_attention`) or, with plan.packed, its `PackedChunk` (`packed_split_attention`).
     """
 
     def attend(q, k, v, layer_state):
@@ -353,8 +272,12 @@ def mask_attend(plan: AttentionPlan, steps: int, prefix_mask: jax.Array | None =
         out2, lse2 = block_attention(q5, k.reshape(b, a, steps, -1, d), v.reshape(b, a, steps, -1, d))
         if plan.split:
             fold = lambda x: jnp.swapaxes(x, 2, 3).reshape(b, a, h * steps, *x.shape[4:])  # noqa: E731
-            out = split_prefix_attention(q_folded, k_reg, v_reg, first_anchor, fold(out2), fold(lse2), impl,
-                                         plan.dq_kernel if impl == plan.impl else impl)
+            if plan.packed:
+                out = packed_split_attention(q_folded, k_reg, v_reg, split_index, fold(out2), fold(lse2), impl,
+                                             plan.max_segments)
+            else:
+                out = split_prefix_attention(q_folded, k_reg, v_reg, split_index, fold(out2), fold(lse2), impl,
+                                             plan.dq_kernel if impl == plan.impl else impl)
             return jnp.swapaxes(out.reshape(b, a, h, steps, d), 2, 3).reshape(b, t, h, d).astype(q.dtype), None
         out1, lse1 = prefix_attention(q_folded, k_reg, v_reg, prefix_mask, impl, key_count)
         out1 = jnp.swapaxes(out1.reshape(b, a, h, steps, d), 2, 3).astype(jnp.float32)

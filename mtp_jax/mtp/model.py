@@ -24,6 +24,7 @@ from mtp_jax.models.sampler import SamplerHead
 from mtp_jax.mtp.attention import (AttentionPlan, chunk_key_count, mask_attend, plan_attention, regular_attend,
                                    segment_causal_mask)
 from mtp_jax.mtp.loss import argmax_rows, soft_ce_rows, soft_ce_rows_vs_logits
+from mtp_jax.mtp.split_attention import packed_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,13 @@ class MTPConfig:
     bound_keys: bool = False
     # both streams without a mask: the regular stream causal over the row's real tokens, the mask stream's
     # prefix as the keys before each anchor chunk + its causal diagonal block, merged by LSE
-    # (split_prefix_attention); exact only with one example per row, at its start (data.packing off)
+    # (split_prefix_attention); with `packed`, per example (packed_split_attention)
     prefix_split: bool = False
+    # rows may hold several examples (the training config sets it from data.packing): prefix_split then
+    # attends per example, and reads k+1 teacher rows per anchor instead of one shared block per chunk
+    packed: bool = False
+    # packed prefix_split on cuDNN: the most examples in a row (a row with more gets a NaN loss)
+    max_segments: int = 64
     # prefix_split under cuDNN: the backward of the keys before each chunk, dq only from mtp_kernels' Triton
     # kernel ("triton", needs jax_triton; it skips the dK/dV that cuDNN's backward also forms) or cuDNN's full backward
     # ("cudnn"); auto = triton where jax_triton imports
@@ -70,6 +76,8 @@ class MTPConfig:
                              f"{self.tail_chunk}, chunk_size {self.chunk_size})")
         if self.step_weights and len(self.step_weights) != self.draft_length:
             raise ValueError(f"step_weights has {len(self.step_weights)} entries; draft_length is {self.draft_length}")
+        if self.max_segments < 1:
+            raise ValueError(f"max_segments must be >= 1, got {self.max_segments}")
         if self.lcm_weight < 0:
             raise ValueError(f"lcm_weight must be >= 0, got {self.lcm_weight}")
 
@@ -110,7 +118,9 @@ class MTPModel(nn.Module):
         emb = jnp.broadcast_to(mask_embedding.astype(self.dtype), (b, c * k, self.config.hidden_size))
         plan = self.attention
         if plan.split:
-            attend = mask_attend(plan, k, first_anchor=jnp.broadcast_to(anchor_index[..., 0], (b,)))
+            index = (packed_chunk(anchor_index, segment_ids) if plan.packed
+                     else jnp.broadcast_to(anchor_index[..., 0], (b,)))
+            attend = mask_attend(plan, k, split_index=index)
         else:
             key_count = chunk_key_count(anchor_index, segment_ids.shape[1]) if plan.bound_keys else None
             attend = mask_attend(plan, k, segment_causal_mask(segment_ids, anchor_index), key_count)
@@ -123,7 +133,8 @@ class MTPModel(nn.Module):
         """One chunk of anchors. Returns the weighted sum of losses over its valid pairs.
 
         anchor_index [c] or [b, c]; positions [b, c] (of the anchors); teacher_hidden [b, c, k+1, d] (base
-        hidden at a+0..a+k) or, with prefix_split (each row's anchors contiguous from the chunk's first),
+        hidden at a+0..a+k) or, with prefix_split on one example per row (plan.shared_teacher: each row's
+        anchors contiguous from the chunk's first),
         [b, c+k, d] (base hidden at first .. first+c+k-1), whose logits, formed once, serve every draft step;
         valid [b, c, k]; real_next [b, c, k] (x_{a+1..a+k}: prev_j = x_{a+j} when teacher forcing; otherwise
         prev_1 = the base argmax at a and prev_j = the sampler's draft j-1).
@@ -134,7 +145,7 @@ class MTPModel(nn.Module):
         mask_h = self.mask_hidden(mask_embedding, anchor_index, positions, segment_ids, regular_kv, deterministic)
         out = self.base.output_matrix()
         teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
-        split = self.attention.split
+        split = self.attention.shared_teacher
         if split:  # one [b, c+k, vocab] block instead of k+1 teacher rows per anchor
             teacher_logits = teacher_hidden @ out.astype(teacher_hidden.dtype)
             prev = jnp.argmax(teacher_logits[:, :c], -1).astype(jnp.int32).reshape(b * c)

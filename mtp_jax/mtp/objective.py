@@ -41,7 +41,7 @@ def init_args(model: MTPModel, mask_row) -> tuple:
     """Dummy `MTPModel.__call__` arguments (one row, two anchors) to initialise or shape its variables."""
     k, d, c = model.mtp.draft_length, model.config.hidden_size, model.config
     kv = (jnp.zeros((c.num_layers, 1, 2, c.num_kv_heads, c.head_dim), model.dtype),) * 2  # regular (k, v)
-    teacher = jnp.zeros((1, 2 + k, d) if model.attention.split else (1, 2, k + 1, d), model.dtype)
+    teacher = jnp.zeros((1, 2 + k, d) if model.attention.shared_teacher else (1, 2, k + 1, d), model.dtype)
     return (jnp.asarray(mask_row), jnp.arange(2), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), kv,
             teacher, jnp.ones((1, 2, k), bool), jnp.zeros((1, 2, k), jnp.int32))
 
@@ -155,7 +155,7 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
         sl = {key: jax.lax.dynamic_slice_in_dim(v, start, size, axis=1) for key, v in per_anchor.items()}
         rngs = {"dropout": chunk_rng} if not deterministic else {}
         k = model.mtp.draft_length
-        if model.attention.split:  # the rows first .. first + size + k - 1 that every anchor's teachers lie in
+        if model.attention.shared_teacher:  # the rows first .. first + size + k - 1 holding every teacher
             teacher = rows_ahead(hidden, sl["anchor_index"][:, :1], range(size + k))[:, 0]
         else:
             teacher = rows_ahead(hidden, sl["anchor_index"], range(k + 1))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from mtp_jax.config import ConfigError
 from mtp_jax.data.config import DataConfig
 from mtp_jax.models.lora import LoRAConfig
 from mtp_jax.mtp.model import MTPConfig
@@ -122,10 +121,10 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        if self.mtp.prefix_split and self.data.packing:
-            raise ConfigError("mtp.prefix_split: the mask-free prefix attention needs one example per row, and "
-                              "data.packing puts several in a row; set data.packing: false (or mtp.prefix_split: "
-                              "false)")
+        # packed rows need the split layout's per-example attention and per-anchor teacher rows; mtp.packed
+        # set without data.packing stays exact on one example per row (only slower)
+        if self.data.packing and not self.mtp.packed:
+            object.__setattr__(self, "mtp", dataclasses.replace(self.mtp, packed=True))
 
 
 # keys that must match when resuming: a checkpoint of one model / k cannot continue as another

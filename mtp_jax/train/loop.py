@@ -30,6 +30,7 @@ from mtp_jax.config import ConfigError, to_dict
 from mtp_jax.data import batch_iterator, prepare
 from mtp_jax.data.readers import DataError, resolve_data_file
 from mtp_jax.flops import device_peak_flops, step_flops
+from mtp_jax.mtp.attention import check_packed_rows
 from mtp_jax.paths import absolute, absolute_if_local
 from mtp_jax.sharding import host_to_global, replicated, to_host
 from mtp_jax.train.config import RESUME_KEYS, Config, dotted
@@ -143,6 +144,8 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches from the training data."""
         position = self.train_iter.get_state()  # where the step's data lies in the data order, for error messages
         hosts = [next(self.train_iter) for _ in range(self.cfg.optim.grad_accum)]
+        for host in hosts:
+            check_packed_rows(host["segment_ids"], self.setup.model.attention)
         counted = [step_flops(self.setup.model.config, h, self.cfg.mtp.draft_length) for h in hosts]
         batch = host_to_global(stack_micro_batches(hosts), self.batch_sh)
         self.state, metrics = self.compiled(batch)(self.state, self.setup.frozen, batch)
@@ -164,6 +167,7 @@ class Trainer:
         for i, host in enumerate(it):
             if cfg.train.eval_batches and i >= cfg.train.eval_batches:
                 break
+            check_packed_rows(host["segment_ids"], self.setup.model.attention)
             batch = host_to_global(stack_micro_batches([host]), self.batch_sh)
             scratch = jax.tree.map(lambda x: x.copy(), self.state)
             rows.append(to_host(self.compiled(batch)(scratch, self.setup.frozen, batch)[1]))

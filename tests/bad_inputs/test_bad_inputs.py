@@ -162,8 +162,6 @@ CASES = [
          config="{files}/configs/top_level_list.yaml"),
     Case("config_bad_value", r"need lr > 0", r"bad_value\.yaml: optim", r"need lr > 0",
          config="{files}/configs/bad_value.yaml"),
-    Case("config_prefix_split_packed", r"needs one example per row", r"mtp\.prefix_split",
-         r"set data\.packing: false", argv=("--mtp.prefix_split", "true")),
     Case("config_tail_chunk_not_a_divisor", r"got tail_chunk 3, chunk_size 8", r"mtp",
          r"0 or a divisor of chunk_size below it", argv=("--mtp.chunk_size", "8", "--mtp.tail_chunk", "3")),
     Case("config_missing_file", r"config file not found", r"nope\.yaml", r"pass a YAML file",
