@@ -26,6 +26,10 @@ benchmarks/results/serve_<date>_<device>.md) with the device (nvidia-smi, else t
 command, and a JSON beside it. Server flags `--max_batch` (default: the largest concurrency, so every
 client can share a batch), `--dtype`, `--model`, `--step`, `--batch_wait_ms` pass through.
 
+On a machine whose packages come as wheels installed without their dependencies (`pip install --no-deps`),
+the server also needs fastapi's own: starlette, pydantic, pydantic-core, annotated-types,
+typing-inspection and opentelemetry-api (fastapi imports it at start).
+
 Every wait is bounded (`--startup_timeout`, `--request_timeout`), and the server subprocess is
 stopped at the end of its mode, also on an error or Ctrl-C.
 """
