@@ -131,12 +131,17 @@ def test_greedy_chat_is_plain_greedy_decoding(server, trained):
     assert out["choices"][0]["finish_reason"] == ("stop" if ref.tokens[0][-1] in trained.eos else "length")
 
 
-def test_streamed_chat_concatenates_to_the_same_text(server, trained):
-    with server.client.stream("POST", "/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": MAX, "temperature": 0.0,
+def streamed_chat(srv, question: str) -> list[dict]:
+    """The events of one greedy streamed chat completion (with the usage chunk) from server `srv`."""
+    with srv.client.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": question}], "max_tokens": MAX, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = stream_events(r)
+        return stream_events(r)
+
+
+def test_streamed_chat_concatenates_to_the_same_text(server, trained):
+    events = streamed_chat(server, QUESTIONS[1])
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
@@ -205,11 +210,7 @@ def test_plain_mode_greedy_is_the_speculative_servers_and_plain_decodings(server
 
 
 def test_plain_mode_streams_and_samples(plain_server, trained):
-    with plain_server.client.stream("POST", "/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": MAX, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = stream_events(r)
+    events = streamed_chat(plain_server, QUESTIONS[1])
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
     assert text == plain_text(trained, QUESTIONS[1:2])[0]
     assert len([e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]) > 1, \
