@@ -126,10 +126,10 @@ def rows_of(data: str, length: int, args, vocab: int) -> dict[str, jax.Array]:
 
 
 def layout_mtp(mtp: MTPConfig, data: str) -> MTPConfig:
-    """The one place the attention layout is chosen per data kind: packed rows (several examples a row) take
-    the masked layout, as the training CLI refuses mtp.prefix_split with data.packing; one example a row
-    takes --prefix_split as given."""
-    return mtp if data == "one_example" else dataclasses.replace(mtp, prefix_split=False)
+    """The one place the attention layout is chosen per data kind: --prefix_split as given; packed rows
+    (several examples a row) also set mtp.packed, as data.packing does in the training CLI (the split's
+    per-example parts, `split_attention.packed_split_attention`)."""
+    return mtp if data == "one_example" else dataclasses.replace(mtp, packed=True)
 
 
 def parse_args(argv=None):
