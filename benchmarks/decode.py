@@ -532,6 +532,18 @@ def main(argv=None):
                                                          tok if MODELS[name] is None else None)) for name in only}
     over = lambda: args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
     rows, skipped, models, distill = [], [], {}, {}
+    state = {"bandwidth": None, "exactness": None}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"decode_{datetime.date.today()}_{short}.json")
+
+    def save(complete: bool) -> dict:
+        """Write the report as it stands (a temp file renamed over `out`): a run cut by a time limit keeps
+        every phase it finished; `complete` is false until the last."""
+        report = report_of(args, argv, device, t_start, state, models, rows, distill, skipped, complete)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)
+        return report
 
     # the torch peer first: it gives its memory back before JAX allocates (JAX keeps what it takes)
     if not args.no_hf:
@@ -544,8 +556,9 @@ def main(argv=None):
                             prompts_of[name], pad_id, over)
             if args.distill and MODELS[name] is None:
                 distill["hf_generate"] = hf_distill_rows(args, pad_id)
+            save(complete=False)
 
-    bandwidth = copy_bandwidth(args.copy_gb)
+    bandwidth = state["bandwidth"] = copy_bandwidth(args.copy_gb)
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s (2 x {args.copy_gb} GiB per in-place pass)", flush=True)
     for name in only:
         if over():
@@ -562,31 +575,15 @@ def main(argv=None):
                         else (MODELS[name] or args.smollm2)}
         jax.clear_caches()
         gc.collect()
-    for r in rows:  # the peer runs the same shapes: the same floor
-        r.setdefault("floor_ms", models.get(r["model"], {}).get("floor_ms"))
+        save(complete=False)
     exact_report = None
     if not args.no_exactness and not over():
         print(f"[{time.perf_counter() - t_start:.0f} s] exactness", flush=True)
-        exact_report = exactness(args, pad_id, exact)
+        exact_report = state["exactness"] = exactness(args, pad_id, exact)
     elif not args.no_exactness:
         skipped.append("exactness")
+    report = save(complete=True)
 
-    report = {"device": device, "commit": commit(), "jax": jax.__version__, "date": str(datetime.date.today()),
-              "command": " ".join(["benchmarks/decode.py"] + list(argv if argv is not None else sys.argv[1:])),
-              "smoke": args.smoke, "dtype": "bfloat16", "copy_bandwidth_bytes_per_s": round(bandwidth),
-              "definitions": {
-                  "floor_ms": "weight bytes of the base model / copy bandwidth; copy bandwidth = 2 x bytes / median "
-                              "time of an in-place integer x + 1 over a device array of copy_gb GiB (read + write)",
-                  "ms_per_call": "(time of a generation of new_tokens - time of a generation of 1 token) / (model "
-                                 "calls - 1); medians of `repeats`; every row generates exactly new_tokens (no EOS)",
-                  "tokens_per_s": "tokens generated after each row's first / that same time difference",
-                  "hf_generate": "transformers generate, bf16, cache_implementation=static, greedy, "
-                                 "disable_compile=True; _compiled: compile_config=CompileConfig(mode=reduce-overhead)"},
-              "versions": versions(), "models": models, "rows": rows, "exactness": exact_report,
-              "distill": distill or None, "skipped": skipped, "seconds": round(time.perf_counter() - t_start, 1)}
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"decode_{datetime.date.today()}_{short}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
     print(f"\nDecoding on {device}, commit {report['commit']}, copy bandwidth {bandwidth / 1e12:.3f} TB/s\n")
     print(table(rows))
     if exact_report:
@@ -599,6 +596,29 @@ def main(argv=None):
     if skipped:
         print(f"skipped (budget): {skipped}")
     print(f"wrote {out} in {report['seconds']:.0f} s")
+
+
+def report_of(args, argv, device: str, t_start: float, state: dict, models: dict, rows: list[dict], distill: dict,
+              skipped: list[str], complete: bool) -> dict:
+    """The JSON report of the phases run so far; each row without a floor takes its model's (the peer runs
+    the same shapes)."""
+    for r in rows:
+        if r.get("floor_ms") is None and r["model"] in models:
+            r["floor_ms"] = models[r["model"]].get("floor_ms")
+    return {"device": device, "commit": commit(), "jax": jax.__version__, "date": str(datetime.date.today()),
+            "command": " ".join(["benchmarks/decode.py"] + list(argv if argv is not None else sys.argv[1:])),
+            "smoke": args.smoke, "dtype": "bfloat16", "copy_bandwidth_bytes_per_s": round(state["bandwidth"] or 0),
+            "definitions": {
+                "floor_ms": "weight bytes of the base model / copy bandwidth; copy bandwidth = 2 x bytes / median "
+                            "time of an in-place integer x + 1 over a device array of copy_gb GiB (read + write)",
+                "ms_per_call": "(time of a generation of new_tokens - time of a generation of 1 token) / (model "
+                               "calls - 1); medians of `repeats`; every row generates exactly new_tokens (no EOS)",
+                "tokens_per_s": "tokens generated after each row's first / that same time difference",
+                "hf_generate": "transformers generate, bf16, cache_implementation=static, greedy, "
+                               "disable_compile=True; _compiled: compile_config=CompileConfig(mode=reduce-overhead)"},
+            "versions": versions(), "models": models, "rows": rows, "exactness": state["exactness"],
+            "distill": distill or None, "skipped": skipped, "complete": complete,
+            "seconds": round(time.perf_counter() - t_start, 1)}
 
 
 def merge(paths: list[str], out: str | None) -> None:
