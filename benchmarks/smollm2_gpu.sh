@@ -2,8 +2,10 @@
 # SmolLM2-135M-Instruct, k = 4, on one GPU: self-distilled data, training, speculative decoding.
 #   bash benchmarks/smollm2_gpu.sh [MODEL] [WORK_DIR] [MAX_STEPS] [STAGES]
 # MODEL: HF dir, .gguf or alias (default smollm2-135m-instruct); WORK_DIR holds the data and the run
-# (default runs/smollm2_gpu); STAGES: any of data,train,bench (default all three). Env: DISTILL_BATCH
-# (default 256) rows per generation batch, CODE_PROMPTS (default 12000) code tasks. Every stage
+# (default runs/smollm2_gpu); STAGES: any of data,train,bench,decode,serve (default data,train,bench;
+# decode: benchmarks/decode.py's SmolLM2 rows, peer, exactness and distill; serve: benchmarks/serve.py,
+# speculative against plain). Env: DISTILL_BATCH (default 256) rows per generation batch, CODE_PROMPTS
+# (default 12000) code tasks, OUT_DIR (default benchmarks/results) the reports. Every stage
 # resumes: distill appends to its JSONL, train takes --resume, so a rerun continues a cut run.
 set -euo pipefail
 model=${1:-smollm2-135m-instruct}
@@ -47,4 +49,13 @@ fi
 if [[ $stages == *bench* ]]; then
   python benchmarks/speculative.py --adapter "$work/run" --dtype bfloat16 --per_domain 30 --max_new_tokens 256 \
     --batch_sizes 1,8 --out_dir "${OUT_DIR:-benchmarks/results}"
+fi
+
+if [[ $stages == *decode* ]]; then
+  python benchmarks/decode.py --only smollm2-135m --smollm2 "$model" --adapter "$work/run" --distill \
+    --out "${OUT_DIR:-benchmarks/results}/decode_smollm2.json"
+fi
+
+if [[ $stages == *serve* ]]; then
+  python benchmarks/serve.py --adapter "$work/run" --dtype bfloat16 --out "${OUT_DIR:-benchmarks/results}/serve.md"
 fi
