@@ -43,7 +43,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import inspect  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -84,16 +83,6 @@ from mtp_jax.decoding.plain import generate, generate_with_logits  # noqa: E402
 from mtp_jax.decoding.speculative import speculative_generate  # noqa: E402
 
 
-def supports_exact() -> bool:
-    """Whether the decoders take `exact=True` (batch-invariant reductions)."""
-    return all("exact" in inspect.signature(f).parameters for f in (generate, speculative_generate))
-
-
-def prepare_spec(model: MTPModel, params):
-    """(model, params) of speculative decoding in its decode layout, built once outside the timings."""
-    return prepare(model, params)
-
-
 def plain_decode(lm, base, prompts, new_tokens, eos, pad_id, exact=False, anchors=None
                  ) -> tuple[list[list[int]], int]:
     """(tokens per row, model calls of the batch). exact: `lm, base` are the MTPModel's, and `anchors` the
@@ -108,9 +97,6 @@ def spec_decode(model, params, prompts, new_tokens, eos, pad_id, anchors, exact=
     res = speculative_generate(model, params, prompts, new_tokens, eos, pad_id=pad_id, anchors=anchors, **kw)
     return res.tokens, int(res.steps.max())
 
-
-def load_run_adapter(run_dir: str, model_path: str, dtype: str):
-    return load_adapter(run_dir, model_path, dtype=dtype)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -296,11 +282,11 @@ def hf_rows(name: str, hf_config: dict, smollm2: str, batches: list[int], new_to
 
 # ---------------------------------------------------------------- ours
 def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_tokens: int, prompts_of, pad_id: int,
-             bytes_per_ms: float, exact: bool, over) -> tuple[list[dict], dict]:
+             bytes_per_ms: float, over) -> tuple[list[dict], dict]:
     dtype = jnp.bfloat16
     lm = CausalLM(config, None, dtype, dtype)
     if MODELS[name] is None and args.adapter:
-        model, params, _ = load_run_adapter(args.adapter, args.smollm2, "bfloat16")
+        model, params, _ = load_adapter(args.adapter, args.smollm2, dtype="bfloat16")
         base = params["base"]
     else:
         base = (load_model(args.smollm2, "bfloat16")[1] if MODELS[name] is None else random_base(lm))
@@ -313,7 +299,7 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
     print(f"  {name}: a speculative call reads {info['spec_bound_x_plain']:.3f}x a plain call's bytes "
           f"(k = {model.mtp.draft_length} more lm_head and sampler reads)", flush=True)
     floor = round(info["weight_bytes"] / bytes_per_ms, 4)
-    spec_m, spec_p = prepare_spec(model, params)
+    spec_m, spec_p = prepare(model, params)
     plain_m, plain_p = plain_of(spec_m, spec_p)
     methods = {"plain": lambda p, n, x: plain_decode(spec_m, spec_p, p, n, NEVER, pad_id, True, LAYOUTS["spec_0"])
                if x else plain_decode(plain_m, plain_p, p, n, NEVER, pad_id)}
@@ -325,7 +311,7 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
             rows.append({"model": name, "batch": batch, "method": "plain", "error": "skipped: --budget_s"})
             continue
         prompts = prompts_of(batch)
-        variants = [(m, False) for m in methods] + ([("plain", True), ("spec_0", True)] if exact and batch == 1 else [])
+        variants = [(m, False) for m in methods] + ([("plain", True), ("spec_0", True)] if batch == 1 else [])
         for method, x in variants:
             row = {"model": name, "batch": batch, "method": method + ("_exact" if x else ""), "floor_ms": floor}
             row |= per_call(lambda n: methods[method](prompts, n, x), new_tokens, batch, args.repeats)
@@ -395,20 +381,20 @@ def hf_distill_rows(args, pad_id) -> list[dict]:
 
 
 # ---------------------------------------------------------------- exactness
-def exactness(args, pad_id, exact: bool) -> dict:
+def exactness(args, pad_id) -> dict:
     """Speculative vs plain greedy in bf16 on held-out prompts, one prompt per call."""
     tok = load_tokenizer(args.smollm2)
     if args.adapter:
-        model, params, _ = load_run_adapter(args.adapter, args.smollm2, "bfloat16")
+        model, params, _ = load_adapter(args.adapter, args.smollm2, dtype="bfloat16")
         config = model.config
     else:
         _, base, config = load_model(args.smollm2, "bfloat16")
         model, params = mtp_model(config, base, jnp.bfloat16, args.k)
-    spec_m, spec_p = prepare_spec(model, params)
+    spec_m, spec_p = prepare(model, params)
     plain_m, plain_p = plain_of(spec_m, spec_p)
     eos = eos_ids_of(tok, config)
     anchors = LAYOUTS[f"spec_{args.exact_layout}"]
-    records, mismatches, not_tie, exact_mismatches = [], 0, 0, 0 if exact else None
+    records, mismatches, not_tie, exact_mismatches = [], 0, 0, 0
     for rec in read_prompts(args.exact_prompts)[:1 if args.smoke else None]:
         ids = encode_prompt(tok, rec["input"], chat=True)
         (plain,), (plain_logits,) = generate_with_logits(plain_m, plain_p, [ids], args.exact_tokens, eos,
@@ -427,11 +413,10 @@ def exactness(args, pad_id, exact: bool) -> dict:
                       "near_tie": tie,
                       "plain_argmax": int(np.argmax(logits)), "plain_token": int(plain[i]) if i < len(plain)
                       else None, "spec_token": int(spec[i]) if i < len(spec) else None}
-        if exact:
-            e_plain = plain_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, True, anchors)[0][0]
-            e_spec = spec_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, anchors, exact=True)[0][0]
-            entry["exact_mode_equal"] = e_spec == e_plain
-            exact_mismatches += e_spec != e_plain
+        e_plain = plain_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, True, anchors)[0][0]
+        e_spec = spec_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, anchors, exact=True)[0][0]
+        entry["exact_mode_equal"] = e_spec == e_plain
+        exact_mismatches += e_spec != e_plain
         records.append(entry)
     print(f"  exactness: {mismatches} of {len(records)} prompts differ, {not_tie} not at a near-tie; exact mode "
           f"{exact_mismatches}", flush=True)
@@ -520,7 +505,6 @@ def main(argv=None):
         args.distill_batches, args.distill_tokens = [4], 8
     t_start = time.perf_counter()
     device, short = device_names()
-    exact = supports_exact()
     tok = load_tokenizer(args.smollm2) if "smollm2-135m" in only or not args.no_exactness else None
     pad_id = (tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0)
     configs = {name: model_config(name, args.smoke, args.smollm2) for name in only}
@@ -566,7 +550,7 @@ def main(argv=None):
             continue
         print(f"[{time.perf_counter() - t_start:.0f} s] ours {name}", flush=True)
         got, info = jax_rows(name, configs[name][0], args, batches[name], new_tokens[name], prompts_of[name], pad_id,
-                             bandwidth / 1e3, exact, over)
+                             bandwidth / 1e3, over)
         rows += got
         ours_distill = info.pop("distill")
         if ours_distill:
@@ -579,7 +563,7 @@ def main(argv=None):
     exact_report = None
     if not args.no_exactness and not over():
         print(f"[{time.perf_counter() - t_start:.0f} s] exactness", flush=True)
-        exact_report = state["exactness"] = exactness(args, pad_id, exact)
+        exact_report = state["exactness"] = exactness(args, pad_id)
     elif not args.no_exactness:
         skipped.append("exactness")
     report = save(complete=True)
