@@ -16,8 +16,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mtp_jax.models.llama import MLP, Attention, DecoderLayer, RMSNorm
-from mtp_jax.models.lora import FUSED_GROUPS, FusedLoRA, Linear, LoRAConfig, lora_up, projection_lora
+from mtp_jax.models.llama import MLP, Attention, DecoderLayer
+from mtp_jax.models.lora import FusedLoRA, Linear, LoRAConfig, lora_up, projection_lora
 
 
 def a_columns(lora: LoRAConfig | None, target: str, host_of: tuple[str, ...] = ()) -> int:
@@ -72,32 +72,23 @@ class FusedLoRAUp(FusedLoRA):
         return jnp.split(delta, [sum(self.splits[:i]) for i in range(1, len(self.splits))], axis=-1)
 
 
-def wide_linear(module: nn.Module, name: str, features: int, axes: tuple[str, str], target: str, bias: bool,
-                host_of: tuple[str, ...] = ()) -> WideLinear:
-    """`module`'s projection `name` (`models.llama.lora_linear` in this layout); it carries the A
-    columns of the fused group `host_of` when that group is fused (called from `module.setup`)."""
-    lora = module.lora
-    return WideLinear(features, axes, bias, projection_lora(lora, target), a_columns(lora, target, host_of),
-                      module.dtype, module.param_dtype, name=name)
+class WideProjections:
+    """The decoding layout's projections (`WideLinear`, A in the kernels) and fused adapters
+    (`FusedLoRAUp`), in place of `models.llama.Projections`' own."""
+
+    def projection(self, name: str, features: int, axes: tuple[str, str], target: str, bias: bool,
+                   host_of: tuple[str, ...] = ()) -> WideLinear:
+        """`Projections.projection` in this layout: its kernel also carries the A columns of the fused group
+        `host_of` when that group is fused."""
+        lora = self.lora
+        return WideLinear(features, axes, bias, projection_lora(lora, target), a_columns(lora, target, host_of),
+                          self.dtype, self.param_dtype, name=name)
+
+    def fused_adapter(self, splits: tuple[int, ...], axes: tuple[str, str]) -> FusedLoRAUp:
+        return FusedLoRAUp(splits, axes, self.lora, self.dtype, self.param_dtype)
 
 
-class WideAttention(Attention):
-    def setup(self):
-        c, lora = self.config, self.lora
-        bias = c.attention_bias
-        self.q_proj = wide_linear(self, "q_proj", c.q_features, ("embed", "q_heads"), "q", bias, FUSED_GROUPS[0])
-        self.k_proj = wide_linear(self, "k_proj", c.kv_features, ("embed", "kv_heads"), "k", bias)
-        self.v_proj = wide_linear(self, "v_proj", c.kv_features, ("embed", "kv_heads"), "v", bias)
-        self.o_proj = wide_linear(self, "o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
-        self.fused_targets = lora.group(FUSED_GROUPS[0]) if lora is not None else ()
-        if self.fused_targets:
-            sizes = {"q": c.q_features, "k": c.kv_features, "v": c.kv_features}
-            self.qkv_proj = FusedLoRAUp(tuple(sizes[t] for t in self.fused_targets), ("embed", "q_heads"),
-                                        lora, self.dtype, self.param_dtype)
-        if c.qk_norm:
-            self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
-            self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
-
+class WideAttention(WideProjections, Attention):
     def qkv(self, x, gate, deterministic):
         q, xa = self.q_proj(x, gate, deterministic, with_xa=True)
         k, v = self.k_proj(x, gate, deterministic), self.v_proj(x, gate, deterministic)
@@ -107,18 +98,7 @@ class WideAttention(Attention):
         return q, k, v
 
 
-class WideMLP(MLP):
-    def setup(self):
-        c, lora = self.config, self.lora
-        bias, mlp = c.mlp_bias, c.intermediate_size
-        self.gate_proj = wide_linear(self, "gate_proj", mlp, ("embed", "mlp"), "gate", bias, FUSED_GROUPS[1])
-        self.up_proj = wide_linear(self, "up_proj", mlp, ("embed", "mlp"), "up", bias)
-        self.down_proj = wide_linear(self, "down_proj", c.hidden_size, ("mlp", "embed"), "down", bias)
-        self.fused_targets = lora.group(FUSED_GROUPS[1]) if lora is not None else ()
-        if self.fused_targets:
-            self.gate_up_proj = FusedLoRAUp((mlp,) * len(self.fused_targets), ("embed", "mlp"), lora, self.dtype,
-                                            self.param_dtype)
-
+class WideMLP(WideProjections, MLP):
     def gate_up(self, x, gate, deterministic):
         g, xa = self.gate_proj(x, gate, deterministic, with_xa=True)
         u = self.up_proj(x, gate, deterministic)
@@ -131,12 +111,8 @@ class WideMLP(MLP):
 class DecodeLayer(DecoderLayer):
     """`DecoderLayer` over the decoding layout's parameters (module docstring)."""
 
-    def setup(self):
-        c = self.config
-        self.input_layernorm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
-        self.self_attn = WideAttention(c, self.lora, self.dtype, self.param_dtype)
-        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
-        self.mlp = WideMLP(c, self.lora, self.dtype, self.param_dtype)
+    attention_block = WideAttention
+    mlp_block = WideMLP
 
     def __call__(self, x, layer_state, cos, sin, attend, gate=None, deterministic=True):
         if self.lora is not None and self.lora.dropout > 0.0 and not deterministic:

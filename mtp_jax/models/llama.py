@@ -81,31 +81,39 @@ def causal_attend(kv_valid: jax.Array | None = None) -> Attend:
     return attend
 
 
-def lora_linear(module: nn.Module, name: str, features: int, axes: tuple[str, str], target: str,
-                bias: bool) -> Linear:
-    """`module`'s projection `name` with the adapter of LoRA target `target` (called from `module.setup`)."""
-    return Linear(features, axes, bias, projection_lora(module.lora, target), module.dtype, module.param_dtype,
-                  name=name)
+class Projections(nn.Module):
+    """A block of projections (attention or MLP) and how it builds them and its fused adapter, called from
+    its `setup`: with their adapters here; the decoding layout (`decoding.model`) overrides both."""
 
-
-class Attention(nn.Module):
     config: ModelConfig
     lora: LoRAConfig | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
+    def projection(self, name: str, features: int, axes: tuple[str, str], target: str, bias: bool,
+                   host_of: tuple[str, ...] = ()):
+        """Projection `name` with the adapter of LoRA target `target`; `host_of`: the fused group whose
+        first projection this is (used by the decoding layout)."""
+        return Linear(features, axes, bias, projection_lora(self.lora, target), self.dtype, self.param_dtype,
+                      name=name)
+
+    def fused_adapter(self, splits: tuple[int, ...], axes: tuple[str, str]):
+        """The fused adapter of a projection group, outputs of sizes `splits`."""
+        return FusedLoRA(splits, axes, self.lora, self.dtype, self.param_dtype)
+
+
+class Attention(Projections):
     def setup(self):
         c, lora = self.config, self.lora
         bias = c.attention_bias
-        self.q_proj = lora_linear(self, "q_proj", c.q_features, ("embed", "q_heads"), "q", bias)
-        self.k_proj = lora_linear(self, "k_proj", c.kv_features, ("embed", "kv_heads"), "k", bias)
-        self.v_proj = lora_linear(self, "v_proj", c.kv_features, ("embed", "kv_heads"), "v", bias)
-        self.o_proj = lora_linear(self, "o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
+        self.q_proj = self.projection("q_proj", c.q_features, ("embed", "q_heads"), "q", bias, FUSED_GROUPS[0])
+        self.k_proj = self.projection("k_proj", c.kv_features, ("embed", "kv_heads"), "k", bias)
+        self.v_proj = self.projection("v_proj", c.kv_features, ("embed", "kv_heads"), "v", bias)
+        self.o_proj = self.projection("o_proj", c.hidden_size, ("q_heads", "embed"), "o", False)
         self.fused_targets = lora.group(FUSED_GROUPS[0]) if lora is not None else ()
         if self.fused_targets:
             sizes = {"q": c.q_features, "k": c.kv_features, "v": c.kv_features}
-            self.qkv_proj = FusedLoRA(tuple(sizes[t] for t in self.fused_targets), ("embed", "q_heads"),
-                                      lora, self.dtype, self.param_dtype)
+            self.qkv_proj = self.fused_adapter(tuple(sizes[t] for t in self.fused_targets), ("embed", "q_heads"))
         if c.qk_norm:
             self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
             self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
@@ -135,22 +143,16 @@ class Attention(nn.Module):
         return self.o_proj(out, gate, deterministic), aux
 
 
-class MLP(nn.Module):
-    config: ModelConfig
-    lora: LoRAConfig | None = None
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
+class MLP(Projections):
     def setup(self):
         c, lora = self.config, self.lora
         bias, mlp = c.mlp_bias, c.intermediate_size
-        self.gate_proj = lora_linear(self, "gate_proj", mlp, ("embed", "mlp"), "gate", bias)
-        self.up_proj = lora_linear(self, "up_proj", mlp, ("embed", "mlp"), "up", bias)
-        self.down_proj = lora_linear(self, "down_proj", c.hidden_size, ("mlp", "embed"), "down", bias)
+        self.gate_proj = self.projection("gate_proj", mlp, ("embed", "mlp"), "gate", bias, FUSED_GROUPS[1])
+        self.up_proj = self.projection("up_proj", mlp, ("embed", "mlp"), "up", bias)
+        self.down_proj = self.projection("down_proj", c.hidden_size, ("mlp", "embed"), "down", bias)
         self.fused_targets = lora.group(FUSED_GROUPS[1]) if lora is not None else ()
         if self.fused_targets:
-            self.gate_up_proj = FusedLoRA((c.intermediate_size,) * len(self.fused_targets), ("embed", "mlp"),
-                                          lora, self.dtype, self.param_dtype)
+            self.gate_up_proj = self.fused_adapter((mlp,) * len(self.fused_targets), ("embed", "mlp"))
 
     def gate_up(self, x, gate, deterministic):
         """(gate, up) projections [batch, length, mlp], adapters applied."""
@@ -173,13 +175,15 @@ class DecoderLayer(nn.Module):
     lora: LoRAConfig | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention_block = Attention  # not fields: the decoding layout's layer swaps in its own blocks
+    mlp_block = MLP
 
     def setup(self):
         c = self.config
         self.input_layernorm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
-        self.self_attn = Attention(c, self.lora, self.dtype, self.param_dtype)
+        self.self_attn = self.attention_block(c, self.lora, self.dtype, self.param_dtype)
         self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
-        self.mlp = MLP(c, self.lora, self.dtype, self.param_dtype)
+        self.mlp = self.mlp_block(c, self.lora, self.dtype, self.param_dtype)
 
     def __call__(self, x, layer_state, cos, sin, attend, gate=None, deterministic=True):
         h, aux = self.self_attn(self.input_layernorm(x), cos, sin, attend, layer_state, gate, deterministic)
