@@ -77,7 +77,7 @@ SMOKE_SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 # ---------------------------------------------------------------------------------------------------
 from mtp_jax.decoding.adapter import load_adapter  # noqa: E402
 from mtp_jax.decoding.cli import compile_seconds  # noqa: E402
-from mtp_jax.decoding.exactness import NEAR_TIE_ULPS, near_tie  # noqa: E402
+from mtp_jax.decoding.exactness import NEAR_TIE_ULPS, divergence  # noqa: E402
 from mtp_jax.decoding.layout import plain_of, prepare  # noqa: E402
 from mtp_jax.decoding.plain import generate, generate_with_logits  # noqa: E402
 from mtp_jax.decoding.speculative import speculative_generate  # noqa: E402
@@ -401,18 +401,17 @@ def exactness(args, pad_id) -> dict:
                                                          pad_id=pad_id)
         spec = spec_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, anchors)[0][0]
         entry = {"id": rec["id"], "tokens": len(plain), "equal": spec == plain}
-        if spec != plain:
+        # the plain decoder's own logits where the two part
+        d = divergence(plain_m, plain_p, ids, plain, spec, np.asarray(plain_logits), args.near_tie_ulps)
+        if d is not None:
             mismatches += 1
-            i = next((j for j, (a, b) in enumerate(zip(spec, plain)) if a != b), min(len(spec), len(plain)))
-            logits = plain_logits[min(i, len(plain) - 1)]  # the plain decoder's own logits where they part
-            top2 = np.sort(logits)[-2:]
-            margin = float(top2[1] - top2[0])
-            tie = near_tie(margin, logits, jnp.bfloat16, args.near_tie_ulps)
-            not_tie += not tie
-            entry |= {"first_difference": i, "top2_margin": round(margin, 5), "top_logit": round(float(top2[1]), 4),
-                      "near_tie": tie,
-                      "plain_argmax": int(np.argmax(logits)), "plain_token": int(plain[i]) if i < len(plain)
-                      else None, "spec_token": int(spec[i]) if i < len(spec) else None}
+            not_tie += not d.near_tie
+            entry |= {"first_difference": d.index, "top2_margin": round(d.margin, 5), "near_tie": d.near_tie,
+                      "plain_token": d.plain_token, "spec_token": d.other_token}
+        elif spec != plain:  # one stopped early: an EOS where the other went on, no margin to read
+            mismatches += 1
+            not_tie += 1
+            entry |= {"first_difference": min(len(spec), len(plain)), "near_tie": False}
         e_plain = plain_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, True, anchors)[0][0]
         e_spec = spec_decode(spec_m, spec_p, [ids], args.exact_tokens, eos, pad_id, anchors, exact=True)[0][0]
         entry["exact_mode_equal"] = e_spec == e_plain

@@ -50,19 +50,23 @@ class Divergence:
 
 
 def divergence(model: CausalLM, params: Any, prompt: Sequence[int], plain: Sequence[int], other: Sequence[int],
-               ) -> Divergence | None:
+               plain_logits: np.ndarray | None = None, ulps: float = NEAR_TIE_ULPS) -> Divergence | None:
     """First difference of `other` (e.g. speculative output) from `plain` greedy output of `prompt`,
     with the plain decoder's top-2 margin there; None if one is a prefix of the other (no difference
     within the shorter, e.g. both stopped at the same EOS).
 
     model: the base CausalLM (any layout) and params its base tree; the margin comes from one causal
-    forward of prompt + plain output, in the model's dtype."""
+    forward of prompt + plain output, in the model's dtype. plain_logits: the plain decoder's own
+    logits [len(plain), vocab], used instead of that forward where the caller kept them."""
     index = next((i for i, (a, b) in enumerate(zip(plain, other)) if a != b), None)
     if index is None:
         return None
-    tokens = jnp.asarray([list(prompt) + list(plain[:index])], jnp.int32)
-    params = params if "params" in params else {"params": params}
-    logits = np.asarray(model.apply(params, tokens, method=CausalLM.forward_logits)[0, -1].astype(jnp.float32))
+    if plain_logits is not None:
+        logits = np.asarray(plain_logits[index], np.float32)
+    else:
+        tokens = jnp.asarray([list(prompt) + list(plain[:index])], jnp.int32)
+        params = params if "params" in params else {"params": params}
+        logits = np.asarray(model.apply(params, tokens, method=CausalLM.forward_logits)[0, -1].astype(jnp.float32))
     top2 = np.sort(logits)[-2:]
     margin = float(top2[1] - top2[0])
-    return Divergence(index, margin, near_tie(margin, top2, model.dtype), int(plain[index]), int(other[index]))
+    return Divergence(index, margin, near_tie(margin, top2, model.dtype, ulps), int(plain[index]), int(other[index]))
