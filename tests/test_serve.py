@@ -181,6 +181,57 @@ def test_concurrent_requests_share_a_batch(server, trained):
     assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < 4, f"no batch held >1: {after}"
 
 
+@pytest.mark.parametrize("decoding", ["speculative", "plain"])
+def test_warmed_up_engine_compiles_nothing_for_its_traffic(trained, decoding):
+    """After `Batcher.warm_up(64)`, greedy batches of 1 to max_batch requests with prompts padded to
+    each length up to 64 tokens and any max_tokens up to the decode length run without compiling a
+    program (the jitted decoding functions' caches do not grow), and each request still gets plain
+    greedy decoding's text."""
+    from mtp_jax.decoding import plain, speculative
+    from mtp_jax.decoding.adapter import load_base
+    from mtp_jax.decoding.request import pad_id_of, padded_length
+    from mtp_jax.decoding.sampling import Sampling
+    from mtp_jax.serve.batcher import Batcher, Delta, Finish, Request
+
+    lm, params, tok = (load_adapter if decoding == "speculative" else load_base)(trained.run_dir)
+    batcher = Batcher(lm, params, tok, trained.eos, pad_id_of(tok, trained.eos), max_batch=4, batch_wait_s=0.05,
+                      decoding=decoding, decode_length=MAX)
+    assert batcher.row_buckets() == [1, 2, 4]
+    assert batcher.warm_up(64, progress=False) == 3 * 3  # rows 1, 2, 4 x prompts padded to 16, 32, 64
+    jitted = (speculative._prefill_jit, speculative.step_jit, plain._prefill_jit, plain._next_jit)
+    before = [f._cache_size() for f in jitted]
+    questions = [QUESTIONS[0], " ".join(QUESTIONS * 2), QUESTIONS[2], " ".join(QUESTIONS * 3), QUESTIONS[1]]
+    lengths = {padded_length(len(chat_ids(trained, q))) for q in questions}
+    assert lengths == {16, 32, 64}, f"the prompts do not cover every padded length: {lengths}"
+    batcher.start()
+    try:
+        for group, max_tokens in (([0], MAX), ([1, 2], 5), ([0, 1, 3], MAX), ([4, 3, 2, 1], 9)):
+            texts, done = {}, {}
+
+            def emit(i, event):
+                if isinstance(event, Delta):
+                    texts[i] = texts.get(i, "") + event.text
+                elif isinstance(event, Finish):
+                    done[i] = event
+                else:
+                    done[i] = event  # a Failure: the assertion below names it
+
+            for i in group:  # queued before the engine looks: one batch
+                batcher.submit(Request(chat_ids(trained, questions[i]), max_tokens, Sampling(), (),
+                                       lambda event, i=i: emit(i, event)))
+            deadline = time.monotonic() + TIMEOUT
+            while len(done) < len(group):
+                assert time.monotonic() < deadline, f"batch {group} did not finish: {done}"
+                time.sleep(0.01)
+            assert all(isinstance(e, Finish) for e in done.values()), done
+            expected = plain_text(trained, [questions[i] for i in group], max_tokens)
+            assert [texts.get(i, "") for i in group] == expected, f"batch {group}: not plain greedy's text"
+    finally:
+        batcher.stop()
+    assert batcher.stats["largest_batch"] == 4
+    assert [f._cache_size() for f in jitted] == before, "serving compiled a program the warm-up had not"
+
+
 def test_sampled_request(server):
     r = chat(server, QUESTIONS[3], temperature=0.8, top_p=0.9, seed=1)
     assert r.status_code == 200, r.text
@@ -368,6 +419,9 @@ def test_load_benchmark_smoke(trained, tmp_path, monkeypatch):
         assert r["tokens_per_s"] > 0 and r["latency_p50_s"] <= r["latency_p90_s"] and r["tokens_per_call"] >= 1
         assert (r["acceptance"] is None) == (mode == "plain"), r
     assert rows[("plain", 1)]["tokens_per_call"] == 1.0 and report["failures"] == []
+    longest = max(len(chat_ids(trained, text)) for text in bench.read_prompts(report["prompts"], 4))
+    assert report["complete"] and report["precompile"] == longest, (report["precompile"], longest)
+    assert set(report["startup_s"]) == {"speculative", "plain"}, report["startup_s"]
     text = out.read_text()
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == report["rows"]
     for c in (1, 2):

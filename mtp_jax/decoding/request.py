@@ -8,11 +8,21 @@ from typing import Sequence
 import numpy as np
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """[batch, length] left-padded ids (length rounded up to limit recompiles) and pad counts."""
+def padded_length(n: int, limit: int | None = None) -> int:
+    """The length a batch whose longest prompt has `n` tokens is left-padded to: the next of 16, 32, 64,
+    ..., 512, then the next multiple of 512, but not past `limit` (the room the context leaves) unless
+    `n` itself is. Each padded length is a compiled program of its own, so they are few (a server can
+    compile them all ahead of traffic), at the cost of at most twice the prompt call's tokens."""
+    length = max(16, 1 << (n - 1).bit_length()) if n <= 512 else -(-n // 512) * 512
+    return max(n, min(length, limit)) if limit is not None else length
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, limit: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """[batch, length] left-padded ids (`padded_length` of the longest prompt) and pad counts."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    length = -(-max(len(p) for p in prompts) // multiple) * multiple
+    length = padded_length(max(len(p) for p in prompts), limit)
     tokens = np.full((len(prompts), length), pad_id, np.int32)
     for row, p in enumerate(prompts):
         tokens[row, length - len(p):] = p
@@ -26,7 +36,7 @@ def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not eos_ids:
         raise ValueError("eos_ids is empty; pass the tokenizer's EOS id")
-    tokens, pad_len = left_pad(prompts, pad_id)
+    tokens, pad_len = left_pad(prompts, pad_id, max_positions - max_new_tokens)
     if tokens.shape[1] + max_new_tokens > max_positions:
         raise ValueError(f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({max_positions})")

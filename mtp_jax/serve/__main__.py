@@ -7,6 +7,8 @@ GET /v1/models. Output is the base model's own (speculative decoding is lossless
 `usage` adds `tokens_per_call` and the per-draft-position `acceptance` of that request.
 `--decoding plain` serves the same API with plain decoding of the run's base model alone (one token
 per model call, no drafts, no `acceptance`): the baseline the speculative server is measured against.
+Before answering it compiles its programs for greedy prompts up to `--precompile` tokens (every batch
+size), so that requests do not wait for compiles.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from mtp_jax.paths import absolute, absolute_if_local
 
 def build_app(adapter, model: str | None = None, step: int | None = None, dtype: str | None = None,
               max_batch: int = 8, batch_wait_s: float = 0.002, default_max_tokens: int = 256,
-              model_id: str | None = None, decoding: str = "speculative"):
+              model_id: str | None = None, decoding: str = "speculative", precompile: int = 0):
     """The FastAPI app serving the run at `adapter` (loaded here; the decoding layout built once):
-    `decoding` "speculative" with its drafts, or "plain" with its base model alone."""
+    `decoding` "speculative" with its drafts, or "plain" with its base model alone. `precompile` > 0:
+    compile every batch size's programs for greedy prompts up to that many tokens first
+    (`Batcher.warm_up`)."""
     from mtp_jax.decoding.adapter import load_adapter, load_base
     from mtp_jax.decoding.request import eos_ids_of, pad_id_of
     from mtp_jax.serve.app import create_app
@@ -35,7 +39,10 @@ def build_app(adapter, model: str | None = None, step: int | None = None, dtype:
     load = load_adapter if decoding == "speculative" else load_base
     lm, params, tokenizer = load(adapter, model, step, dtype)
     eos = eos_ids_of(tokenizer, lm.config)
-    batcher = Batcher(lm, params, tokenizer, eos, pad_id_of(tokenizer, eos), max_batch, batch_wait_s, decoding)
+    batcher = Batcher(lm, params, tokenizer, eos, pad_id_of(tokenizer, eos), max_batch, batch_wait_s, decoding,
+                      min(default_max_tokens, lm.config.max_position_embeddings - 1))
+    if precompile:
+        batcher.warm_up(precompile)
     return create_app(batcher, model_id or absolute(adapter).name, default_max_tokens)
 
 
@@ -56,9 +63,14 @@ def _main(argv: list[str]) -> None:
                     help="how long the engine waits for more requests before it starts a batch")
     ap.add_argument("--max_tokens", type=int, default=256, help="token limit of a request that names none")
     ap.add_argument("--served_model_name", default=None, help="the model id clients use (default: the run dir's name)")
+    ap.add_argument("--precompile", type=int, default=256, metavar="TOKENS",
+                    help="before serving, compile the programs of every batch size for greedy prompts up to this "
+                         "many tokens, so that no request waits for a compile (0: compile on first use)")
+    ap.add_argument("--compile_cache", default=None, type=absolute,
+                    help="JAX's persistent compilation cache dir: a restarted server loads its programs from it")
     args = ap.parse_args(argv)
-    if args.max_batch < 1 or args.max_tokens < 1 or args.batch_wait_ms < 0:
-        ap.error("--max_batch and --max_tokens must be >= 1, --batch_wait_ms >= 0")
+    if args.max_batch < 1 or args.max_tokens < 1 or args.batch_wait_ms < 0 or args.precompile < 0:
+        ap.error("--max_batch and --max_tokens must be >= 1, --batch_wait_ms and --precompile >= 0")
     if args.dtype is not None:
         import jax.numpy as jnp
 
@@ -68,8 +80,12 @@ def _main(argv: list[str]) -> None:
             ap.error(f"--dtype {args.dtype}: not a dtype (e.g. bfloat16, float32)")
     import uvicorn
 
+    if args.compile_cache is not None:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
     app = build_app(args.adapter, args.model, args.step, args.dtype, args.max_batch, args.batch_wait_ms / 1000,
-                    args.max_tokens, args.served_model_name, args.decoding)
+                    args.max_tokens, args.served_model_name, args.decoding, args.precompile)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

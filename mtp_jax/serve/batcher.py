@@ -10,8 +10,13 @@ their own `max_tokens`, a stop string) or were cancelled (a client gone).
 
 Compiled shapes are bucketed so a server compiles a few programs, not one per request: the batch
 is padded to a power of two rows, at most max_batch (copies of its first prompt, whose output is
-dropped), the prompt to a multiple of 16 tokens (`request.left_pad`) and the decode length to a
-power of two (>= 16). A request whose client left keeps its row until the batch ends, unread.
+dropped), the prompt to 16, 32, 64, ... tokens (`request.padded_length`), and every batch gets the
+same decode length, `decode_length` (the server's default max_tokens), unless a request asks for
+more; rows stop at their own max_tokens. A program costs seconds to compile on a GPU, and a server
+that compiled on first use would stall the requests that first meet a shape: `warm_up` compiles
+every batch size's programs for greedy prompts up to a length before traffic comes (sampled
+requests compile theirs on first use: temperature and top-p are part of the program). A request
+whose client left keeps its row until the batch ends, unread.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mtp_jax.decoding.plain import plain_calls
-from mtp_jax.decoding.request import left_pad
+from mtp_jax.decoding.request import padded_length
 from mtp_jax.decoding.sampling import Sampling
 from mtp_jax.decoding.speculative import speculative_calls
 
@@ -111,15 +116,15 @@ class Batcher:
     because their client left."""
 
     def __init__(self, model, params, tokenizer, eos_ids: Sequence[int], pad_id: int, max_batch: int = 8,
-                 batch_wait_s: float = 0.002, decoding: str = "speculative"):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+                 batch_wait_s: float = 0.002, decoding: str = "speculative", decode_length: int = 256):
+        if max_batch < 1 or decode_length < 1:
+            raise ValueError(f"max_batch and decode_length must be >= 1, got {max_batch} and {decode_length}")
         if decoding not in DECODERS:
             raise ValueError(f"decoding {decoding!r}: expected one of {sorted(DECODERS)}")
         self.decoding, self._calls = decoding, DECODERS[decoding]
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.eos_ids, self.pad_id = list(eos_ids), pad_id
-        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.max_batch, self.batch_wait_s, self.decode_length = max_batch, batch_wait_s, decode_length
         self.max_positions = model.config.max_position_embeddings
         self.stats = {"batches": 0, "requests": 0, "largest_batch": 0, "cancelled": 0}
         self._queue: queue.Queue[Request | None] = queue.Queue()
@@ -128,8 +133,39 @@ class Batcher:
         self._seed = 0
 
     def fits(self, prompt_len: int, max_tokens: int) -> bool:
-        """Whether a prompt of `prompt_len` tokens (padded as decoding pads it) and `max_tokens` fit the context."""
-        return left_pad([[0] * prompt_len], 0)[0].shape[1] + max_tokens <= self.max_positions
+        """Whether a prompt of `prompt_len` tokens and `max_tokens` fit the context (padding never
+        takes room a prompt needs: `request.padded_length` stops at the context's limit)."""
+        return prompt_len + max_tokens <= self.max_positions
+
+    def row_buckets(self) -> list[int]:
+        """The batch sizes a batch is padded to: powers of two below max_batch, and max_batch."""
+        return sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
+
+    def warm_up(self, prompt_tokens: int, progress: bool = True) -> int:
+        """Compiles the programs of greedy batches of every size in `row_buckets` with prompts up to
+        `prompt_tokens` long (every padded length up to that one, as far as the context less the
+        decode length allows) and the default decode length: each decodes a dummy batch for two calls
+        (the prompt's and one more). Returns how many (rows, prompt length) pairs it ran. Call before
+        `start`."""
+        from tqdm.auto import tqdm
+
+        if prompt_tokens < 1:
+            raise ValueError(f"warm-up prompts of {prompt_tokens} tokens: need at least 1")
+        limit = self.max_positions - self.decode_length
+        prompt_tokens = min(prompt_tokens, limit)
+        lengths = sorted({padded_length(n, limit) for n in (2 ** i for i in range(prompt_tokens.bit_length()))}
+                         | {padded_length(prompt_tokens, limit)})
+        pairs = [(rows, length) for rows in self.row_buckets() for length in lengths]
+        never = [-1] * len(self.eos_ids)  # an EOS no token has: each dummy row runs past its first call
+        for rows, length in tqdm(pairs, desc=f"compiling ({self.decoding})", disable=not progress):
+            calls = self._calls(self.model, self.params, [[self.pad_id] * length] * rows, self.decode_length,
+                                never, Sampling(), 0, self.pad_id)
+            try:
+                for _, _ in zip(range(2), calls):
+                    pass
+            finally:
+                calls.close()
+        return len(pairs)
 
     def submit(self, request: Request) -> None:
         self._queue.put(request)
@@ -180,10 +216,11 @@ class Batcher:
         return batch
 
     def _decode_length(self, batch: Sequence[Request]) -> int:
-        """The batch's decode length: its longest max_tokens, bucketed where the context allows."""
+        """The batch's decode length: `decode_length`, or the power of two above its longest max_tokens
+        where that is more, as far as the context allows (never below what a request asks)."""
         need = max(r.max_tokens for r in batch)
-        prompt = left_pad([max((r.prompt for r in batch), key=len)], 0)[0].shape[1]
-        return max(min(_power_of_two(need, 16), self.max_positions - prompt), need)
+        room = self.max_positions - max(len(r.prompt) for r in batch)
+        return max(min(max(self.decode_length, _power_of_two(need, 16)), room), need)
 
     def _run(self, batch: list[Request]) -> None:
         self.stats["batches"] += 1
