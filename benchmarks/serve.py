@@ -10,12 +10,12 @@ concurrency of `--clients` runs that many concurrent clients (httpx, async), eac
 /v1/chat/completions requests for held-out prompts (`--prompts`, default the shipped held-out set;
 client i takes prompts i, i + c, i + 2c, ...) with `max_tokens` `--max_tokens`, one after another,
 for `--seconds` (requests started before the end run to completion) or `--requests` per client.
-Before each timed phase the same clients make `--warmup` untimed passes over the prompts (default 1):
-the server compiles a program per batch-size and prompt-length bucket the first time it meets one, and
-a pass meets the phase's shapes. Warm-up requests ask for the fewest tokens that keep the timed
-requests' decode-length bucket (the server rounds it up to a power of two >= 16), at least 2 (one
-decoding call after the prompt's). `--num_prompts` takes the first N prompts only (a shorter warm-up).
-The server is then stopped.
+Each server compiles its programs before it answers (`--precompile`, default: the longest of the
+prompts, chat-templated, in tokens: every batch size for every padded prompt length up to it); the
+report gives each server's time to start. Before each timed phase the same clients make `--warmup`
+untimed passes over the prompts (default 1), which then find every program compiled. Warm-up requests
+ask for 2 tokens (one decoding call after the prompt's). `--num_prompts` takes the first N prompts
+only. The server is then stopped.
 
 Per mode and concurrency: requests/s and completion tokens/s (tokens from each response's `usage`)
 over the phase's wall time (first request sent to last response received), latency (mean, p50, p90
@@ -31,7 +31,8 @@ the server also needs fastapi's own: starlette, pydantic, pydantic-core, annotat
 typing-inspection and opentelemetry-api (fastapi imports it at start).
 
 Every wait is bounded (`--startup_timeout`, `--request_timeout`), and the server subprocess is
-stopped at the end of its mode, also on an error or Ctrl-C.
+stopped at the end of its mode, also on an error, Ctrl-C or SIGTERM. The report is written after every
+phase, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -105,7 +107,8 @@ def server(args, mode: str, log_dir: Path):
     port = free_port()
     cmd = [sys.executable, "-m", "mtp_jax.serve", "--adapter", args.adapter, "--decoding", mode,
            "--host", "127.0.0.1", "--port", str(port), "--max_batch", str(args.max_batch),
-           "--max_tokens", str(args.max_tokens), "--batch_wait_ms", str(args.batch_wait_ms)]
+           "--max_tokens", str(args.max_tokens), "--batch_wait_ms", str(args.batch_wait_ms),
+           "--precompile", str(args.precompile)]
     for flag in ("model", "dtype", "step"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag}", str(getattr(args, flag))]
@@ -205,19 +208,18 @@ def summarize(mode: str, clients: int, results: list[dict], wall: float, before:
             "requests_per_batch": (after["requests"] - before["requests"]) / batches if batches else None}
 
 
-def warmup_tokens(max_tokens: int) -> int:
-    """The fewest max_tokens (>= 2) in max_tokens' decode-length bucket (`serve.batcher`: a power of two >= 16)."""
-    bucket = 1 << (max(max_tokens, 16) - 1).bit_length()
-    return max(2, bucket // 2 + 1 if bucket > 16 else 2)
-
-
-def run_mode(args, mode: str, prompts: list[str], log_dir: Path, rows: list[dict]) -> None:
-    """Starts the `mode` server, measures each concurrency (a row each, appended to `rows`), stops it."""
+def run_mode(args, mode: str, prompts: list[str], log_dir: Path, rows: list[dict], startup: dict,
+             save: Callable[[], None]) -> None:
+    """Starts the `mode` server (its time to answer into `startup`), measures each concurrency (a row
+    each, appended to `rows`, `save` called after each), stops it."""
+    t_start = time.perf_counter()
     with server(args, mode, log_dir) as url:
+        startup[mode] = round(time.perf_counter() - t_start, 1)
+        print(f"[{mode}] answering after {startup[mode]} s (compiling included)", flush=True)
         for c in args.clients:
             if args.warmup:
                 t0 = time.perf_counter()
-                asyncio.run(load(url, c, prompts, warmup_tokens(args.max_tokens), None,
+                asyncio.run(load(url, c, prompts, 2, None,
                                  args.warmup * -(-len(prompts) // c), args.request_timeout))
                 print(f"[{mode}] {c} clients: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
             before = batching(url)
@@ -225,6 +227,7 @@ def run_mode(args, mode: str, prompts: list[str], log_dir: Path, rows: list[dict
                                              args.request_timeout))
             row = summarize(mode, c, results, wall, before, batching(url))
             rows.append(row)
+            save()
             print(f"[{mode}] {c} clients: {row['requests']} requests ({row['errors']} failed) in {wall:.1f} s, "
                   f"{fmt(row['requests_per_s'], '.2f')} req/s, {fmt(row['tokens_per_s'], '.1f')} tok/s, "
                   f"p50 {fmt(row['latency_p50_s'], '.2f')} s, {fmt(row['tokens_per_call'], '.2f')} tok/call",
@@ -255,6 +258,9 @@ def markdown(report: dict) -> str:
              + (f"{report['seconds']} s per phase" if report["requests"] is None
                 else f"{report['requests']} requests per client")
              + f" after {report['warmup']} warm-up pass(es) over the prompts",
+             f"- servers: programs compiled before answering for prompts up to {report['precompile']} tokens; "
+             "time to answer: " + (", ".join(f"{m} {t} s" for m, t in report["startup_s"].items()) or "-"),
+             *([] if report["complete"] else ["- **incomplete**: the run stopped before its last phase"]),
              "", "## Speculative / plain", "",
              *markdown_table(["clients", "tokens/s", "requests/s", "mean latency", "p50 latency"],
                              ratio_rows(rows, report["clients"]), [True] * 5),
@@ -293,6 +299,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompts", default="builtin:heldout_prompts.jsonl", help="prompt file ({'input': ...} records)")
     ap.add_argument("--max_batch", type=int, default=None, help="server --max_batch (default: the largest --clients)")
     ap.add_argument("--batch_wait_ms", type=float, default=2.0, help="server --batch_wait_ms")
+    ap.add_argument("--precompile", type=int, default=None,
+                    help="server --precompile (default: the longest prompt's tokens, chat-templated)")
     ap.add_argument("--dtype", default=None, help="server --dtype (default: the run's)")
     ap.add_argument("--model", default=None, help="server --model (default: the run's base)")
     ap.add_argument("--step", type=int, default=None, help="server --step")
@@ -334,24 +342,46 @@ def main(argv: list[str] | None = None) -> dict:
     env = {"device": device, "jax": version("jax"), "httpx": version("httpx"),
            "python": sys.version.split()[0], "commit": commit(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    rows, failures = [], []
-    with tempfile.TemporaryDirectory(prefix="serve_bench_") as logs:
-        for mode in args.modes:
-            try:
-                run_mode(args, mode, prompts, Path(logs), rows)
-            except (RuntimeError, OSError, TimeoutError, httpx.HTTPError) as e:  # the next mode may still run
-                print(f"[{mode}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                failures.append(f"{mode}: {type(e).__name__}: {str(e)[-2000:]}")
+    if args.precompile is None:
+        args.precompile = longest_prompt(args.adapter, prompts)
+    # SIGTERM (a time limit) unwinds like Ctrl-C: each server is stopped and the report keeps what was measured
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rows, failures, startup = [], [], {}
     command = shlex.join(["python", "benchmarks/serve.py", *(sys.argv[1:] if argv is None else argv)])
-    report = {"environment": env, "command": command,
-              "adapter": args.adapter, "prompts": args.prompts, "prompt_count": len(prompts),
-              "max_tokens": args.max_tokens, "max_batch": args.max_batch, "clients": args.clients,
-              "seconds": args.seconds, "requests": args.requests, "warmup": args.warmup, "rows": rows,
-              "failures": failures}
-    write_text(out, markdown(report))
-    write_json(out.with_suffix(".json"), report)
+
+    def save(complete: bool = False) -> dict:
+        report = {"environment": env, "command": command, "complete": complete,
+                  "adapter": args.adapter, "prompts": args.prompts, "prompt_count": len(prompts),
+                  "max_tokens": args.max_tokens, "max_batch": args.max_batch, "precompile": args.precompile,
+                  "startup_s": startup, "clients": args.clients, "seconds": args.seconds, "requests": args.requests,
+                  "warmup": args.warmup, "rows": rows, "failures": failures}
+        write_text(out, markdown(report))
+        write_json(out.with_suffix(".json"), report)
+        return report
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="serve_bench_") as logs:
+            for mode in args.modes:
+                try:
+                    run_mode(args, mode, prompts, Path(logs), rows, startup, save)
+                except (RuntimeError, OSError, TimeoutError, httpx.HTTPError) as e:  # the next mode may still run
+                    print(f"[{mode}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    failures.append(f"{mode}: {type(e).__name__}: {str(e)[-2000:]}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = save(complete=True)
     print(f"wrote {out} and {out.with_suffix('.json')}", flush=True)
     return report
+
+
+def longest_prompt(adapter: str, prompts: list[str]) -> int:
+    """The token count of the longest prompt as the server's chat endpoint encodes it (the run's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from mtp_jax.decoding.request import encode_chat
+
+    tok = AutoTokenizer.from_pretrained(Path(adapter) / "tokenizer")  # the run's, as mtp_jax.checkpoints loads it
+    return max(len(encode_chat(tok, [{"role": "user", "content": p}])) for p in prompts)
 
 
 if __name__ == "__main__":
