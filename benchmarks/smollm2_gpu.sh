@@ -4,7 +4,7 @@
 # MODEL: HF dir, .gguf or alias (default smollm2-135m-instruct); WORK_DIR holds the data and the run
 # (default runs/smollm2_gpu); STAGES: any of data,train,bench,decode,serve (default data,train,bench;
 # decode: benchmarks/decode.py's SmolLM2 rows, peer, exactness and distill; serve: benchmarks/serve.py,
-# speculative against plain). Env: DISTILL_BATCH (default 256) rows per generation batch, CODE_PROMPTS
+# speculative against plain). Env: DISTILL_BATCH (default 1024; about 18 GB of KV cache) rows per generation batch, CODE_PROMPTS
 # (default 12000) code tasks, OUT_DIR (default benchmarks/results) the reports. Every stage
 # resumes: distill appends to its JSONL, train takes --resume, so a rerun continues a cut run.
 set -euo pipefail
@@ -22,10 +22,10 @@ if [[ $stages == *data* ]]; then
     --limit "${CODE_PROMPTS:-12000}" --src "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
     "$(python -c 'import site; print(site.getsitepackages()[0])')"
   python -m mtp_jax.data.distill --model "$model" --prompts "$work/code_prompts.jsonl" --out "$work/code.jsonl" \
-    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-256} --dtype bfloat16
+    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16
   # 2) the shipped training prompts: greedy, and 3 sampled answers each (temperature 0.7)
   python -m mtp_jax.data.distill --model "$model" --prompts $prompts/train_prompts.jsonl --out "$work/train_greedy.jsonl" \
-    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-256} --dtype bfloat16
+    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16
   python - "$prompts/train_prompts.jsonl" "$work/train_x3_prompts.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
@@ -35,7 +35,7 @@ with open(sys.argv[2], "w") as f:
             f.write(json.dumps({**r, "id": f"{r['id']}-s{s}"}) + "\n")
 PY
   python -m mtp_jax.data.distill --model "$model" --prompts "$work/train_x3_prompts.jsonl" --out "$work/train_sampled.jsonl" \
-    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-256} --dtype bfloat16 --temperature 0.7 --top_p 0.95
+    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16 --temperature 0.7 --top_p 0.95
   cat "$work/code.jsonl" "$work/train_greedy.jsonl" "$work/train_sampled.jsonl" > "$work/train.jsonl.tmp"
   mv "$work/train.jsonl.tmp" "$work/train.jsonl"
   wc -l "$work/train.jsonl"
