@@ -4,9 +4,10 @@
 # MODEL: HF dir, .gguf or alias (default smollm2-135m-instruct); WORK_DIR holds the data and the run
 # (default runs/smollm2_gpu); STAGES: any of data,train,bench,decode,serve (default data,train,bench;
 # decode: benchmarks/decode.py's SmolLM2 rows, peer, exactness and distill; serve: benchmarks/serve.py,
-# speculative against plain). Env: DISTILL_BATCH (default 1024; about 18 GB of KV cache) rows per generation batch, CODE_PROMPTS
-# (default 12000) code tasks, OUT_DIR (default benchmarks/results) the reports. Every stage
-# resumes: distill appends to its JSONL, train takes --resume, so a rerun continues a cut run.
+# speculative against plain). Env: DISTILL_BATCH (default 1024, about 18 GB of KV cache) rows per
+# generation batch, CODE_PROMPTS (default 12000) code tasks, OUT_DIR (default benchmarks/results) the
+# reports. Every stage resumes: distill appends to its JSONL, train takes --resume, so a rerun
+# continues a cut run.
 set -euo pipefail
 model=${1:-smollm2-135m-instruct}
 work=${2:-runs/smollm2_gpu}
