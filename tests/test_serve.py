@@ -181,6 +181,19 @@ def test_concurrent_requests_share_a_batch(server, trained):
     assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < 4, f"no batch held >1: {after}"
 
 
+def test_greedy_requests_share_a_batch_whatever_their_top_p(server, trained):
+    """top_p means nothing to greedy decoding: requests differing only in it run as one batch (one
+    program), each with plain greedy decoding's text."""
+    before = server.client.get("/v1/models").json()["data"][0]["batching"]
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda top_p: chat(server, QUESTIONS[1], top_p=top_p), [1.0, 0.5]))
+    assert [r.status_code for r in responses] == [200] * 2, [r.text for r in responses]
+    texts = [r.json()["choices"][0]["message"]["content"] for r in responses]
+    assert texts == plain_text(trained, QUESTIONS[1:2]) * 2
+    after = server.client.get("/v1/models").json()["data"][0]["batching"]
+    assert after["batches"] - before["batches"] == 1, f"greedy requests were split by top_p: {before} -> {after}"
+
+
 @pytest.mark.parametrize("decoding", ["speculative", "plain"])
 def test_warmed_up_engine_compiles_nothing_for_its_traffic(trained, decoding):
     """After `Batcher.warm_up(64)`, greedy batches of 1 to max_batch requests with prompts padded to

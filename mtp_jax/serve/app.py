@@ -102,7 +102,9 @@ def _job(batcher: Batcher, default_max_tokens: int, body, emit) -> Job:
                            f"context of {batcher.max_positions} tokens",
                            param="max_tokens" if batcher.fits(len(prompt), 1) else prompt_field,
                            code="context_length_exceeded")
-    return Job(prompt, max_tokens, Sampling(body.temperature, 0, body.top_p), stop, emit)
+    # greedy ignores top_p: one Sampling for every greedy request, so they share batches and programs
+    sampling = Sampling(body.temperature, 0, body.top_p) if body.temperature > 0 else Sampling()
+    return Job(prompt, max_tokens, sampling, stop, emit)
 
 
 async def _complete(batcher: Batcher, model_id: str, default_max_tokens: int, cls, raw: bytes):

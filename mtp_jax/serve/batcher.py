@@ -149,12 +149,14 @@ class Batcher:
         `start`."""
         from tqdm.auto import tqdm
 
-        if prompt_tokens < 1:
-            raise ValueError(f"warm-up prompts of {prompt_tokens} tokens: need at least 1")
         limit = self.max_positions - self.decode_length
+        if prompt_tokens < 1 or limit < 1:
+            raise ValueError(f"warm-up prompts of {prompt_tokens} tokens with a decode length of {self.decode_length} "
+                             f"in a context of {self.max_positions}: need a prompt of at least 1 token that fits")
         prompt_tokens = min(prompt_tokens, limit)
-        lengths = sorted({padded_length(n, limit) for n in (2 ** i for i in range(prompt_tokens.bit_length()))}
-                         | {padded_length(prompt_tokens, limit)})
+        lengths = [padded_length(1, limit)]  # every padded length up to the longest prompt's
+        while lengths[-1] < padded_length(prompt_tokens, limit):
+            lengths.append(padded_length(lengths[-1] + 1, limit))
         pairs = [(rows, length) for rows in self.row_buckets() for length in lengths]
         never = [-1] * len(self.eos_ids)  # an EOS no token has: each dummy row runs past its first call
         for rows, length in tqdm(pairs, desc=f"compiling ({self.decoding})", disable=not progress):
