@@ -29,8 +29,11 @@ written per second), so floor_ms is the time to read every weight once at the ra
 `exactness`: SmolLM2 in bf16 on held-out prompts, speculative greedy vs plain greedy; per mismatch the
 first differing index and the plain decoder's own top-2 logit margin there (the logits its token
 came from), a near-tie when that margin is within `near_tie_ulps` bf16 spacings of
-the top logit (`near_tie`). Writes benchmarks/results/decode_<date>_<device>.json (or --out) and prints a
-table with ratios against the floor, plain decoding and the peer of the same run.
+the top logit (`near_tie`). `--distill`: SmolLM2's distillation throughput (greedy answers to real
+prompts at batch 64 and 256), ours and the peer's. Phases: the peer, ours, exactness, our distillation;
+the JSON is written after each (benchmarks/results/decode_<date>_<device>.json or --out, `complete`
+false until the last), so a run cut by a time limit keeps what it measured. It prints a table with
+ratios against the floor, plain decoding and the peer of the same run.
 """
 
 from __future__ import annotations
@@ -281,16 +284,25 @@ def hf_rows(name: str, hf_config: dict, smollm2: str, batches: list[int], new_to
 
 
 # ---------------------------------------------------------------- ours
+def smollm2_models(args) -> tuple:
+    """(MTPModel, params) of SmolLM2's real weights with the run's adapter (`--adapter`), else random
+    adapters beside them."""
+    if args.adapter:
+        model, params, _ = load_adapter(args.adapter, args.smollm2, dtype="bfloat16")
+        return model, params
+    _, base, config = load_model(args.smollm2, "bfloat16")
+    return mtp_model(config, base, jnp.bfloat16, args.k)
+
+
 def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_tokens: int, prompts_of, pad_id: int,
              bytes_per_ms: float, over) -> tuple[list[dict], dict]:
     dtype = jnp.bfloat16
     lm = CausalLM(config, None, dtype, dtype)
-    if MODELS[name] is None and args.adapter:
-        model, params, _ = load_adapter(args.adapter, args.smollm2, dtype="bfloat16")
-        base = params["base"]
+    if MODELS[name] is None:
+        model, params = smollm2_models(args)
     else:
-        base = (load_model(args.smollm2, "bfloat16")[1] if MODELS[name] is None else random_base(lm))
-        model, params = mtp_model(config, base, dtype, args.k)
+        model, params = mtp_model(config, random_base(lm), dtype, args.k)
+    base = params["base"]
     info = {"weight_bytes": weight_bytes(base), "adapter_bytes": weight_bytes({k: v for k, v in params.items()
                                                                                if k != "base"}),
             "adapter": args.adapter if MODELS[name] is None and args.adapter else "random",
@@ -318,14 +330,13 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
             rows.append(row)
             print(f"  {name} b={batch} {row['method']}: {row['ms_per_call']:.3f} ms/call, "
                   f"{row['tokens_per_s']:.1f} tokens/s (floor {floor:.3f} ms)", flush=True)
-    distill = []
-    if args.distill and MODELS[name] is None:
-        distill = distill_rows(plain_m, plain_p, args, pad_id)
-    return rows, {**info, "floor_ms": floor, "distill": distill}
+    return rows, {**info, "floor_ms": floor}
 
 
-def distill_rows(lm, base, args, pad_id) -> list[dict]:
-    """Distillation throughput: greedy answers to real prompts, stopping at EOS, generated tokens / s."""
+def distill_rows(args, pad_id) -> list[dict]:
+    """Distillation throughput of SmolLM2's base model in the decoding layout: greedy answers to real
+    prompts, stopping at EOS, generated tokens / s."""
+    lm, base = plain_of(*prepare(*smollm2_models(args)))
     tok = load_tokenizer(args.smollm2)
     eos = [tok.eos_token_id]
     texts = [r["input"] for r in read_prompts()]
@@ -384,15 +395,9 @@ def hf_distill_rows(args, pad_id) -> list[dict]:
 def exactness(args, pad_id) -> dict:
     """Speculative vs plain greedy in bf16 on held-out prompts, one prompt per call."""
     tok = load_tokenizer(args.smollm2)
-    if args.adapter:
-        model, params, _ = load_adapter(args.adapter, args.smollm2, dtype="bfloat16")
-        config = model.config
-    else:
-        _, base, config = load_model(args.smollm2, "bfloat16")
-        model, params = mtp_model(config, base, jnp.bfloat16, args.k)
-    spec_m, spec_p = prepare(model, params)
+    spec_m, spec_p = prepare(*smollm2_models(args))
     plain_m, plain_p = plain_of(spec_m, spec_p)
-    eos = eos_ids_of(tok, config)
+    eos = eos_ids_of(tok, spec_m.config)
     anchors = LAYOUTS[f"spec_{args.exact_layout}"]
     records, mismatches, not_tie, exact_mismatches = [], 0, 0, 0
     for rec in read_prompts(args.exact_prompts)[:1 if args.smoke else None]:
@@ -551,9 +556,6 @@ def main(argv=None):
         got, info = jax_rows(name, configs[name][0], args, batches[name], new_tokens[name], prompts_of[name], pad_id,
                              bandwidth / 1e3, over)
         rows += got
-        ours_distill = info.pop("distill")
-        if ours_distill:
-            distill["plain"] = ours_distill
         models[name] = {**info, "new_tokens": new_tokens[name], "shapes": "smoke" if args.smoke and MODELS[name]
                         else (MODELS[name] or args.smollm2)}
         jax.clear_caches()
@@ -565,6 +567,13 @@ def main(argv=None):
         exact_report = state["exactness"] = exactness(args, pad_id)
     elif not args.no_exactness:
         skipped.append("exactness")
+    save(complete=False)
+    # last: the batch-256 generations are the longest phase, and a cut run keeps the rest
+    if args.distill and "smollm2-135m" in only and not over():
+        print(f"[{time.perf_counter() - t_start:.0f} s] distillation (ours)", flush=True)
+        distill["plain"] = distill_rows(args, pad_id)
+    elif args.distill and "smollm2-135m" in only:
+        skipped.append("distill")
     report = save(complete=True)
 
     print(f"\nDecoding on {device}, commit {report['commit']}, copy bandwidth {bandwidth / 1e12:.3f} TB/s\n")
