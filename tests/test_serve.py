@@ -207,8 +207,9 @@ def test_warmed_up_engine_compiles_nothing_for_its_traffic(trained, decoding):
     from mtp_jax.serve.batcher import Batcher, Delta, Finish, Request
 
     lm, params, tok = (load_adapter if decoding == "speculative" else load_base)(trained.run_dir)
+    # a decode length that is no power of two: requests asking for less all share it
     batcher = Batcher(lm, params, tok, trained.eos, pad_id_of(tok, trained.eos), max_batch=4, batch_wait_s=0.05,
-                      decoding=decoding, decode_length=MAX)
+                      decoding=decoding, decode_length=MAX - 4)
     assert batcher.row_buckets() == [1, 2, 4]
     assert batcher.warm_up(64, progress=False) == 3 * 3  # rows 1, 2, 4 x prompts padded to 16, 32, 64
     jitted = (speculative._prefill_jit, speculative.step_jit, plain._prefill_jit, plain._next_jit)
@@ -218,7 +219,7 @@ def test_warmed_up_engine_compiles_nothing_for_its_traffic(trained, decoding):
     assert lengths == {16, 32, 64}, f"the prompts do not cover every padded length: {lengths}"
     batcher.start()
     try:
-        for group, max_tokens in (([0], MAX), ([1, 2], 5), ([0, 1, 3], MAX), ([4, 3, 2, 1], 9)):
+        for group, max_tokens in (([0], MAX - 4), ([1, 2], 5), ([0, 1, 3], MAX - 4), ([4, 3, 2, 1], 9)):
             texts, done = {}, {}
 
             def emit(i, event):

@@ -137,9 +137,13 @@ class Batcher:
         takes room a prompt needs: `request.padded_length` stops at the context's limit)."""
         return prompt_len + max_tokens <= self.max_positions
 
+    def rows(self, requests: int) -> int:
+        """The rows a batch of `requests` is padded to: the power of two above, at most max_batch."""
+        return min(_power_of_two(requests), self.max_batch)
+
     def row_buckets(self) -> list[int]:
-        """The batch sizes a batch is padded to: powers of two below max_batch, and max_batch."""
-        return sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
+        """Every batch size `rows` gives: the programs `warm_up` compiles."""
+        return sorted({self.rows(n) for n in range(1, self.max_batch + 1)})
 
     def warm_up(self, prompt_tokens: int, progress: bool = True) -> int:
         """Compiles the programs of greedy batches of every size in `row_buckets` with prompts up to
@@ -218,17 +222,19 @@ class Batcher:
         return batch
 
     def _decode_length(self, batch: Sequence[Request]) -> int:
-        """The batch's decode length: `decode_length`, or the power of two above its longest max_tokens
-        where that is more, as far as the context allows (never below what a request asks)."""
+        """The batch's decode length: `decode_length` while every request asks for no more, else the
+        power of two above its longest max_tokens, as far as the context allows (never below what a
+        request asks)."""
         need = max(r.max_tokens for r in batch)
         room = self.max_positions - max(len(r.prompt) for r in batch)
-        return max(min(max(self.decode_length, _power_of_two(need, 16)), room), need)
+        bucket = self.decode_length if need <= self.decode_length else _power_of_two(need, 16)
+        return max(min(bucket, room), need)
 
     def _run(self, batch: list[Request]) -> None:
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        rows = min(_power_of_two(len(batch)), self.max_batch)
+        rows = self.rows(len(batch))
         prompts = [r.prompt for r in batch] + [batch[0].prompt] * (rows - len(batch))
         texts = [TextStream(self.tokenizer, r.stop) for r in batch]
         live = [True] * len(batch)
