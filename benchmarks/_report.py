@@ -89,12 +89,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right:
 
 
 def write_json(path: str | os.PathLike | None, report: dict) -> None:
-    """`report` as indented JSON at `path` (nothing when path is None)."""
-    if path is not None:
-        Path(path).write_text(json.dumps(report, indent=1))
+    """`report` as indented JSON at `path` (nothing when path is None), as `write_text` writes."""
+    write_text(path, json.dumps(report, indent=1))
 
 
 def write_text(path: str | os.PathLike | None, text: str) -> None:
-    """`text` at `path` (nothing when path is None), e.g. a Markdown report."""
+    """`text` at `path` (nothing when path is None), e.g. a Markdown report: written beside it and renamed
+    over it, so a report rewritten after every phase is never half a file when a run is killed."""
     if path is not None:
-        Path(path).write_text(text)
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)

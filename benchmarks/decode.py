@@ -66,6 +66,8 @@ from mtp_jax.mtp.objective import init_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _report import write_json  # noqa: E402
+
 MODELS = {"qwen3-8b": "configs/models/qwen3-8b.json", "llama-3.1-8b": "configs/models/llama-3.1-8b.json",
           "smollm2-135m": None}  # None: real weights (--smollm2)
 DEFAULT_BATCHES = {"qwen3-8b": "1,4,16,64", "llama-3.1-8b": "1,8", "smollm2-135m": "1,8"}
@@ -524,13 +526,11 @@ def main(argv=None):
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"decode_{datetime.date.today()}_{short}.json")
 
     def save(complete: bool) -> dict:
-        """Write the report as it stands (a temp file renamed over `out`): a run cut by a time limit keeps
-        every phase it finished; `complete` is false until the last."""
+        """Write the report as it stands (`write_json`: renamed over `out`): a run cut by a time limit
+        keeps every phase it finished; `complete` is false until the last."""
         report = report_of(args, argv, device, t_start, state, models, rows, distill, skipped, complete)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(out)
+        write_json(out, report)
         return report
 
     # the torch peer first: it gives its memory back before JAX allocates (JAX keeps what it takes)
