@@ -37,6 +37,14 @@ def device_name() -> str:
     return device.device_kind if device.platform != "cpu" else cpu_name()
 
 
+def device_tag(device: str) -> str:
+    """A short name for result file names: `h100` for 'NVIDIA H100 80GB HBM3', `cpu` for a CPU."""
+    if device.startswith("cpu"):
+        return "cpu"
+    hit = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", device)
+    return (hit.group(1) if hit else re.sub(r"\W+", "_", device)).lower()
+
+
 def version(package: str) -> str:
     try:
         return importlib.metadata.version(package)

@@ -66,7 +66,7 @@ from mtp_jax.mtp.objective import init_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _report import write_json  # noqa: E402
+from _report import device_tag, write_json  # noqa: E402
 
 MODELS = {"qwen3-8b": "configs/models/qwen3-8b.json", "llama-3.1-8b": "configs/models/llama-3.1-8b.json",
           "smollm2-135m": None}  # None: real weights (--smollm2)
@@ -457,10 +457,11 @@ def table(rows: list[dict]) -> str:
 
 
 def device_names() -> tuple[str, str]:
+    """(the device, its tag in result file names)."""
     d = jax.devices()[0]
     if d.platform == "cpu":
         return f"cpu ({os.cpu_count()} cores)", "cpu"
-    return d.device_kind, d.device_kind.split()[1].lower() if len(d.device_kind.split()) > 1 else d.platform
+    return d.device_kind, device_tag(d.device_kind)
 
 
 def commit() -> str:

@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import datetime
 import os
-import re
 import shlex
 import signal
 import socket
@@ -57,7 +56,7 @@ from typing import Callable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, commit, cpu_name, fmt, markdown_table, version, write_json, write_text  # noqa: E402
+from _report import ROOT, commit, cpu_name, device_tag, fmt, markdown_table, version, write_json, write_text  # noqa: E402
 
 
 def device_name() -> str:
@@ -68,14 +67,6 @@ def device_name() -> str:
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]
     return cpu_name()
-
-
-def device_tag(device: str) -> str:
-    """A short name for file names: `h100` for 'NVIDIA H100 80GB HBM3', `cpu` for a CPU."""
-    if device.startswith("cpu"):
-        return "cpu"
-    hit = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", device)
-    return (hit.group(1) if hit else re.sub(r"\W+", "_", device)).lower()
 
 
 def free_port() -> int:
