@@ -33,12 +33,15 @@ VARIANTS = {  # name -> XLA_FLAGS added to the environment's
 
 def shapes(model: dict, rank: int) -> dict[str, tuple[int, int]]:
     """Projection name -> (K, N) of the decoding layout with fused adapters of `rank` (3 A blocks in q_proj,
-    2 in gate_proj: decoding.model.a_columns)."""
+    2 in gate_proj: decoding.model.a_columns), and q+A padded to multiples of 64 and 128 columns."""
     d, mlp = model["hidden_size"], model["intermediate_size"]
     head = model.get("head_dim") or d // model["num_attention_heads"]
     q, kv = model["num_attention_heads"] * head, model["num_key_value_heads"] * head
+    up = lambda n, m: -(-n // m) * m  # noqa: E731
     return {"q+A": (d, q + 3 * rank), "k": (d, kv), "o": (q, d), "gate+A": (d, mlp + 2 * rank), "up": (d, mlp),
-            "down": (mlp, d), "q": (d, q), "gate": (d, mlp)}
+            "down": (mlp, d), "q": (d, q), "gate": (d, mlp),
+            # q+A with zero columns up to a multiple of 64 / 128: does the kernel choice, not the bytes, cost?
+            "q+A/64": (d, up(q + 3 * rank, 64)), "q+A/128": (d, up(q + 3 * rank, 128))}
 
 
 def time_shape(k: int, n: int, rows: int, layers: int, repeats: int) -> float:

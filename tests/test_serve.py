@@ -207,11 +207,14 @@ def test_warmed_up_engine_compiles_nothing_for_its_traffic(trained, decoding):
     from mtp_jax.serve.batcher import Batcher, Delta, Finish, Request
 
     lm, params, tok = (load_adapter if decoding == "speculative" else load_base)(trained.run_dir)
-    # a decode length that is no power of two: requests asking for less all share it
+    # a decode length that is no power of two: requests asking for less all share it; plain mode pads
+    # batches of 2 and 3 to 4 rows (batch sizes 1, 4), speculative to 2 and 4 (the default)
+    sizes = None if decoding == "speculative" else (4, 1)
     batcher = Batcher(lm, params, tok, trained.eos, pad_id_of(tok, trained.eos), max_batch=4, batch_wait_s=0.05,
-                      decoding=decoding, decode_length=MAX - 4)
-    assert batcher.row_buckets() == [1, 2, 4]
-    assert batcher.warm_up(64, progress=False) == 3 * 3  # rows 1, 2, 4 x prompts padded to 16, 32, 64
+                      decoding=decoding, decode_length=MAX - 4, batch_sizes=sizes)
+    rows = [1, 2, 4] if sizes is None else [1, 4]
+    assert batcher.row_buckets() == rows
+    assert batcher.warm_up(64, progress=False) == len(rows) * 3  # x prompts padded to 16, 32, 64
     jitted = (speculative._prefill_jit, speculative.step_jit, plain._prefill_jit, plain._next_jit)
     before = [f._cache_size() for f in jitted]
     questions = [QUESTIONS[0], " ".join(QUESTIONS * 2), QUESTIONS[2], " ".join(QUESTIONS * 3), QUESTIONS[1]]
@@ -409,6 +412,21 @@ def test_cli_help_and_a_bad_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--adapter", str(tmp_path), "--dtype", "nonsense"])
     assert exit_.value.code == 2 and "--dtype nonsense: not a dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--adapter", str(tmp_path), "--max_batch", "8", "--batch_sizes", "1,4"])
+    assert exit_.value.code == 2 and "the largest --max_batch (8)" in capsys.readouterr().err
+
+
+def test_batch_sizes():
+    """Default batch sizes: powers of two below max_batch and max_batch; given ones sorted, deduplicated,
+    their largest max_batch, or refused."""
+    from mtp_jax.serve.batcher import batch_sizes_of
+
+    assert batch_sizes_of(8) == (1, 2, 4, 8) and batch_sizes_of(6) == (1, 2, 4, 6) and batch_sizes_of(1) == (1,)
+    assert batch_sizes_of(32, [32, 1, 1]) == (1, 32)
+    for bad in ([1, 4], [0, 8], []):
+        with pytest.raises(ValueError, match="largest is max_batch"):
+            batch_sizes_of(8, bad)
 
 
 def test_load_benchmark_smoke(trained, tmp_path, monkeypatch):

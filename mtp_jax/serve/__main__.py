@@ -24,11 +24,12 @@ from mtp_jax.paths import absolute, absolute_if_local
 
 def build_app(adapter, model: str | None = None, step: int | None = None, dtype: str | None = None,
               max_batch: int = 8, batch_wait_s: float = 0.002, default_max_tokens: int = 256,
-              model_id: str | None = None, decoding: str = "speculative", precompile: int = 0):
+              model_id: str | None = None, decoding: str = "speculative", precompile: int = 0,
+              batch_sizes: Sequence[int] | None = None):
     """The FastAPI app serving the run at `adapter` (loaded here; the decoding layout built once):
     `decoding` "speculative" with its drafts, or "plain" with its base model alone. `precompile` > 0:
     compile every batch size's programs for greedy prompts up to that many tokens first
-    (`Batcher.warm_up`)."""
+    (`Batcher.warm_up`). `batch_sizes`: the row counts batches pad to (`batcher.batch_sizes_of`)."""
     from mtp_jax.decoding.adapter import load_adapter, load_base
     from mtp_jax.decoding.request import eos_ids_of, pad_id_of
     from mtp_jax.serve.app import create_app
@@ -40,10 +41,14 @@ def build_app(adapter, model: str | None = None, step: int | None = None, dtype:
     lm, params, tokenizer = load(adapter, model, step, dtype)
     eos = eos_ids_of(tokenizer, lm.config)
     batcher = Batcher(lm, params, tokenizer, eos, pad_id_of(tokenizer, eos), max_batch, batch_wait_s, decoding,
-                      min(default_max_tokens, lm.config.max_position_embeddings - 1))
+                      min(default_max_tokens, lm.config.max_position_embeddings - 1), batch_sizes)
     if precompile:
         batcher.warm_up(precompile)
     return create_app(batcher, model_id or absolute(adapter).name, default_max_tokens)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(n) for n in text.split(",")]
 
 
 def _main(argv: list[str]) -> None:
@@ -59,6 +64,9 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max_batch", type=int, default=8, help="requests decoded together at most")
+    ap.add_argument("--batch_sizes", type=_int_list, default=None, metavar="N,N,...",
+                    help="row counts a batch is padded to, the largest --max_batch (default: powers of two up to "
+                         "--max_batch, and --max_batch); fewer sizes, fewer programs to compile")
     ap.add_argument("--batch_wait_ms", type=float, default=2.0,
                     help="how long the engine waits for more requests before it starts a batch")
     ap.add_argument("--max_tokens", type=int, default=256, help="token limit of a request that names none")
@@ -71,6 +79,8 @@ def _main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     if args.max_batch < 1 or args.max_tokens < 1 or args.batch_wait_ms < 0 or args.precompile < 0:
         ap.error("--max_batch and --max_tokens must be >= 1, --batch_wait_ms and --precompile >= 0")
+    if args.batch_sizes is not None and (min(args.batch_sizes) < 1 or max(args.batch_sizes) != args.max_batch):
+        ap.error(f"--batch_sizes {args.batch_sizes}: each must be >= 1 and the largest --max_batch ({args.max_batch})")
     if args.dtype is not None:
         import jax.numpy as jnp
 
@@ -85,7 +95,7 @@ def _main(argv: list[str]) -> None:
 
         jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
     app = build_app(args.adapter, args.model, args.step, args.dtype, args.max_batch, args.batch_wait_ms / 1000,
-                    args.max_tokens, args.served_model_name, args.decoding, args.precompile)
+                    args.max_tokens, args.served_model_name, args.decoding, args.precompile, args.batch_sizes)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

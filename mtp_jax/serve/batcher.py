@@ -9,9 +9,9 @@ arrive meanwhile wait for the next batch; a batch ends when all its requests hav
 their own `max_tokens`, a stop string) or were cancelled (a client gone).
 
 Compiled shapes are bucketed so a server compiles a few programs, not one per request: the batch
-is padded to a power of two rows, at most max_batch (copies of its first prompt, whose output is
-dropped), the prompt to 16, 32, 64, ... tokens (`request.padded_length`), and every batch gets the
-same decode length, `decode_length` (the server's default max_tokens), unless a request asks for
+is padded to the next of its batch sizes (default powers of two, and max_batch; `batch_sizes_of`)
+with copies of its first prompt, whose output is dropped, the prompt to 16, 32, 64, ... tokens
+(`request.padded_length`), and every batch gets the same decode length, `decode_length` (the server's default max_tokens), unless a request asks for
 more; rows stop at their own max_tokens. A program costs seconds to compile on a GPU, and a server
 that compiled on first use would stall the requests that first meet a shape: `warm_up` compiles
 every batch size's programs for greedy prompts up to a length before traffic comes (sampled
@@ -105,6 +105,19 @@ def _power_of_two(n: int, low: int = 1) -> int:
     return max(low, 1 << (n - 1).bit_length())
 
 
+def batch_sizes_of(max_batch: int, sizes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The row counts batches are padded to, ascending: `sizes` as given (the largest must be `max_batch`),
+    or by default the powers of two below `max_batch` and `max_batch` itself. Each is a program per
+    padded prompt length, so fewer sizes compile sooner; a batch pads to the next size up, and its
+    padding rows cost compute (little where a call is bound by reading the weights)."""
+    if sizes is None:
+        return tuple(sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}))
+    sizes = tuple(sorted(set(sizes)))
+    if not sizes or sizes[0] < 1 or sizes[-1] != max_batch:
+        raise ValueError(f"batch sizes {list(sizes)}: expected sizes >= 1 whose largest is max_batch ({max_batch})")
+    return sizes
+
+
 DECODERS = {"speculative": speculative_calls, "plain": plain_calls}
 
 
@@ -116,9 +129,11 @@ class Batcher:
     because their client left."""
 
     def __init__(self, model, params, tokenizer, eos_ids: Sequence[int], pad_id: int, max_batch: int = 8,
-                 batch_wait_s: float = 0.002, decoding: str = "speculative", decode_length: int = 256):
+                 batch_wait_s: float = 0.002, decoding: str = "speculative", decode_length: int = 256,
+                 batch_sizes: Sequence[int] | None = None):
         if max_batch < 1 or decode_length < 1:
             raise ValueError(f"max_batch and decode_length must be >= 1, got {max_batch} and {decode_length}")
+        self.batch_sizes = batch_sizes_of(max_batch, batch_sizes)
         if decoding not in DECODERS:
             raise ValueError(f"decoding {decoding!r}: expected one of {sorted(DECODERS)}")
         self.decoding, self._calls = decoding, DECODERS[decoding]
@@ -138,12 +153,12 @@ class Batcher:
         return prompt_len + max_tokens <= self.max_positions
 
     def rows(self, requests: int) -> int:
-        """The rows a batch of `requests` is padded to: the power of two above, at most max_batch."""
-        return min(_power_of_two(requests), self.max_batch)
+        """The rows a batch of `requests` is padded to: the smallest of `batch_sizes` that holds them."""
+        return next(size for size in self.batch_sizes if size >= requests)
 
     def row_buckets(self) -> list[int]:
         """Every batch size `rows` gives: the programs `warm_up` compiles."""
-        return sorted({self.rows(n) for n in range(1, self.max_batch + 1)})
+        return list(self.batch_sizes)
 
     def warm_up(self, prompt_tokens: int, progress: bool = True) -> int:
         """Compiles the programs of greedy batches of every size in `row_buckets` with prompts up to
