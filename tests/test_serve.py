@@ -414,7 +414,7 @@ def test_cli_help_and_a_bad_run(tmp_path, capsys):
     assert exit_.value.code == 2 and "--dtype nonsense: not a dtype" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["--adapter", str(tmp_path), "--max_batch", "8", "--batch_sizes", "1,4"])
-    assert exit_.value.code == 2 and "the largest --max_batch (8)" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "largest is max_batch (8)" in capsys.readouterr().err
 
 
 def test_batch_sizes():

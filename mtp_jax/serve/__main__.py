@@ -79,8 +79,12 @@ def _main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     if args.max_batch < 1 or args.max_tokens < 1 or args.batch_wait_ms < 0 or args.precompile < 0:
         ap.error("--max_batch and --max_tokens must be >= 1, --batch_wait_ms and --precompile >= 0")
-    if args.batch_sizes is not None and (min(args.batch_sizes) < 1 or max(args.batch_sizes) != args.max_batch):
-        ap.error(f"--batch_sizes {args.batch_sizes}: each must be >= 1 and the largest --max_batch ({args.max_batch})")
+    from mtp_jax.serve.batcher import batch_sizes_of
+
+    try:  # before the model loads
+        batch_sizes_of(args.max_batch, args.batch_sizes)
+    except ValueError as e:
+        ap.error(f"--batch_sizes: {e}")
     if args.dtype is not None:
         import jax.numpy as jnp
 
