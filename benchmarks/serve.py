@@ -24,7 +24,8 @@ from `usage`), the mean per-position draft acceptance (speculative), and the ser
 (requests per batch). Writes a Markdown report (`--out`, default
 benchmarks/results/serve_<date>_<device>.md) with the device (nvidia-smi, else the CPU), commit and
 command, and a JSON beside it. Server flags `--max_batch` (default: the largest concurrency, so every
-client can share a batch), `--batch_sizes`, `--dtype`, `--model`, `--step`, `--batch_wait_ms` pass through.
+client can share a batch), `--batch_sizes`, `--calls_per_read`, `--dtype`, `--model`, `--step`,
+`--batch_wait_ms` pass through.
 
 On a machine whose packages come as wheels installed without their dependencies (`pip install --no-deps`),
 the server also needs fastapi's own: starlette, pydantic, pydantic-core, annotated-types,
@@ -100,7 +101,7 @@ def server(args, mode: str, log_dir: Path):
            "--host", "127.0.0.1", "--port", str(port), "--max_batch", str(args.max_batch),
            "--max_tokens", str(args.max_tokens), "--batch_wait_ms", str(args.batch_wait_ms),
            "--precompile", str(args.precompile)]
-    for flag in ("model", "dtype", "step", "batch_sizes"):
+    for flag in ("model", "dtype", "step", "batch_sizes", "calls_per_read"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag}", str(getattr(args, flag))]
     log = log_dir / f"server_{mode}.log"
@@ -246,7 +247,8 @@ def markdown(report: dict) -> str:
              f"- command: `{report['command']}`",
              f"- adapter: `{report['adapter']}`; {report['prompt_count']} prompts from `{report['prompts']}`, "
              f"greedy, max_tokens {report['max_tokens']}, server max_batch {report['max_batch']}"
-             + (f" (batch sizes {report['batch_sizes']})" if report.get("batch_sizes") else "") + "; "
+             + (f" (batch sizes {report['batch_sizes']})" if report.get("batch_sizes") else "")
+             + (f", {report['calls_per_read']} calls a read" if report.get("calls_per_read") else "") + "; "
              + (f"{report['seconds']} s per phase" if report["requests"] is None
                 else f"{report['requests']} requests per client")
              + f" after {report['warmup']} warm-up pass(es) over the prompts",
@@ -291,6 +293,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompts", default="builtin:heldout_prompts.jsonl", help="prompt file ({'input': ...} records)")
     ap.add_argument("--max_batch", type=int, default=None, help="server --max_batch (default: the largest --clients)")
     ap.add_argument("--batch_sizes", default=None, help="server --batch_sizes (default: the server's)")
+    ap.add_argument("--calls_per_read", type=int, default=None, help="server --calls_per_read (default: the server's)")
     ap.add_argument("--batch_wait_ms", type=float, default=2.0, help="server --batch_wait_ms")
     ap.add_argument("--precompile", type=int, default=None,
                     help="server --precompile (default: the longest prompt's tokens, chat-templated)")
@@ -346,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
         report = {"environment": env, "command": command, "complete": complete,
                   "adapter": args.adapter, "prompts": args.prompts, "prompt_count": len(prompts),
                   "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-                  "batch_sizes": args.batch_sizes, "precompile": args.precompile,
+                  "batch_sizes": args.batch_sizes, "calls_per_read": args.calls_per_read,
+                  "precompile": args.precompile,
                   "startup_s": startup, "clients": args.clients, "seconds": args.seconds, "requests": args.requests,
                   "warmup": args.warmup, "rows": rows, "failures": failures}
         write_text(out, markdown(report))

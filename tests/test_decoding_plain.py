@@ -79,9 +79,11 @@ def test_bad_generation_arguments(tiny_hf, bad):
         generate(model, params, **kwargs)
 
 
-def test_plain_calls_yield_generates_tokens_one_call_at_a_time(tiny_hf):
-    """The server's plain mode: one token per running row per call, the same tokens as `generate`
-    (greedy and sampled with the same seed), a row that hit EOS gaining nothing after it."""
+@pytest.mark.parametrize("per_read", [1, 3])
+def test_plain_calls_yield_generates_tokens_call_by_call(tiny_hf, per_read):
+    """The server's plain mode: one token per running row per call, `per_read` calls a read (the
+    prompt's call alone first), the same tokens as `generate` (greedy and sampled with the same seed),
+    a row that hit EOS gaining nothing after it, and each row's calls counted up to each read."""
     from mtp_jax.decoding.plain import plain_calls
 
     _, _, path = tiny_hf
@@ -91,12 +93,13 @@ def test_plain_calls_yield_generates_tokens_one_call_at_a_time(tiny_hf):
     eos = [free[3]]  # row 0 stops after its 4th token; the others run on (or stop where they meet it)
     for sampling, seed in ((Sampling(), 0), (Sampling(temperature=1.1, top_p=0.9), 5)):
         want = generate(model, params, prompts, 9, eos, sampling, seed)
-        got, calls = [[] for _ in prompts], list(plain_calls(model, params, prompts, 9, eos, sampling, seed))
-        for c in calls:
-            assert all(len(chunk) <= 1 for chunk in c.chunks) and c.accepted.shape == (3, 0)
+        got = [[] for _ in prompts]
+        calls = list(plain_calls(model, params, prompts, 9, eos, sampling, seed, calls_per_read=per_read))
+        for i, c in enumerate(calls):
+            assert all(len(chunk) <= (1 if i == 0 else per_read) for chunk in c.chunks) and c.accepted.shape == (3, 0)
             for row, chunk in zip(got, c.chunks):
                 row.extend(chunk)
+            assert c.steps.tolist() == [len(g) for g in got], "a row's calls are its tokens so far"
         assert got == want, sampling
-        assert calls[-1].done.all() and len(calls) == max(map(len, want))
-        assert calls[-1].steps.tolist() == [len(w) for w in want]
+        assert calls[-1].done.all() and len(calls) == 1 + -(-(max(map(len, want)) - 1) // per_read)
     assert len(want[0]) <= 4 or eos[0] not in want[0]

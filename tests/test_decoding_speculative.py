@@ -235,6 +235,26 @@ def test_stream_yields_the_same_tokens(setups):
     np.testing.assert_array_equal(last.steps, whole.steps)
 
 
+def test_calls_read_three_at_a_time_give_the_same_decoding(setups):
+    """speculative_calls with calls_per_read=3: the prompt's call alone, then reads of up to 3 calls
+    each (at most 3 (k + 1) new tokens a row), the tokens and counters of one call a read."""
+    from mtp_jax.decoding.speculative import speculative_calls
+
+    model, params, _ = setups["llama"]
+    prompts = prompts_for(16)[:2]
+    one = list(speculative_calls(model, params, prompts, NEW, NEVER))
+    three = list(speculative_calls(model, params, prompts, NEW, NEVER, calls_per_read=3))
+    assert len(three) == 1 + -(-(len(one) - 1) // 3)
+    assert all(len(chunk) <= 3 * (K + 1) for call in three[1:] for chunk in call.chunks)
+    joined = lambda calls: [sum((c.chunks[r] for c in calls), []) for r in range(len(prompts))]  # noqa: E731
+    assert joined(three) == joined(one)
+    for got, want in zip(three[1:], one[3::3]):  # each read's counters are those after its last call
+        np.testing.assert_array_equal(got.steps, want.steps)
+        np.testing.assert_array_equal(got.accepted, want.accepted)
+    np.testing.assert_array_equal(three[-1].steps, one[-1].steps)
+    np.testing.assert_array_equal(three[-1].offered, one[-1].offered)
+
+
 def test_top_k_1_sampling_is_greedy(setups):
     """With top-k = 1 base and draft distributions are one-hot: rejection sampling must give greedy."""
     model, params, lm = setups["llama"]

@@ -86,15 +86,17 @@ def serving(app):
 @pytest.fixture(scope="module")
 def server(trained):
     """The speculative server (max_batch 4; the engine waits 0.3 s for more requests before a batch, so
-    requests sent together share one)."""
-    with serving(build_app(trained.run_dir, max_batch=4, batch_wait_s=0.3, default_max_tokens=MAX)) as client:
+    requests sent together share one; 3 model calls a read)."""
+    with serving(build_app(trained.run_dir, max_batch=4, batch_wait_s=0.3, default_max_tokens=MAX,
+                           calls_per_read=3)) as client:
         yield SimpleNamespace(client=client, model=trained.run_dir.name)
 
 
 @pytest.fixture(scope="module")
 def plain_server(trained):
-    """The same run served with `decoding="plain"` (its base model alone), batched alike."""
-    app = build_app(trained.run_dir, max_batch=4, batch_wait_s=0.3, default_max_tokens=MAX, decoding="plain")
+    """The same run served with `decoding="plain"` (its base model alone), batched alike, 2 calls a read."""
+    app = build_app(trained.run_dir, max_batch=4, batch_wait_s=0.3, default_max_tokens=MAX, decoding="plain",
+                    calls_per_read=2)
     with serving(app) as client:
         yield SimpleNamespace(client=client, model=trained.run_dir.name)
 
@@ -211,11 +213,12 @@ def test_warmed_up_engine_compiles_nothing_for_its_traffic(trained, decoding):
     # batches of 2 and 3 to 4 rows (batch sizes 1, 4), speculative to 2 and 4 (the default)
     sizes = None if decoding == "speculative" else (4, 1)
     batcher = Batcher(lm, params, tok, trained.eos, pad_id_of(tok, trained.eos), max_batch=4, batch_wait_s=0.05,
-                      decoding=decoding, decode_length=MAX - 4, batch_sizes=sizes)
+                      decoding=decoding, decode_length=MAX - 4, batch_sizes=sizes,
+                      calls_per_read=3 if decoding == "speculative" else 1)
     rows = [1, 2, 4] if sizes is None else [1, 4]
     assert batcher.row_buckets() == rows
     assert batcher.warm_up(64, progress=False) == len(rows) * 3  # x prompts padded to 16, 32, 64
-    jitted = (speculative._prefill_jit, speculative.step_jit, plain._prefill_jit, plain._next_jit)
+    jitted = (speculative._prefill_jit, speculative.steps_jit, plain._prefill_jit, plain._next_calls_jit)
     before = [f._cache_size() for f in jitted]
     questions = [QUESTIONS[0], " ".join(QUESTIONS * 2), QUESTIONS[2], " ".join(QUESTIONS * 3), QUESTIONS[1]]
     lengths = {padded_length(len(chat_ids(trained, q))) for q in questions}

@@ -90,37 +90,62 @@ def _generate(model: CausalLM, params: Any, tokens: jax.Array, pad_len: jax.Arra
     return out, state.n, kept
 
 
+def _next_calls(model: CausalLM, params: Any, state: PlainState, pad_len: jax.Array, slot_valid: jax.Array,
+                eos_ids: jax.Array, max_new_tokens: int, sampling: Sampling, calls: int):
+    """Up to `calls` `_next`s, fewer once every row is done or max_new_tokens are out: (the state after
+    them, their tokens [b, calls]; columns past the last call and a finished row's tokens are eos_ids[0])."""
+    toks = jnp.full((state.last.shape[0], calls), eos_ids[0], jnp.int32)
+
+    def body(carry):
+        i, state, toks = carry
+        state, _ = _next(model, params, state, pad_len, slot_valid, eos_ids, max_new_tokens, sampling)
+        return i + 1, state, toks.at[:, i].set(state.last)
+
+    cond = lambda c: (c[0] < calls) & (c[1].n < max_new_tokens) & ~jnp.all(c[1].done)  # noqa: E731
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), state, toks))[1:]
+
+
 _prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_new_tokens", "sampling"))
 # the state (KV cache included) is donated: each call updates the previous call's buffers in place
-_next_jit = jax.jit(_next, static_argnames=("model", "max_new_tokens", "sampling"), donate_argnames=("state",))
+_next_calls_jit = jax.jit(_next_calls, static_argnames=("model", "max_new_tokens", "sampling", "calls"),
+                          donate_argnames=("state",))
 
 
 def plain_calls(model: CausalLM, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0
-                ) -> Iterator[StreamCall]:
-    """`generate`'s decoding one model call (one token per running row) at a time, the prompt call first,
-    as `speculative.speculative_calls` yields them (a server decodes with either): `steps` counts a row's
-    calls while it ran, `accepted` / `offered` are [batch, 0] (no drafts). Closing the generator stops
-    decoding."""
+                eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0,
+                calls_per_read: int = 1) -> Iterator[StreamCall]:
+    """`generate`'s decoding as it goes, as `speculative.speculative_calls` yields it (a server decodes
+    with either): a StreamCall after the prompt's call, then after every `calls_per_read` calls (one
+    token per running row each), one program and one read each. `steps` counts a row's calls while it
+    ran, `accepted` / `offered` are [batch, 0] (no drafts). Closing the generator stops decoding."""
     if isinstance(model, MTPModel):
         raise TypeError("plain decoding takes the base CausalLM, got an MTPModel")
+    if calls_per_read < 1:
+        raise ValueError(f"calls_per_read must be >= 1, got {calls_per_read}")
     tokens, pad_len = check_request(prompts, max_new_tokens, eos_ids, pad_id, model.config.max_position_embeddings)
     model, params = prepare(model, params["params"] if "params" in params else params)
     pad_len, eos = jnp.asarray(pad_len), jnp.asarray(list(eos_ids), jnp.int32)
     state, slot_valid, _ = _prefill_jit(model, params, jnp.asarray(tokens), pad_len, eos, jax.random.key(seed),
                                         max_new_tokens, sampling)
-    running = np.ones(len(prompts), bool)  # rows that emit a token in this call
+    first = np.asarray(state.last)[:, None]
+    done, n = np.zeros(len(prompts), bool), 0
     steps, none = np.zeros(len(prompts), np.int64), np.zeros((len(prompts), 0), np.int64)
     while True:
-        last, eos_done, n = np.asarray(state.last), np.asarray(state.done), int(state.n)
-        steps = steps + running
-        done = eos_done | (n >= max_new_tokens)
-        yield StreamCall([[int(last[r])] if running[r] else [] for r in range(len(prompts))], steps, none, none,
-                         done)
+        chunks = [[] for _ in prompts]
+        for column in first.T:  # the calls since the last read, one after another, as the device ran them
+            if done.all():
+                break
+            running, n = ~done, n + 1
+            for r in np.nonzero(running)[0]:
+                chunks[r].append(int(column[r]))
+            steps = steps + running
+            done = done | np.isin(column, eos_ids) | (n >= max_new_tokens)
+        yield StreamCall(chunks, steps, none, none, done)
         if done.all():
             return
-        running = ~done
-        state, _ = _next_jit(model, params, state, pad_len, slot_valid, eos, max_new_tokens, sampling)
+        state, first = _next_calls_jit(model, params, state, pad_len, slot_valid, eos, max_new_tokens, sampling,
+                                       calls_per_read)
+        first = np.asarray(first)
 
 
 def generate_with_logits(model: CausalLM | MTPModel, params: Any, prompts: Sequence[Sequence[int]],

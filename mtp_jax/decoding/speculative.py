@@ -285,10 +285,19 @@ def _decode(model, params, tokens, pad_len, eos_ids, rng, speculate, max_new_tok
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
 
+def _steps(model, params, state: DecodeState, pad_len, slot_valid, eos_ids, speculate, max_new_tokens, sampling, k,
+           anchors, lossy, calls):
+    """Up to `calls` `_step`s, fewer once every row is done: one dispatch from the host and one read of
+    the tokens for several model calls (a streaming caller's host work per call is shared)."""
+    body = lambda c: (c[0] + 1, _step(model, params, c[1], pad_len, slot_valid, eos_ids, speculate,  # noqa: E731
+                                      max_new_tokens, sampling, k, anchors, lossy))
+    return jax.lax.while_loop(lambda c: (c[0] < calls) & ~jnp.all(c[1].done), body, (jnp.int32(0), state))[1]
+
+
 _prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_new_tokens", "sampling", "k", "blocks", "lossy",
                                                   "keep_logits"))
 # the state (KV cache included) is donated: each call updates the previous call's buffers in place
-step_jit = jax.jit(_step, static_argnames=_STATIC, donate_argnames=("state",))
+steps_jit = jax.jit(_steps, static_argnames=_STATIC + ("calls",), donate_argnames=("state",))
 
 
 def _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id, draft_length, anchors, lossy, exact):
@@ -350,10 +359,10 @@ def speculative_generate(model: MTPModel, params: Params, prompts: Sequence[Sequ
 
 
 class StreamCall(NamedTuple):
-    """One model call of `speculative_calls`: the tokens each row gained in it and the row's counters
-    (as DecodeResult's) after it."""
+    """One read of `speculative_calls` (after the prompt's call, then after each `calls_per_read` model
+    calls): the tokens each row gained since the last read and the row's counters (as DecodeResult's)."""
     chunks: list[list[int]]
-    steps: np.ndarray  # [batch] model calls while the row was running, this one included
+    steps: np.ndarray  # [batch] model calls while the row was running, up to this read
     accepted: np.ndarray  # [batch, k]
     offered: np.ndarray  # [batch, k]
     done: np.ndarray  # [batch] bool
@@ -362,11 +371,15 @@ class StreamCall(NamedTuple):
 def speculative_calls(model: MTPModel, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                       eos_ids: Sequence[int], sampling: Sampling = Sampling(), seed: int = 0, pad_id: int = 0,
                       draft_length: int | None = None, anchors: Sequence[int] | None = None,
-                      lossy: float | None = None) -> Iterator[StreamCall]:
-    """`speculative_generate`'s decoding one model call at a time (the prompt call first). A caller that
-    stops reading a row part-way (a server's stop string) has that row's counters up to there; closing
-    the generator stops decoding. Each call is its own program here, so in bf16 the tokens are
-    `speculative_generate`'s only up to rounding (exact mode: use that)."""
+                      lossy: float | None = None, calls_per_read: int = 1) -> Iterator[StreamCall]:
+    """`speculative_generate`'s decoding as it goes: a StreamCall after the prompt's call, then after
+    every `calls_per_read` model calls (fewer at the end), each run as one program with one read of
+    its tokens, so that the host's work per read (dispatch, reading back, the caller's) is shared by
+    that many calls. A caller that stops reading a row part-way (a server's stop string) has that
+    row's counters up to the read; closing the generator stops decoding. These programs are not
+    `speculative_generate`'s, so in bf16 the tokens are its only up to rounding (exact mode: use that)."""
+    if calls_per_read < 1:
+        raise ValueError(f"calls_per_read must be >= 1, got {calls_per_read}")
     tokens, pad_len, eos, k, anchors = _inputs(model, params, prompts, max_new_tokens, eos_ids, sampling, pad_id,
                                                draft_length, anchors, lossy, False)
     model, params = prepare(model, params)
@@ -374,16 +387,16 @@ def speculative_calls(model: MTPModel, params: Params, prompts: Sequence[Sequenc
                                      sampling, k, len(anchors), lossy)
     speculate = jnp.asarray(True)
     seen = np.zeros(len(prompts), np.int64)
-    while True:
-        n_out, done = np.asarray(state.n_out), np.asarray(state.done)
-        out = np.asarray(state.out)
-        yield StreamCall([out[r, seen[r]:n_out[r]].tolist() for r in range(len(prompts))], np.asarray(state.steps),
-                         np.asarray(state.accepted), np.asarray(state.offered), done)
+    while True:  # one transfer for all that is read
+        n_out, done, out, steps, accepted, offered = jax.device_get(
+            (state.n_out, state.done, state.out, state.steps, state.accepted, state.offered))
+        yield StreamCall([out[r, seen[r]:n_out[r]].tolist() for r in range(len(prompts))], steps, accepted,
+                         offered, done)
         if done.all():
             return
         seen = n_out
-        state = step_jit(model, params, state, pad_len, slot_valid, eos, speculate, max_new_tokens, sampling, k,
-                         anchors, lossy)
+        state = steps_jit(model, params, state, pad_len, slot_valid, eos, speculate, max_new_tokens, sampling, k,
+                          anchors, lossy, calls_per_read)
 
 
 def speculative_stream(model: MTPModel, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,

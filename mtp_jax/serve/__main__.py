@@ -25,11 +25,12 @@ from mtp_jax.paths import absolute, absolute_if_local
 def build_app(adapter, model: str | None = None, step: int | None = None, dtype: str | None = None,
               max_batch: int = 8, batch_wait_s: float = 0.002, default_max_tokens: int = 256,
               model_id: str | None = None, decoding: str = "speculative", precompile: int = 0,
-              batch_sizes: Sequence[int] | None = None):
+              batch_sizes: Sequence[int] | None = None, calls_per_read: int = 1):
     """The FastAPI app serving the run at `adapter` (loaded here; the decoding layout built once):
     `decoding` "speculative" with its drafts, or "plain" with its base model alone. `precompile` > 0:
     compile every batch size's programs for greedy prompts up to that many tokens first
-    (`Batcher.warm_up`). `batch_sizes`: the row counts batches pad to (`batcher.batch_sizes_of`)."""
+    (`Batcher.warm_up`). `batch_sizes`: the row counts batches pad to (`batcher.batch_sizes_of`);
+    `calls_per_read`: model calls between two reads of their tokens (`Batcher`)."""
     from mtp_jax.decoding.adapter import load_adapter, load_base
     from mtp_jax.decoding.request import eos_ids_of, pad_id_of
     from mtp_jax.serve.app import create_app
@@ -41,7 +42,7 @@ def build_app(adapter, model: str | None = None, step: int | None = None, dtype:
     lm, params, tokenizer = load(adapter, model, step, dtype)
     eos = eos_ids_of(tokenizer, lm.config)
     batcher = Batcher(lm, params, tokenizer, eos, pad_id_of(tokenizer, eos), max_batch, batch_wait_s, decoding,
-                      min(default_max_tokens, lm.config.max_position_embeddings - 1), batch_sizes)
+                      min(default_max_tokens, lm.config.max_position_embeddings - 1), batch_sizes, calls_per_read)
     if precompile:
         batcher.warm_up(precompile)
     return create_app(batcher, model_id or absolute(adapter).name, default_max_tokens)
@@ -67,6 +68,9 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--batch_sizes", type=_int_list, default=None, metavar="N,N,...",
                     help="row counts a batch is padded to, the largest --max_batch (default: powers of two up to "
                          "--max_batch, and --max_batch); fewer sizes, fewer programs to compile")
+    ap.add_argument("--calls_per_read", type=int, default=4, metavar="N",
+                    help="model calls the engine runs between two reads of their tokens: the host's work per read "
+                         "(dispatch, read-back, detokenizing) is shared by N calls; streams come N calls at a time")
     ap.add_argument("--batch_wait_ms", type=float, default=2.0,
                     help="how long the engine waits for more requests before it starts a batch")
     ap.add_argument("--max_tokens", type=int, default=256, help="token limit of a request that names none")
@@ -77,8 +81,8 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--compile_cache", default=None, type=absolute,
                     help="JAX's persistent compilation cache dir: a restarted server loads its programs from it")
     args = ap.parse_args(argv)
-    if args.max_batch < 1 or args.max_tokens < 1 or args.batch_wait_ms < 0 or args.precompile < 0:
-        ap.error("--max_batch and --max_tokens must be >= 1, --batch_wait_ms and --precompile >= 0")
+    if min(args.max_batch, args.max_tokens, args.calls_per_read) < 1 or args.batch_wait_ms < 0 or args.precompile < 0:
+        ap.error("--max_batch, --max_tokens and --calls_per_read must be >= 1, --batch_wait_ms and --precompile >= 0")
     from mtp_jax.serve.batcher import batch_sizes_of
 
     try:  # before the model loads
@@ -99,7 +103,8 @@ def _main(argv: list[str]) -> None:
 
         jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
     app = build_app(args.adapter, args.model, args.step, args.dtype, args.max_batch, args.batch_wait_ms / 1000,
-                    args.max_tokens, args.served_model_name, args.decoding, args.precompile, args.batch_sizes)
+                    args.max_tokens, args.served_model_name, args.decoding, args.precompile, args.batch_sizes,
+                    args.calls_per_read)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -4,19 +4,21 @@ Granularity: a batch at a time (static batching). The thread takes the oldest pe
 to `max_batch - 1` more that share its sampling settings (temperature and top-p are compiled into
 the decoding program) and fit the context together; it decodes them as one batch with
 `speculative_calls` (or, in plain mode, `plain_calls`: the base model alone, one token per call),
-one model call at a time, and hands each request its new text as the calls come. Requests that
+`calls_per_read` model calls at a time (one dispatch and one read of their tokens: the host's work
+per read is shared by that many calls), and hands each request its new text as the reads come. A
+stop string found in a read ends the request there; its `calls` count the read's calls. Requests that
 arrive meanwhile wait for the next batch; a batch ends when all its requests have finished (EOS,
 their own `max_tokens`, a stop string) or were cancelled (a client gone).
 
 Compiled shapes are bucketed so a server compiles a few programs, not one per request: the batch
 is padded to the next of its batch sizes (default powers of two, and max_batch; `batch_sizes_of`)
 with copies of its first prompt, whose output is dropped, the prompt to 16, 32, 64, ... tokens
-(`request.padded_length`), and every batch gets the same decode length, `decode_length` (the server's default max_tokens), unless a request asks for
-more; rows stop at their own max_tokens. A program costs seconds to compile on a GPU, and a server
-that compiled on first use would stall the requests that first meet a shape: `warm_up` compiles
-every batch size's programs for greedy prompts up to a length before traffic comes (sampled
-requests compile theirs on first use: temperature and top-p are part of the program). A request
-whose client left keeps its row until the batch ends, unread.
+(`request.padded_length`), and every batch gets the same decode length, `decode_length` (the
+server's default max_tokens), unless a request asks for more; rows stop at their own max_tokens. A
+program costs seconds to compile on a GPU, and a server that compiled on first use would stall the
+requests that first meet a shape: `warm_up` compiles every batch size's programs for greedy prompts
+up to a length before traffic comes (sampled requests compile theirs on first use: temperature and
+top-p are part of the program). A request whose client left keeps its row until the batch ends, unread.
 """
 
 from __future__ import annotations
@@ -130,9 +132,11 @@ class Batcher:
 
     def __init__(self, model, params, tokenizer, eos_ids: Sequence[int], pad_id: int, max_batch: int = 8,
                  batch_wait_s: float = 0.002, decoding: str = "speculative", decode_length: int = 256,
-                 batch_sizes: Sequence[int] | None = None):
-        if max_batch < 1 or decode_length < 1:
-            raise ValueError(f"max_batch and decode_length must be >= 1, got {max_batch} and {decode_length}")
+                 batch_sizes: Sequence[int] | None = None, calls_per_read: int = 1):
+        if max_batch < 1 or decode_length < 1 or calls_per_read < 1:
+            raise ValueError(f"max_batch, decode_length and calls_per_read must be >= 1, got {max_batch}, "
+                             f"{decode_length} and {calls_per_read}")
+        self.calls_per_read = calls_per_read
         self.batch_sizes = batch_sizes_of(max_batch, batch_sizes)
         if decoding not in DECODERS:
             raise ValueError(f"decoding {decoding!r}: expected one of {sorted(DECODERS)}")
@@ -180,7 +184,7 @@ class Batcher:
         never = [-1] * len(self.eos_ids)  # an EOS no token has: each dummy row runs past its first call
         for rows, length in tqdm(pairs, desc=f"compiling ({self.decoding})", disable=not progress):
             calls = self._calls(self.model, self.params, [[self.pad_id] * length] * rows, self.decode_length,
-                                never, Sampling(), 0, self.pad_id)
+                                never, Sampling(), 0, self.pad_id, calls_per_read=self.calls_per_read)
             try:
                 for _, _ in zip(range(2), calls):
                     pass
@@ -255,7 +259,7 @@ class Batcher:
         live = [True] * len(batch)
         self._seed += 1
         calls = self._calls(self.model, self.params, prompts, self._decode_length(batch), self.eos_ids,
-                                  batch[0].sampling, self._seed, self.pad_id)
+                            batch[0].sampling, self._seed, self.pad_id, calls_per_read=self.calls_per_read)
         try:
             for call in calls:
                 for i, r in enumerate(batch):
