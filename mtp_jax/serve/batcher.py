@@ -164,12 +164,15 @@ class Batcher:
         """Every batch size `rows` gives: the programs `warm_up` compiles."""
         return list(self.batch_sizes)
 
-    def warm_up(self, prompt_tokens: int, progress: bool = True) -> int:
+    def warm_up(self, prompt_tokens: int, progress: bool = True, threads: int = 4) -> int:
         """Compiles the programs of greedy batches of every size in `row_buckets` with prompts up to
         `prompt_tokens` long (every padded length up to that one, as far as the context less the
-        decode length allows) and the default decode length: each decodes a dummy batch for two calls
-        (the prompt's and one more). Returns how many (rows, prompt length) pairs it ran. Call before
-        `start`."""
+        decode length allows) and the default decode length: each decodes a dummy batch for two reads
+        (the prompt's call and one more). Up to `threads` pairs at a time: XLA compiles outside
+        Python's lock, so distinct programs compile in parallel. Returns how many (rows, prompt
+        length) pairs it ran. Call before `start`."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
         from tqdm.auto import tqdm
 
         limit = self.max_positions - self.decode_length
@@ -182,7 +185,8 @@ class Batcher:
             lengths.append(padded_length(lengths[-1] + 1, limit))
         pairs = [(rows, length) for rows in self.row_buckets() for length in lengths]
         never = [-1] * len(self.eos_ids)  # an EOS no token has: each dummy row runs past its first call
-        for rows, length in tqdm(pairs, desc=f"compiling ({self.decoding})", disable=not progress):
+
+        def run(rows: int, length: int) -> None:
             calls = self._calls(self.model, self.params, [[self.pad_id] * length] * rows, self.decode_length,
                                 never, Sampling(), 0, self.pad_id, calls_per_read=self.calls_per_read)
             try:
@@ -190,6 +194,12 @@ class Batcher:
                     pass
             finally:
                 calls.close()
+
+        with ThreadPoolExecutor(max(1, threads)) as pool, \
+                tqdm(total=len(pairs), desc=f"compiling ({self.decoding})", disable=not progress) as bar:
+            for done in as_completed([pool.submit(run, rows, length) for rows, length in pairs]):
+                done.result()  # a failed compile fails the warm-up
+                bar.update()
         return len(pairs)
 
     def submit(self, request: Request) -> None:
