@@ -215,8 +215,8 @@ def test_warmed_up_engine_compiles_nothing_for_its_traffic(trained, decoding):
     batcher = Batcher(lm, params, tok, trained.eos, pad_id_of(tok, trained.eos), max_batch=4, batch_wait_s=0.05,
                       decoding=decoding, decode_length=MAX - 4, batch_sizes=sizes,
                       calls_per_read=3 if decoding == "speculative" else 1)
-    rows = [1, 2, 4] if sizes is None else [1, 4]
-    assert batcher.row_buckets() == rows
+    rows = (1, 2, 4) if sizes is None else (1, 4)
+    assert batcher.batch_sizes == rows
     assert batcher.warm_up(64, progress=False) == len(rows) * 3  # x prompts padded to 16, 32, 64
     jitted = (speculative._prefill_jit, speculative.steps_jit, plain._prefill_jit, plain._next_calls_jit)
     before = [f._cache_size() for f in jitted]

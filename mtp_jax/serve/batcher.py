@@ -160,12 +160,8 @@ class Batcher:
         """The rows a batch of `requests` is padded to: the smallest of `batch_sizes` that holds them."""
         return next(size for size in self.batch_sizes if size >= requests)
 
-    def row_buckets(self) -> list[int]:
-        """Every batch size `rows` gives: the programs `warm_up` compiles."""
-        return list(self.batch_sizes)
-
     def warm_up(self, prompt_tokens: int, progress: bool = True, threads: int = 4) -> int:
-        """Compiles the programs of greedy batches of every size in `row_buckets` with prompts up to
+        """Compiles the programs of greedy batches of every size in `batch_sizes` with prompts up to
         `prompt_tokens` long (every padded length up to that one, as far as the context less the
         decode length allows) and the default decode length: each decodes a dummy batch for two reads
         (the prompt's call and one more). Up to `threads` pairs at a time: XLA compiles outside
@@ -183,7 +179,7 @@ class Batcher:
         lengths = [padded_length(1, limit)]  # every padded length up to the longest prompt's
         while lengths[-1] < padded_length(prompt_tokens, limit):
             lengths.append(padded_length(lengths[-1] + 1, limit))
-        pairs = [(rows, length) for rows in self.row_buckets() for length in lengths]
+        pairs = [(rows, length) for rows in self.batch_sizes for length in lengths]
         never = [-1] * len(self.eos_ids)  # an EOS no token has: each dummy row runs past its first call
 
         def run(rows: int, length: int) -> None:
