@@ -197,6 +197,17 @@ def mtp_model(config: ModelConfig, base, dtype, k: int, seed: int = 0):
     return model, params
 
 
+def random_models(path: str, tiny: bool, dtype, k: int = 4):
+    """(CausalLM, MTPModel, its params) at the shapes of config.json `path` (`tiny`: its layer count at
+    SMOKE_SHAPES' widths), random weights and random adapters (`mtp_model`)."""
+    hf = json.loads(Path(path).read_text())
+    if tiny:
+        hf = {**hf, **{key: v for key, v in SMOKE_SHAPES.items() if key != "num_hidden_layers"}}
+    config = ModelConfig.from_hf(hf)
+    lm = CausalLM(config, None, dtype, dtype)
+    return (lm, *mtp_model(config, random_base(lm), dtype, k))
+
+
 def prompt_ids(name: str, config: ModelConfig, batch: int, tokenizer) -> list[list[int]]:
     """Held-out prompts (chat template) for SmolLM2, cycled to the batch; random tokens for the 8B shapes."""
     if tokenizer is None:

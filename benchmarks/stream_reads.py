@@ -14,7 +14,6 @@ each N's figure and its ratio to N = 1's of the same run (`x N=1`, below 1 is fa
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -22,12 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from _report import environment, fmt, header, write_json
-from decode import SMOKE_SHAPES, mtp_model, random_base
+from decode import random_models
 from mtp_jax.decoding.layout import prepare
 from mtp_jax.decoding.plain import plain_calls
 from mtp_jax.decoding.speculative import speculative_calls
-from mtp_jax.models import ModelConfig
-from mtp_jax.models.llama import CausalLM
 
 NEVER = [-1]  # an EOS id no token has
 
@@ -55,12 +52,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    hf = json.load(open(args.model))
-    if args.tiny:
-        hf = {**hf, **{k: v for k, v in SMOKE_SHAPES.items() if k != "num_hidden_layers"}}
-    config, dtype = ModelConfig.from_hf(hf), jnp.dtype(args.dtype)
-    lm = CausalLM(config, None, dtype, dtype)
-    model, params = mtp_model(config, random_base(lm), dtype, 4)
+    lm, model, params = random_models(args.model, args.tiny, jnp.dtype(args.dtype))
     base_model, base_params = prepare(lm, params["base"])  # the decoding layouts, built once
     model, params = prepare(model, params)
     prompt = list(range(1, 49))

@@ -25,18 +25,12 @@ def warm(args) -> float:
     """Seconds of one warm-up in this process."""
     import jax.numpy as jnp
 
-    from decode import SMOKE_SHAPES, mtp_model, random_base
+    from decode import random_models
     from mtp_jax.decoding.layout import prepare
-    from mtp_jax.models import ModelConfig
-    from mtp_jax.models.llama import CausalLM
     from mtp_jax.serve.batcher import Batcher
 
-    hf = json.load(open(args.model))
-    if args.tiny:
-        hf = {**hf, **{k: v for k, v in SMOKE_SHAPES.items() if k != "num_hidden_layers"}}
-    config, dtype = ModelConfig.from_hf(hf), jnp.dtype(args.dtype)
-    lm = CausalLM(config, None, dtype, dtype)
-    model, params = prepare(*mtp_model(config, random_base(lm), dtype, 4))
+    _, model, params = random_models(args.model, args.tiny, jnp.dtype(args.dtype))
+    model, params = prepare(model, params)
     sizes = [int(n) for n in args.batch_sizes.split(",")]
     batcher = Batcher(model, params, None, [-1], 0, max_batch=max(sizes), decode_length=args.decode_length,
                       batch_sizes=sizes)
