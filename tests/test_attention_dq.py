@@ -29,31 +29,37 @@ def _grouped(x, heads):  # [B, S, KVH, D] -> [B, S, H, D]: query head h reads kv
     return x.repeat_interleave(heads // x.shape[2], dim=2)
 
 
-def _union_reference(q, ka, va, kv_len, kb, vb, g):
-    """float64 autograd: attention of q over keys ka[:kv_len[b]] and all of kb -> (dq, out, lse)."""
+def _union_reference(q, ka, va, keep_a, kb, vb, g):
+    """float64 autograd: attention of q over the keys of ka that `keep_a` [b, t, s] marks and all of kb
+    -> (dq, out, lse)."""
     q = q.double().requires_grad_(True)
     b, t, h, d = q.shape
     k = torch.cat([_grouped(ka, h), _grouped(kb, h)], 1).double()
     v = torch.cat([_grouped(va, h), _grouped(vb, h)], 1).double()
     s = torch.einsum("bthd,bshd->bhts", q, k) * d ** -0.5
-    keep = torch.ones(b, k.shape[1], dtype=torch.bool)
-    keep[:, :ka.shape[1]] = torch.arange(ka.shape[1])[None] < kv_len[:, None]
-    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    keep = torch.cat([keep_a, torch.ones(b, t, kb.shape[1], dtype=torch.bool)], 2)
+    s = s.masked_fill(~keep[:, None], float("-inf"))
     lse = torch.logsumexp(s, -1)  # [b, h, t]
     out = torch.einsum("bhts,bshd->bthd", torch.exp(s - lse[..., None]), v)
     (dq,) = torch.autograd.grad((out * g.double()).sum(), q)
     return dq, out.detach(), lse.transpose(1, 2).detach()
 
 
-def _case(b, t, h, kvh, d, s, kv_len, dtype, config, seed=0):
+def _case(b, t, h, kvh, d, s, kv_len, dtype, config, seed=0, kv_start=None):
+    """The kernel over key set a (keys kv_start .. kv_len - 1 per row, or per query when given [b, t]) plus
+    over all of key set b, against the reference over their union."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
     q, g = r(b, t, h, d), r(b, t, h, d)
     ka, va, kb, vb = r(b, s, kvh, d), r(b, s, kvh, d), r(b, t, kvh, d), r(b, t, kvh, d)
     kv_len = torch.tensor(kv_len, dtype=torch.int32)
-    dq_ref, out, lse = _union_reference(q, ka, va, kv_len, kb, vb, g)
+    kv_start = None if kv_start is None else torch.tensor(kv_start, dtype=torch.int32)
+    end = kv_len if kv_len.ndim == 2 else kv_len[:, None].expand(b, t)
+    start = torch.zeros_like(end) if kv_start is None else kv_start
+    key = torch.arange(s)[None, None]
+    dq_ref, out, lse = _union_reference(q, ka, va, (key >= start[..., None]) & (key < end[..., None]), kb, vb, g)
     delta = (g.double() * out).sum(-1)
-    dq = (torch_attention_dq(q, ka, va, g, lse, delta, kv_len, config)
+    dq = (torch_attention_dq(q, ka, va, g, lse, delta, kv_len, config, kv_start=kv_start)
           + torch_attention_dq(q, kb, vb, g, lse, delta, torch.full((b,), t, dtype=torch.int32), config))
     return dq.double(), dq_ref
 
@@ -67,6 +73,27 @@ def test_two_key_sets_add_up_to_the_union_gradient(dtype, tol):
     dq, ref = _case(b=3, t=21, h=4, kvh=2, d=32, s=45, kv_len=[45, 0, 17], dtype=dtype, config=SMALL)
     err = (dq - ref).abs().max() / ref.abs().max()
     assert err < tol, f"max error {err:.2e} relative to max |dq| (tolerance {tol})"
+
+
+@interpreted
+def test_per_query_key_ranges():
+    """Key ranges per query, as packed rows give them: runs of queries sharing a range off the block
+    boundaries (so a block has masked head and tail blocks around unmasked ones), a block whose queries read
+    disjoint ranges, queries that read nothing (their dq from this key set is exactly 0), and a run of causal
+    ranges (part B of a packed chunk)."""
+    t, s = 40, 70
+    start = [3] * 12 + [37] * 9 + [0] * 3 + [50] * 16
+    end = [35] * 12 + [69] * 9 + [0] * 3 + [50 + i + 1 for i in range(16)]
+    ranges = dict(kv_len=[end, [20] * 20 + [70] * 20], kv_start=[start, [0] * 20 + [20] * 20])
+    dq, ref = _case(b=2, t=t, h=4, kvh=2, d=32, s=s, dtype=torch.float32, config=SMALL, **ranges)
+    assert (dq - ref).abs().max() / ref.abs().max() < 1e-5
+    gen = torch.Generator().manual_seed(2)
+    q, g, k = (torch.randn(*shape, generator=gen) for shape in ((2, t, 4, 32), (2, t, 4, 32), (2, s, 2, 32)))
+    dq_a = torch_attention_dq(q, k, k, g, torch.zeros(2, t, 4), torch.zeros(2, t, 4),
+                              torch.tensor(ranges["kv_len"], dtype=torch.int32), SMALL,
+                              kv_start=torch.tensor(ranges["kv_start"], dtype=torch.int32))
+    assert torch.equal(dq_a[0, 21:24], torch.zeros(3, 4, 32))
+    assert dq_a[0, 24:].abs().amax(dim=(1, 2)).min() > 0
 
 
 @interpreted
@@ -87,6 +114,7 @@ def test_row_without_keys_gets_zero_and_default_blocks():
      "not a multiple"),
     (lambda a: {**a, "lse": a["lse"][:, :-1]}, "lse"),
     (lambda a: {**a, "kv_len": a["kv_len"][:0]}, "kv_len"),
+    (lambda a: {**a, "kv_start": torch.zeros(1, 4, dtype=torch.int32)}, "kv_start"),
 ])
 def test_bad_shapes_raise(change, match):
     a = dict(q=torch.zeros(1, 4, 4, 16), k=torch.zeros(1, 8, 2, 16), v=torch.zeros(1, 8, 2, 16),
@@ -107,12 +135,13 @@ def test_jax_op_runs_per_shard_of_rows():
         from mtp_kernels.attention_dq.api import partition_rows
         seen = []
 
-        def local(q, k, v, g, lse, delta, kv_len):
+        def local(q, k, v, g, lse, delta, kv_start, kv_end):
             seen.append(q.shape[0])
             h, d = q.shape[2], q.shape[3]
             kk, vv = (jnp.repeat(x, h // x.shape[2], axis=2) for x in (k, v))
             s = jnp.einsum("bthd,bshd->bths", q, kk) * d ** -0.5
-            keep = jnp.arange(k.shape[1])[None, None, None, :] < kv_len[:, None, None, None]
+            key = jnp.arange(k.shape[1])[None, None, None, :]
+            keep = (key >= kv_start[:, :, None, None]) & (key < kv_end[:, :, None, None])
             p = jnp.where(keep, jnp.exp(s - lse[..., None]), 0.0)
             ds = p * (jnp.einsum("bthd,bshd->bths", g, vv) - delta[..., None])
             return jnp.einsum("bths,bshd->bthd", ds, kk) * d ** -0.5
@@ -121,7 +150,9 @@ def test_jax_op_runs_per_shard_of_rows():
         q, g = (jax.random.normal(kk, (4, 8, 4, 16)) for kk in keys[:2])
         k, v = (jax.random.normal(kk, (4, 12, 2, 16)) for kk in keys[2:4])
         lse, delta = (jax.random.normal(kk, (4, 8, 4)) + 3.0 for kk in keys[4:])
-        args = (q, k, v, g, lse, delta, jnp.array([12, 0, 5, 7], jnp.int32))
+        end = jnp.broadcast_to(jnp.array([12, 0, 5, 7], jnp.int32)[:, None], (4, 8))
+        start = jnp.tile(jnp.array([0, 0, 1, 1, 2, 2, 3, 3], jnp.int32), (4, 1))
+        args = (q, k, v, g, lse, delta, start, end)
         mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
         rows = lambda a: jax.device_put(a, NamedSharding(mesh, P(("data", "fsdp"), *[None] * (a.ndim - 1))))
         sharded = [rows(a) for a in args]

@@ -21,7 +21,8 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GP
 @pytest.mark.parametrize("attention_impl,soft_ce_impl,option", [
     ("xla", "triton", None), ("cudnn", "jnp", None), ("cudnn", "triton", None), ("cudnn", "jnp", "bound_keys"),
     ("cudnn", "jnp", "prefix_split"), ("cudnn", "jnp", "prefix_split+triton_dq"),
-    ("cudnn", "triton", "prefix_split+triton_dq+layer_loop"), ("cudnn", "jnp", "prefix_split+packed")])
+    ("cudnn", "triton", "prefix_split+triton_dq+layer_loop"), ("cudnn", "jnp", "prefix_split+packed"),
+    ("cudnn", "jnp", "prefix_split+packed+triton_dq")])
 def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option):
     """bound_keys: cuDNN takes causal and per-chunk key lengths; prefix_split: two unmasked cuDNN calls
     per chunk, on one example per row (chunks of 4 anchors: cuDNN wants even lengths with a mask);
@@ -187,18 +188,21 @@ def test_packed_mask_stream_case_on_xla():
 
 @gpu
 @pytest.mark.gpu
-def test_cudnn_packed_split_attention_matches_xla():
+@pytest.mark.parametrize("dq_kernel", ["cudnn", "triton"])
+def test_cudnn_packed_split_attention_matches_xla(dq_kernel):
     """packed_split_attention on cuDNN in bf16 (parts A and B as packed runs of queries and keys per
-    example, backward from the merged output and LSE through the private backward primitive with the runs'
-    offsets) against its fp32 XLA path on the same bf16 inputs: output and the gradients wrt q and the extra
-    part, for chunks that straddle examples and end in padding slots."""
+    example; the backward from the merged output and LSE through the private backward primitive with the
+    runs' offsets, or mtp_kernels' Triton dq over each slot's key range) against its fp32 XLA path on the
+    same bf16 inputs: output and the gradients wrt q and the extra part, for chunks that straddle examples
+    and end in padding slots."""
     from mtp_jax.mtp.split_attention import packed_chunk, packed_split_attention
 
     segment_ids, anchors, q, k, v, out_x, lse_x, g = packed_case()
     chunk = packed_chunk(anchors, segment_ids)
 
     def run(impl, q, k, v):
-        out, vjp = jax.vjp(lambda q, ox, lx: packed_split_attention(q, k, v, chunk, ox, lx, impl), q, out_x, lse_x)
+        out, vjp = jax.vjp(lambda q, ox, lx: packed_split_attention(q, k, v, chunk, ox, lx, impl, 64, dq_kernel),
+                           q, out_x, lse_x)
         return (out, *vjp(g))
 
     ref = jax.jit(functools.partial(run, "xla"))(*[x.astype(jnp.float32) for x in (q, k, v)])

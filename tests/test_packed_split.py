@@ -130,6 +130,19 @@ def test_packed_runs_are_the_part_masks(causal):
     np.testing.assert_array_equal(segment_runs(segment_ids, max_runs=3)[4], [False, True, False])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_key_ranges_are_the_part_masks(causal):
+    """The key range per anchor slot that the Triton dq reads (start .. end - 1) is the XLA part's mask row."""
+    from mtp_jax.mtp.split_attention import packed_key_range
+
+    segment_ids, anchors, *_ = chunk_case()
+    chunk = packed_chunk(anchors, segment_ids)
+    keys = anchors.shape[1] if causal else LENGTH
+    start, end = (np.asarray(x)[..., None] for x in packed_key_range(chunk, causal))
+    key = np.arange(keys)
+    np.testing.assert_array_equal((key >= start) & (key < end), packed_part_mask(chunk, keys, causal)[:, 0])
+
+
 @pytest.mark.parametrize("kind,k,chunk,tail,remat", [
     ("llama", 1, 5, 0, "none"), ("qwen3", 2, 4, 2, "dots"), ("llama", 3, 7, 0, "dots"), ("qwen3", 4, 6, 3, "full"),
     ("llama", 3, 0, 0, "none")])

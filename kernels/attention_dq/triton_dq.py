@@ -1,6 +1,7 @@
 """Triton kernel: the query gradient of one key set of a softmax whose output and LSE are given.
 
-    dq_i = scale * sum_{j < kv_len} p_ij (g_i . v_j - delta_i) k_j,   p_ij = exp(scale * q_i . k_j - lse_i)
+    dq_i = scale * sum_{kv_start_i <= j < kv_end_i} p_ij (g_i . v_j - delta_i) k_j,
+    p_ij = exp(scale * q_i . k_j - lse_i)
 
 with lse and delta = g . out of the whole (merged) softmax, so several key sets' dq add up to the
 gradient of attention over their union, as a flash-attention or ring-attention backward forms it. Only
@@ -8,10 +9,11 @@ dq: the mask stream's prefix keys and values are the regular stream's, under sto
 attention backward spends two of its five matmuls (and dK/dV accumulators) on gradients nobody reads.
 
 Layouts are contiguous: q, g, dq [B, T, H, D]; k, v [B, S, KVH, D] (query head h reads kv head
-h // (H // KVH), GQA); lse, delta [B, T, H] float32; kv_len [B] int32 (row b reads keys 0 .. kv_len[b]-1,
-none when 0). One program per (query head, block of BLOCK_M queries, row); programs of one kv head run
-side by side, so its keys stream once through L2. Argument order is inputs, scalars, then the output:
-jax_triton.triton_call appends outputs.
+h // (H // KVH), GQA); lse, delta [B, T, H] float32; kv_start, kv_end [B, T] int32 (query t of row b reads
+keys kv_start .. kv_end - 1, none when kv_end <= kv_start). One program per (query head, block of BLOCK_M
+queries, row); programs of one kv head run side by side, so its keys stream once through L2. A block visits
+the keys any of its queries reads; key blocks every query reads in full run without a mask. Argument order
+is inputs, scalars, then the output: jax_triton.triton_call appends outputs.
 """
 
 import triton
@@ -21,19 +23,21 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, start, kv_len, qk_scale,
+def _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, start, kv_start, kv_end, S, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
-    """acc + the contribution of keys start .. start + BLOCK_N - 1 (only those < kv_len when MASKED)."""
+    """acc + the contribution of keys start .. start + BLOCK_N - 1 (when MASKED, only those in each query's
+    kv_start .. kv_end - 1)."""
     if MASKED:
-        ok = (start + tl.arange(0, BLOCK_N)) < kv_len
-        k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=ok[:, None], other=0.0)
+        key = start + tl.arange(0, BLOCK_N)
+        inside = (key >= 0) & (key < S)
+        k = tl.load(k_ptrs, mask=inside[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=inside[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [M, N]
     if MASKED:
-        p = tl.where(ok[None, :], p, 0.0)
+        p = tl.where((key[None, :] >= kv_start[:, None]) & (key[None, :] < kv_end[:, None]), p, 0.0)
     dp = tl.dot(g, tl.trans(v))
     ds = p * (dp - delta[:, None])
     return acc + tl.dot(ds.to(k.dtype), k)
@@ -41,7 +45,7 @@ def _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, start, kv_len, qk_scale,
 
 @triton.jit
 def attention_dq_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, kv_len_ptr,
+    q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, kv_start_ptr, kv_end_ptr,
     T, H, S, KVH,
     dq_ptr,
     SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -50,7 +54,6 @@ def attention_dq_kernel(
     block = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)  # row offsets pass int32 at 128k keys x 8 heads x 128 x rows
     kv_head = head // (H // KVH)
-    kv_len = tl.load(kv_len_ptr + row)
 
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -62,20 +65,41 @@ def attention_dq_kernel(
     l_off = row * T * H + head + offs_m * H
     lse2 = tl.load(lse_ptr + l_off, mask=in_rows, other=0.0) * LOG2E  # rows past T: p = 1, ds = 0
     delta = tl.load(delta_ptr + l_off, mask=in_rows, other=0.0)
+    kv_start = tl.load(kv_start_ptr + row * T + offs_m, mask=in_rows, other=0)
+    kv_end = tl.load(kv_end_ptr + row * T + offs_m, mask=in_rows, other=0)
+
+    # the keys any query of the block reads (lo .. hi - 1), and those all of them read (all_lo .. all_hi - 1;
+    # rows past T have q = g = 0 and add nothing, so they do not narrow it)
+    some = in_rows & (kv_start < kv_end)
+    lo = tl.min(tl.where(some, kv_start, S))
+    hi = tl.max(tl.where(some, kv_end, 0))
+    all_lo = tl.max(tl.where(in_rows, kv_start, 0))
+    all_hi = tl.min(tl.where(in_rows, kv_end, S))
+    blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    head_blocks = tl.minimum(tl.cdiv(tl.maximum(all_lo - lo, 0), BLOCK_N), blocks)
+    full_blocks = tl.maximum(tl.minimum((all_hi - lo) // BLOCK_N - head_blocks, blocks - head_blocks), 0)
 
     kv_off = row * S * KVH * HEAD_DIM + kv_head * HEAD_DIM + offs_n[:, None] * (KVH * HEAD_DIM) + offs_d[None, :]
-    k_ptrs = k_ptr + kv_off
-    v_ptrs = v_ptr + kv_off
     step = BLOCK_N * KVH * HEAD_DIM
+    k_ptrs = k_ptr + kv_off + lo * (KVH * HEAD_DIM)
+    v_ptrs = v_ptr + kv_off + lo * (KVH * HEAD_DIM)
     qk_scale = SCALE * LOG2E
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full = kv_len // BLOCK_N * BLOCK_N
-    for start in range(0, full, BLOCK_N):
-        acc = _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, start, kv_len, qk_scale, BLOCK_N, HEAD_DIM, False)
+    for i in range(0, head_blocks):
+        acc = _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, lo + i * BLOCK_N, kv_start, kv_end, S, qk_scale,
+                        BLOCK_N, HEAD_DIM, True)
         k_ptrs += step
         v_ptrs += step
-    if full < kv_len:
-        acc = _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, full, kv_len, qk_scale, BLOCK_N, HEAD_DIM, True)
+    for i in range(head_blocks, head_blocks + full_blocks):
+        acc = _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, lo + i * BLOCK_N, kv_start, kv_end, S, qk_scale,
+                        BLOCK_N, HEAD_DIM, False)
+        k_ptrs += step
+        v_ptrs += step
+    for i in range(head_blocks + full_blocks, blocks):
+        acc = _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, lo + i * BLOCK_N, kv_start, kv_end, S, qk_scale,
+                        BLOCK_N, HEAD_DIM, True)
+        k_ptrs += step
+        v_ptrs += step
     tl.store(dq_ptr + q_off, acc * SCALE, mask=in_rows[:, None])
 
 

@@ -272,12 +272,13 @@ def mask_attend(plan: AttentionPlan, steps: int, prefix_mask: jax.Array | None =
         out2, lse2 = block_attention(q5, k.reshape(b, a, steps, -1, d), v.reshape(b, a, steps, -1, d))
         if plan.split:
             fold = lambda x: jnp.swapaxes(x, 2, 3).reshape(b, a, h * steps, *x.shape[4:])  # noqa: E731
+            dq_kernel = plan.dq_kernel if impl == plan.impl else impl
             if plan.packed:
                 out = packed_split_attention(q_folded, k_reg, v_reg, split_index, fold(out2), fold(lse2), impl,
-                                             plan.max_segments)
+                                             plan.max_segments, dq_kernel)
             else:
                 out = split_prefix_attention(q_folded, k_reg, v_reg, split_index, fold(out2), fold(lse2), impl,
-                                             plan.dq_kernel if impl == plan.impl else impl)
+                                             dq_kernel)
             return jnp.swapaxes(out.reshape(b, a, h, steps, d), 2, 3).reshape(b, t, h, d).astype(q.dtype), None
         out1, lse1 = prefix_attention(q_folded, k_reg, v_reg, prefix_mask, impl, key_count)
         out1 = jnp.swapaxes(out1.reshape(b, a, h, steps, d), 2, 3).astype(jnp.float32)

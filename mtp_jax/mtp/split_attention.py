@@ -235,6 +235,27 @@ def _cudnn_packed_part_dq(q, k, v, chunk, causal, max_runs, out, lse, g):
     return cudnn_packed_part_dq(q, k, v, packed_runs(chunk, causal, min(max_runs, q.shape[1])), causal, out, lse, g)
 
 
+def packed_key_range(chunk: PackedChunk, causal: bool):
+    """(start, end) [b, c] int32: the keys each anchor slot reads in one packed part, kv_start .. kv_end - 1
+    of the regular keys (part A) or, `causal`, its run's first slot up to itself (part B); empty for padding."""
+    if not causal:
+        return chunk.kv_start, chunk.kv_end
+    seg = chunk.segment
+    slot = jnp.arange(seg.shape[1], dtype=jnp.int32)
+    new = seg != jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    start = jax.lax.cummax(jnp.where(new, slot, 0), axis=1)
+    real = seg > 0
+    return jnp.where(real, start, 0), jnp.where(real, slot + 1, 0)
+
+
+def _triton_packed_part_dq(q, k, v, chunk, causal, max_runs, out, lse, g):
+    """dq of one packed part from mtp_kernels' Triton kernel over each slot's key range (`packed_key_range`).
+    cuDNN's packed backward also forms dK/dV: at Qwen3-8B shapes its program asked for 59.8 GiB of
+    temporaries at 8k regular tokens and 93.2 GiB at 16k (it grows with the keys)."""
+    start, end = packed_key_range(chunk, causal)
+    return jax_attention_dq(q, k, v, g, lse, jnp.sum(g * out, axis=-1), end, kv_start=start)
+
+
 _PACKED_PARTS = {"xla": (_xla_packed_part, _xla_packed_part_dq), "cudnn": (_cudnn_packed_part, _cudnn_packed_part_dq)}
 
 
@@ -245,18 +266,20 @@ def _packed_parts(k, v, chunk):
     return (k, v, False), (kb, vb, True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def packed_split_attention(q, k, v, chunk: PackedChunk, out_x, lse_x, impl: str, max_runs: int = 64):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def packed_split_attention(q, k, v, chunk: PackedChunk, out_x, lse_x, impl: str, max_runs: int = 64,
+                           dq_kernel: str = "xla"):
     """`split_prefix_attention` for packed rows: q [b, c, heads, d] of a chunk's anchor slots against
     regular k/v [b, L, kv, d], as parts A and B of `chunk` (`PackedChunk`) and the given part (out_x fp32,
     lse_x) merged by LSE -> out fp32 [b, c, heads, d]; equal to attention under the prefix mask for every
     anchor with a valid pair. Backward as split_prefix_attention's (dq of each part from the merged output
     and LSE; k, v get none). `impl` "cudnn" runs both parts as cuDNN packed runs, at most `max_runs`
-    examples per row in a chunk; "xla" writes them out in fp32 under their masks."""
-    return _packed_fwd(q, k, v, chunk, out_x, lse_x, impl, max_runs)[0]
+    examples per row in a chunk, and their backward as `dq_kernel` says ("triton": mtp_kernels' kernel over
+    each slot's key range, else cuDNN's); "xla" writes them out in fp32 under their masks."""
+    return _packed_fwd(q, k, v, chunk, out_x, lse_x, impl, max_runs, dq_kernel)[0]
 
 
-def _packed_fwd(q, k, v, chunk, out_x, lse_x, impl, max_runs):
+def _packed_fwd(q, k, v, chunk, out_x, lse_x, impl, max_runs, dq_kernel):
     part = _PACKED_PARTS[impl][0]
     out, lse = out_x, lse_x
     for keys, values, causal in _packed_parts(k, v, chunk):
@@ -268,9 +291,9 @@ def _packed_fwd(q, k, v, chunk, out_x, lse_x, impl, max_runs):
     return out, (q, k, v, chunk, out_x, lse_x, out, lse)
 
 
-def _packed_bwd(impl, max_runs, res, g):
+def _packed_bwd(impl, max_runs, dq_kernel, res, g):
     q, k, v, chunk, out_x, lse_x, out, lse = res
-    part_dq = _PACKED_PARTS[impl][1]
+    part_dq = _triton_packed_part_dq if dq_kernel == "triton" and impl == "cudnn" else _PACKED_PARTS[impl][1]
     dq = jnp.zeros(q.shape, jnp.float32)
     for keys, values, causal in _packed_parts(k, v, chunk):
         dq_part = part_dq(q, keys, values, chunk, causal, max_runs, out, lse, g)
