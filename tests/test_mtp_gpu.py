@@ -22,12 +22,13 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GP
     ("xla", "triton", None), ("cudnn", "jnp", None), ("cudnn", "triton", None), ("cudnn", "jnp", "bound_keys"),
     ("cudnn", "jnp", "prefix_split"), ("cudnn", "jnp", "prefix_split+triton_dq"),
     ("cudnn", "triton", "prefix_split+triton_dq+layer_loop"), ("cudnn", "jnp", "prefix_split+packed"),
-    ("cudnn", "jnp", "prefix_split+packed+triton_dq")])
+    ("cudnn", "jnp", "prefix_split+packed+triton_dq"), ("cudnn", "triton", "prefix_split+triton_dq+tail_chunk")])
 def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option):
     """bound_keys: cuDNN takes causal and per-chunk key lengths; prefix_split: two unmasked cuDNN calls
     per chunk, on one example per row (chunks of 4 anchors: cuDNN wants even lengths with a mask);
     layer_loop: all of it with mtp.scan_layers off; packed: prefix_split on packed rows (cuDNN's sequence
-    packing in both streams, chunks straddling examples)."""
+    packing in both streams, chunks straddling examples); tail_chunk: the anchors after the last full chunk
+    in chunks of 2."""
     ref_model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
     if option and option.startswith("prefix_split") and "packed" not in option:
         batch = one_example_per_row(EXAMPLES, length=16)
@@ -38,7 +39,8 @@ def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option
     cfg = dataclasses.replace(ref_model.mtp, attention_impl=attention_impl, soft_ce_impl=soft_ce_impl,
                               bound_keys=option == "bound_keys", prefix_split=bool(option and "prefix_split" in option),
                               dq_kernel="triton" if option and "triton_dq" in option else "cudnn",
-                              chunk_size=4 if option else 0, scan_layers=not (option and "layer_loop" in option),
+                              chunk_size=4 if option else 0, tail_chunk=2 if option and "tail_chunk" in option else 0,
+                              scan_layers=not (option and "layer_loop" in option),
                               packed=bool(option and "packed" in option))
     dtype = jnp.bfloat16 if attention_impl == "cudnn" else jnp.float32
     model = MTPModel(ref_model.config, ref_model.lora, cfg, dtype, jnp.float32)
