@@ -46,6 +46,23 @@ def tiny(tmp: Path, data: Path, *overrides: str) -> Config:
                                       "--train.save_dir", str(tmp / "run"), *overrides])
 
 
+def test_packed_split_without_the_triton_dq_warns(tmp_path, data_file, capsys):
+    """Packed rows on cuDNN's split with cuDNN's backward (no jax-triton) get a warning at model build: that
+    backward ran out of memory at 8B shapes. With the Triton dq, or one example a row, no warning."""
+    from mtp_jax.models.config import ModelConfig
+    from mtp_jax.mtp.attention import resolve_dq_kernel
+    from mtp_jax.train.state import build_model
+
+    config = ModelConfig.from_file(ROOT / "configs" / "models" / "smollm2-135m.json")
+    for packing, dq_kernel in (("true", "cudnn"), ("false", "cudnn"), ("true", "auto")):
+        cfg = tiny(tmp_path, data_file, "--data.packing", packing, "--mtp.prefix_split", "true",
+                   "--mtp.attention_impl", "cudnn", "--mtp.dq_kernel", dq_kernel, "--model.dtype", "bfloat16")
+        build_model(cfg, config)
+        warned = "sequence packing" in capsys.readouterr().err
+        expected = packing == "true" and resolve_dq_kernel(dq_kernel, "cudnn") == "cudnn"
+        assert warned == expected, (packing, dq_kernel)
+
+
 DIST_SCRIPT = r"""
 import json, sys
 import jax

@@ -140,8 +140,12 @@ def build_model(cfg: Config, config: ModelConfig) -> MTPModel:
     dtype is the trainables' (`model.trainable_dtype`): the params it initialises are only those; the
     frozen base is loaded in `model.param_dtype` (`load_base`)."""
     dtype, trainable_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.trainables_dtype)
-    return MTPModel(config, cfg.lora, cfg.mtp, dtype, trainable_dtype,
-                    plan=plan_attention(cfg.mtp, dtype, config.head_dim))
+    plan = plan_attention(cfg.mtp, dtype, config.head_dim)
+    if plan.split and plan.packed and plan.impl == "cudnn" and plan.dq_kernel == "cudnn":
+        log("warning: packed rows' prefix_split backward runs on cuDNN's sequence packing, which also forms "
+            "dK/dV: at Qwen3-8B shapes it asked for 59.8 GiB of temporaries at 8k tokens a row. Install "
+            "jax-triton (pip install -e \".[gpu]\") for the Triton dq (mtp.dq_kernel: auto)")
+    return MTPModel(config, cfg.lora, cfg.mtp, dtype, trainable_dtype, plan=plan)
 
 
 def _fresh_trainable(model: MTPModel, rng, mask_row) -> dict:
