@@ -18,7 +18,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.mtp.attention import _cudnn_part, _cudnn_part_dq
+from mtp_jax.mtp.cudnn_private import cudnn_part, cudnn_part_dq
 from mtp_kernels.attention_dq import DQConfig, jax_attention_dq
 from _report import environment, header, ratio, text_table, write_json
 from mtp_step import measure
@@ -35,10 +35,10 @@ def main():
     rows = []
     for start in chunk_starts(args):
         kv_len = jnp.full((1,), start, jnp.int32)
-        out, lse = jax.jit(lambda q, k, v: _cudnn_part(q, k, v, kv_len, False))(q, k, v)
+        out, lse = jax.jit(lambda q, k, v: cudnn_part(q, k, v, kv_len, False))(q, k, v)
         out = out.astype(jnp.float32)
         work = 6 * d * n * c * start
-        variants = {"cudnn": lambda q, k, v, g, out, lse, kv_len: _cudnn_part_dq(q, k, v, kv_len, False, out, lse, g)}
+        variants = {"cudnn": lambda q, k, v, g, out, lse, kv_len: cudnn_part_dq(q, k, v, kv_len, False, out, lse, g)}
         for cfg in CONFIGS:
             variants[f"triton {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"] = (
                 lambda q, k, v, g, out, lse, kv_len, cfg=cfg: jax_attention_dq(q, k, v, g, lse, jnp.sum(g * out, -1),
