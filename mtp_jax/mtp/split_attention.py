@@ -155,6 +155,13 @@ class PackedChunk(NamedTuple):
     kv_end: jax.Array
 
 
+def _run_start(seg: jax.Array) -> jax.Array:
+    """[b, c] int32: the slot where each slot's run of equal segment ids starts."""
+    slot = jnp.arange(seg.shape[1], dtype=jnp.int32)
+    new = seg != jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    return jax.lax.cummax(jnp.where(new, slot, 0), axis=1)
+
+
 def packed_chunk(anchor_index: jax.Array, segment_ids: jax.Array) -> PackedChunk:
     """The `PackedChunk` of anchors `anchor_index` [c] or [b, c] (each row's in position order, padding
     slots last, as objective._chunks orders them) over rows `segment_ids` [b, L] (1, 2, .. per example,
@@ -167,9 +174,7 @@ def packed_chunk(anchor_index: jax.Array, segment_ids: jax.Array) -> PackedChunk
     starts = jax.lax.cummax(jnp.where(segment_ids != before, pos, 0), axis=1)  # each position's example start
     seg = jnp.take_along_axis(segment_ids, anchor_index, 1, mode="fill", fill_value=0).astype(jnp.int32)
     start = jnp.take_along_axis(starts, anchor_index, 1, mode="fill", fill_value=0)
-    slot = jnp.arange(anchor_index.shape[1], dtype=jnp.int32)
-    new = seg != jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    first = jnp.take_along_axis(anchor_index, jax.lax.cummax(jnp.where(new, slot, 0), axis=1), 1)
+    first = jnp.take_along_axis(anchor_index, _run_start(seg), 1)
     real = seg > 0
     return PackedChunk(anchor_index, seg, jnp.where(real, start, 0), jnp.where(real, first, 0))
 
@@ -240,12 +245,9 @@ def packed_key_range(chunk: PackedChunk, causal: bool):
     of the regular keys (part A) or, `causal`, its run's first slot up to itself (part B); empty for padding."""
     if not causal:
         return chunk.kv_start, chunk.kv_end
-    seg = chunk.segment
-    slot = jnp.arange(seg.shape[1], dtype=jnp.int32)
-    new = seg != jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    start = jax.lax.cummax(jnp.where(new, slot, 0), axis=1)
-    real = seg > 0
-    return jnp.where(real, start, 0), jnp.where(real, slot + 1, 0)
+    real = chunk.segment > 0
+    slot = jnp.arange(real.shape[1], dtype=jnp.int32)
+    return jnp.where(real, _run_start(chunk.segment), 0), jnp.where(real, slot + 1, 0)
 
 
 def _triton_packed_part_dq(q, k, v, chunk, causal, max_runs, out, lse, g):
