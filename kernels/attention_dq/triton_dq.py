@@ -28,10 +28,9 @@ def _dq_block(acc, q, g, lse2, delta, k_ptrs, v_ptrs, start, kv_start, kv_end, S
     """acc + the contribution of keys start .. start + BLOCK_N - 1 (when MASKED, only those in each query's
     kv_start .. kv_end - 1)."""
     if MASKED:
-        key = start + tl.arange(0, BLOCK_N)
-        inside = (key >= 0) & (key < S)
-        k = tl.load(k_ptrs, mask=inside[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=inside[:, None], other=0.0)
+        key = start + tl.arange(0, BLOCK_N)  # start >= 0: the bindings clip the ranges to 0 .. S
+        k = tl.load(k_ptrs, mask=(key < S)[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(key < S)[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
