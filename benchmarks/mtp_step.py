@@ -106,22 +106,25 @@ def measure(fn, *args, reps=3, trace_dir=None, compile_only=False):
     `fn` returns the loss first (reported, a sanity check that the step computed something finite)."""
     try:
         t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
+        lowered = jax.jit(fn).lower(*args)
+        lower_s = time.perf_counter() - t0  # tracing and lowering (Python), the rest is XLA's compile
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
+        times = {"peak_gib": _peak_gib(mem), "compile_s": compile_s, "lower_s": lower_s}
         if compile_only:
-            return {"time_s": None, "peak_gib": _peak_gib(mem), "compile_s": compile_s}
+            return {"time_s": None, **times}
         t0 = time.perf_counter()
         loss = float(jax.tree.leaves(jax.block_until_ready(compiled(*args)))[0])
-        times = [time.perf_counter() - t0] if reps == 0 else []  # reps 0: the warm-up run is the timing
+        runs = [time.perf_counter() - t0] if reps == 0 else []  # reps 0: the warm-up run is the timing
         for _ in range(reps):
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - t0)
+            runs.append(time.perf_counter() - t0)
         if trace_dir:
             with jax.profiler.trace(trace_dir):
                 jax.block_until_ready(compiled(*args))
-        return {"time_s": float(np.median(times)), "peak_gib": _peak_gib(mem), "compile_s": compile_s, "loss": loss}
+        return {"time_s": float(np.median(runs)), **times, "loss": loss}
     except Exception as e:  # XLA reports OOM as a runtime error
         msg = str(e).splitlines()[0][:160]
         return {"time_s": None, "peak_gib": None, "error": ("OOM: " if "memory" in msg.lower() else "") + msg}

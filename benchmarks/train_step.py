@@ -12,7 +12,7 @@ Rows per model, row length and `--data`:
 Each row: `step`, `mtp_jax.train.train_step` exactly as the CLI jits it (AdamW, clipping, non-finite guard),
 with float32 trainables over the bf16 base (`--trainable_dtype`, as the 8B configs); and at its top level
 `model`, `regular_tokens` (the row length), `data`, `time_s`, `tokens_per_s` (real regular tokens),
-`mfu`, `peak_gib`, `compile_s`. Besides:
+`mfu`, `peak_gib`, `compile_s` (of it `lower_s`: tracing and lowering in Python, before XLA). Besides:
 - breakdown by subtraction of separately compiled programs: the regular stream alone (forward under
   stop_gradient), loss+grads (regular + mask stream forward/backward), and the optimizer = step -
   loss+grads; and, with --trace_dir, GPU kernel time by kind (matmul, attention, soft-CE kernel,
@@ -185,7 +185,8 @@ def flat_figures(row: dict, peak: float | None) -> dict:
     time_s = s.get("time_s")
     return {"time_s": time_s, "tokens_per_s": counted["tokens"] / time_s if time_s else None,
             "mfu": counted["flops"] / (time_s * peak) if time_s and peak else None,
-            "peak_gib": s.get("peak_gib"), "compile_s": s.get("compile_s")}
+            "peak_gib": s.get("peak_gib"), "compile_s": s.get("compile_s"),
+            "lower_s": s.get("lower_s")}
 
 
 def measure_model(args, path: str, peak: float | None) -> list[dict]:
@@ -274,7 +275,8 @@ def print_table(env: dict, args, rows: list[dict]) -> None:
     for r in rows:
         b = r["baseline"]
         sp, mem = ratio(b.get("time_s"), r["time_s"]), ratio(r["peak_gib"], b.get("peak_gib"))
-        parts = " ".join(f"{k} {v:.3f}s" for k, v in {"compile": r["compile_s"], **r.get("breakdown_s", {}),
+        parts = " ".join(f"{k} {v:.3f}s" for k, v in {"compile": r["compile_s"], "of it lowering": r["lower_s"],
+                                                       **r.get("breakdown_s", {}),
                                                        **r.get("kernels_s", {})}.items() if v is not None)
         print(f"{r['model'].split('/')[-1]:>24} {r['regular_tokens']:>8} {r['data']:>11} | {fmt(r['time_s'], '7.3f')} "
               f"{fmt(r['peak_gib'], '6.1f')} {fmt(r['tokens_per_s'], '7.0f')} "
