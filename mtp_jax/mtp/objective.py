@@ -10,6 +10,7 @@ trainable leaves (adapters, sampler, optionally the mask row) on one side.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -166,20 +167,25 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
             mutable=["mtp_losses"], rngs=rngs)
         return total, sown["mtp_losses"]
 
+    def summed(total, sown):  # each sown value is a tuple of the layers' or steps' sums
+        return total, {name: jax.tree.map(lambda *xs: sum(xs), *vals) for name, vals in sown.items()}
+
     grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
 
     def chunk(index, start, size):  # the index-th chunk: anchors start .. start + size - 1
         chunk_rng = jax.random.fold_in(rng, index) if rng is not None else jax.random.key(0)
         (total, sown), g = grad_fn(trainable, start, size, chunk_rng)
-        sown = {name: jax.tree.map(lambda *xs: sum(xs), *vals) for name, vals in sown.items()}
+        total, sown = summed(total, sown)
         return total, g, sown
 
-    # the chunks' gradients are summed in float32 whatever the trainables' dtype: a bf16 running sum over
-    # many chunks rounds each addition to the sum's 8 bits and stalls once a chunk's part falls below half
-    # its last bit; cast back once, after the division
-    shapes = jax.eval_shape(lambda: chunk(0, 0, c))
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    zero = (zero[0], jax.tree.map(lambda g: g.astype(jnp.float32), zero[1]), zero[2])
+    # The loop's zero carry. The loss and sums take their shapes from the forward alone: tracing the
+    # backward for them too made up some 40% of the step's trace. The gradients have the trainables' shapes
+    # and are summed in float32 whatever the trainables' dtype: a bf16 running sum over many chunks rounds
+    # each addition to the sum's 8 bits and stalls once a chunk's part falls below half its last bit; cast
+    # back once, after the division.
+    total_shape, sums_shape = jax.eval_shape(lambda: summed(*chunk_loss(trainable, 0, c, jax.random.key(0))))
+    zeros = functools.partial(jax.tree.map, lambda s: jnp.zeros(s.shape, s.dtype))
+    zero = (zeros(total_shape), jax.tree.map(lambda t: jnp.zeros(t.shape, jnp.float32), trainable), zeros(sums_shape))
 
     def add(carry, out):
         return jax.tree.map(lambda total, x: total + x.astype(total.dtype), carry, out)
@@ -197,7 +203,7 @@ def loss_and_grads(model: MTPModel, trainable: Params, frozen: Params, batch: di
         carry = jax.lax.fori_loop(0, tails, lambda i, carry: add(carry, chunk(full + i, full * c + i * tail, tail)),
                                   carry)
     loss_sum, grads, sums = carry
-    grads = jax.tree.map(lambda g, s: (g / n_valid).astype(s.dtype), grads, shapes[1])
+    grads = jax.tree.map(lambda g, t: (g / n_valid).astype(t.dtype), grads, trainable)
     if not model.mtp.scan_layers:
         grads = {**grads, "lora": stack_layers(grads["lora"], model.config.num_layers)}
     return loss_sum / n_valid, grads, sums
