@@ -80,16 +80,18 @@ def test_per_query_key_ranges():
     """Key ranges per query, as packed rows give them: runs of queries sharing a range off the block
     boundaries (so a block has masked head and tail blocks around unmasked ones), a block whose queries read
     disjoint ranges, queries that read nothing (their dq from this key set is exactly 0), and a run of causal
-    ranges (part B of a packed chunk)."""
+    ranges (part B of a packed chunk); in the third row a block reads masked head blocks, an unmasked one and
+    a masked tail block (3 .. 68 and 40 .. 68 in blocks of 16 keys)."""
     t, s = 40, 70
     start = [3] * 12 + [37] * 9 + [0] * 3 + [50] * 16
     end = [35] * 12 + [69] * 9 + [0] * 3 + [50 + i + 1 for i in range(16)]
-    ranges = dict(kv_len=[end, [20] * 20 + [70] * 20], kv_start=[start, [0] * 20 + [20] * 20])
-    dq, ref = _case(b=2, t=t, h=4, kvh=2, d=32, s=s, dtype=torch.float32, config=SMALL, **ranges)
+    ranges = dict(kv_len=[end, [20] * 20 + [70] * 20, [69] * 16 + [70] * 24],
+                  kv_start=[start, [0] * 20 + [20] * 20, [3] * 8 + [40] * 8 + [3] * 24])
+    dq, ref = _case(b=3, t=t, h=4, kvh=2, d=32, s=s, dtype=torch.float32, config=SMALL, **ranges)
     assert (dq - ref).abs().max() / ref.abs().max() < 1e-5
     gen = torch.Generator().manual_seed(2)
-    q, g, k = (torch.randn(*shape, generator=gen) for shape in ((2, t, 4, 32), (2, t, 4, 32), (2, s, 2, 32)))
-    dq_a = torch_attention_dq(q, k, k, g, torch.zeros(2, t, 4), torch.zeros(2, t, 4),
+    q, g, k = (torch.randn(*shape, generator=gen) for shape in ((3, t, 4, 32), (3, t, 4, 32), (3, s, 2, 32)))
+    dq_a = torch_attention_dq(q, k, k, g, torch.zeros(3, t, 4), torch.zeros(3, t, 4),
                               torch.tensor(ranges["kv_len"], dtype=torch.int32), SMALL,
                               kv_start=torch.tensor(ranges["kv_start"], dtype=torch.int32))
     assert torch.equal(dq_a[0, 21:24], torch.zeros(3, 4, 32))
@@ -128,7 +130,8 @@ def test_bad_shapes_raise(change, match):
 def test_jax_op_runs_per_shard_of_rows():
     """partition_rows (the JAX op's custom partitioning) under a jit whose rows are split over a 2 x 2 CPU mesh:
     the local function sees one row per device, the result equals the unsharded one and stays split, and XLA
-    gathers no operand. A jnp dq of the kernel's contract stands in for the Triton call (GPU only)."""
+    gathers no operand; with key ranges per query [B, T] and per row [B]. A jnp dq of the kernel's contract
+    stands in for the Triton call (GPU only)."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -137,6 +140,9 @@ def test_jax_op_runs_per_shard_of_rows():
 
         def local(q, k, v, g, lse, delta, kv_start, kv_end):
             seen.append(q.shape[0])
+            if kv_end.ndim == 1:  # per row: keys 0 .. kv_end - 1
+                kv_end = jnp.broadcast_to(kv_end[:, None], q.shape[:2])
+                kv_start = jnp.zeros_like(kv_end)
             h, d = q.shape[2], q.shape[3]
             kk, vv = (jnp.repeat(x, h // x.shape[2], axis=2) for x in (k, v))
             s = jnp.einsum("bthd,bshd->bths", q, kk) * d ** -0.5
@@ -150,18 +156,20 @@ def test_jax_op_runs_per_shard_of_rows():
         q, g = (jax.random.normal(kk, (4, 8, 4, 16)) for kk in keys[:2])
         k, v = (jax.random.normal(kk, (4, 12, 2, 16)) for kk in keys[2:4])
         lse, delta = (jax.random.normal(kk, (4, 8, 4)) + 3.0 for kk in keys[4:])
-        end = jnp.broadcast_to(jnp.array([12, 0, 5, 7], jnp.int32)[:, None], (4, 8))
+        row_end = jnp.array([12, 0, 5, 7], jnp.int32)
         start = jnp.tile(jnp.array([0, 0, 1, 1, 2, 2, 3, 3], jnp.int32), (4, 1))
-        args = (q, k, v, g, lse, delta, start, end)
         mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
         rows = lambda a: jax.device_put(a, NamedSharding(mesh, P(("data", "fsdp"), *[None] * (a.ndim - 1))))
-        sharded = [rows(a) for a in args]
-        f = jax.jit(partition_rows(local))
-        out = f(*sharded)
-        assert seen[-1] == 1, seen  # traced once whole (abstract evaluation), then lowered per shard
-        np.testing.assert_allclose(out, local(*args), rtol=1e-5, atol=1e-6)
-        assert out.sharding.spec[0] == ("data", "fsdp"), out.sharding
-        assert "all-gather" not in f.lower(*sharded).compile().as_text()
+        for per_query, ranges in ((True, (start, jnp.broadcast_to(row_end[:, None], (4, 8)))),
+                                  (False, (row_end, row_end))):
+            args = (q, k, v, g, lse, delta, *ranges)
+            sharded = [rows(a) for a in args]
+            f = jax.jit(partition_rows(local, per_query))
+            out = f(*sharded)
+            assert seen[-1] == 1, seen  # traced once whole (abstract evaluation), then lowered per shard
+            np.testing.assert_allclose(out, local(*args), rtol=1e-5, atol=1e-6)
+            assert out.sharding.spec[0] == ("data", "fsdp"), out.sharding
+            assert "all-gather" not in f.lower(*sharded).compile().as_text()
         print("OK")
     """)
     env = dict(os.environ, XLA_FLAGS=cpu_devices_flags(4), JAX_PLATFORMS="cpu")

@@ -42,12 +42,16 @@ def _launch_args(q, k, config: DQConfig):
 
 
 def _key_ranges(xp, q, k, kv_len, kv_start):
-    """(kv_start, kv_end) [B, T] int32 within 0 .. S (the kernel reads whole key blocks inside them unmasked)."""
+    """(kv_start, kv_end, per_query) for the kernel, within 0 .. S: [B, T] ranges where a query's keys are
+    given (kv_len [B, T] or a kv_start); else kv_end = kv_len [B] for both (the kernel reads only kv_end)."""
     b, t = q.shape[:2]
+    if kv_len.ndim == 1 and kv_start is None:
+        end = xp.clip(kv_len, 0, k.shape[1])
+        return end, end, False
     end = kv_len if kv_len.ndim == 2 else kv_len[:, None]
     start = kv_start if kv_start is not None else xp.zeros_like(end)
     end, start = (xp.clip(xp.broadcast_to(x, (b, t)), 0, k.shape[1]) for x in (end, start))
-    return start, end
+    return start, end, True
 
 
 def jax_attention_dq(q, k, v, g, lse, delta, kv_len, config: DQConfig = DQConfig(), kv_start=None):
@@ -57,13 +61,13 @@ def jax_attention_dq(q, k, v, g, lse, delta, kv_len, config: DQConfig = DQConfig
     import jax.numpy as jnp
 
     check_shapes(q, k, v, g, lse, delta, kv_len, kv_start)
-    start, end = _key_ranges(jnp, q, k, kv_len, kv_start)
-    return _jax_call(config)(q, k, v, g.astype(q.dtype), lse.astype(jnp.float32), delta.astype(jnp.float32),
-                             start.astype(jnp.int32), end.astype(jnp.int32))
+    start, end, per_query = _key_ranges(jnp, q, k, kv_len, kv_start)
+    return _jax_call(config, per_query)(q, k, v, g.astype(q.dtype), lse.astype(jnp.float32),
+                                        delta.astype(jnp.float32), start.astype(jnp.int32), end.astype(jnp.int32))
 
 
 @functools.cache
-def _jax_call(config: DQConfig):
+def _jax_call(config: DQConfig, per_query: bool):
     import jax
     import jax.numpy as jnp
     import jax_triton as jt
@@ -75,15 +79,16 @@ def _jax_call(config: DQConfig):
         return jt.triton_call(
             q, k, v, g, lse, delta, kv_start, kv_end, *scalars, kernel=attention_dq_kernel,
             out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32), grid=grid, num_warps=config.num_warps,
-            num_stages=config.num_stages, **consts)
+            num_stages=config.num_stages, PER_QUERY=per_query, **consts)
 
-    return partition_rows(call) if jax.device_count() > 1 else call
+    return partition_rows(call, per_query) if jax.device_count() > 1 else call
 
 
-def partition_rows(local):
+def partition_rows(local, per_query: bool = True):
     """`local(q, k, v, g, lse, delta, kv_start, kv_end) -> dq` as a jax custom_partitioning op that a sharded
     jit runs per shard of rows: every operand's axis 0 split as q's is, the others whole on each device. A
-    bare custom call (jax_triton's) would otherwise be run on every device over all rows."""
+    bare custom call (jax_triton's) would otherwise be run on every device over all rows. The key ranges are
+    [B, T] with `per_query`, else [B]."""
     from jax.experimental.custom_partitioning import custom_partitioning
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -99,7 +104,8 @@ def partition_rows(local):
         return mesh, local, args[0], args
 
     op.def_partition(partition=partition, infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[0],
-                     sharding_rule="b t h d, b s k d, b s k d, b t h d, b t h, b t h, b t, b t -> b t h d")
+                     sharding_rule="b t h d, b s k d, b s k d, b t h d, b t h, b t h, "
+                                   + ("b t, b t" if per_query else "b, b") + " -> b t h d")
     return op
 
 
@@ -114,8 +120,9 @@ def torch_attention_dq(q, k, v, g, lse, delta, kv_len, config: DQConfig = DQConf
         raise ValueError("attention_dq: CPU tensors run only under TRITON_INTERPRET=1 (tests); use CUDA tensors")
     scalars, grid, consts = _launch_args(q, k, config)
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    start, end = _key_ranges(torch, q, k, kv_len, kv_start)
+    start, end, per_query = _key_ranges(torch, q, k, kv_len, kv_start)
     args = [a.contiguous() for a in (q, k, v, g.to(q.dtype), lse.float(), delta.float(), start.to(torch.int32),
                                      end.to(torch.int32))]
-    attention_dq_kernel[grid](*args, *scalars, dq, num_warps=config.num_warps, num_stages=config.num_stages, **consts)
+    attention_dq_kernel[grid](*args, *scalars, dq, num_warps=config.num_warps, num_stages=config.num_stages,
+                              PER_QUERY=per_query, **consts)
     return dq
