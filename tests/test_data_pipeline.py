@@ -136,6 +136,20 @@ def test_epoch_visits_each_example_once(setup):
     assert all(sum(int(cache.lengths[i]) for i in row) <= 512 for _, rows in plan for row in rows)
 
 
+def test_rows_pack_at_most_max_examples(setup):
+    """data.max_examples_per_row bounds each packed row (the packed prefix_split on cuDNN takes at most
+    mtp.max_segments examples a row); every example still comes once, and the unbounded plan packs more."""
+    cfg, cache = setup
+    kw = dict(batch_size=1, capacity=512, buckets=np.asarray([512]), seed=3, epoch=0, drop_remainder=False)
+    free = plan_epoch(cache.lengths, **kw)
+    assert max(len(row) for _, rows in free for row in rows) > 2
+    bounded = plan_epoch(cache.lengths, **kw, max_examples=2)
+    assert max(len(row) for _, rows in bounded for row in rows) == 2
+    assert sorted(i for _, rows in bounded for row in rows for i in row) == list(range(len(cache)))
+    batch = next(iter(make_batches(cache, dataclasses.replace(cfg, max_examples_per_row=2))))
+    assert batch["segment_ids"].max() == 2
+
+
 def padding_fraction(batches):
     return 1 - sum(int((b["segment_ids"] > 0).sum()) for b in batches) / sum(b["tokens"].size for b in batches)
 

@@ -29,6 +29,9 @@ class DataConfig:
     batch_size: int = 8
     packing: bool = True
     max_tokens_per_row: int = 0
+    # at most this many examples a packed row (0: no bound); the packed prefix_split on cuDNN takes at most
+    # mtp.max_segments, so the 8B configs set both
+    max_examples_per_row: int = 0
     length_grouping: bool = True
     group_window: int = 2048  # packing draws each row from one window of this many shuffled examples
     bucket_multiple: int = 64
@@ -62,6 +65,8 @@ class DataConfig:
         need(self.max_tokens_per_row == 0 or self.max_tokens_per_row >= self.max_total_tokens,
              f"data.max_tokens_per_row ({self.max_tokens_per_row}) must be 0 or >= max_total_tokens "
              f"({self.max_total_tokens}) so every example fits a row")
+        need(self.max_examples_per_row >= 0,
+             f"data.max_examples_per_row must be >= 0 (0: no bound), got {self.max_examples_per_row}")
         need(self.bucket_multiple >= 1, f"data.bucket_multiple must be >= 1, got {self.bucket_multiple}")
         need(all(b >= 1 for b in self.bucket_lengths), "data.bucket_lengths must be positive")
         need(not self.bucket_lengths or max(self.bucket_lengths) >= self.row_capacity,

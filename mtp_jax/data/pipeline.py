@@ -42,9 +42,10 @@ def bucket_lengths(capacity: int, multiple: int = 64, explicit: tuple[int, ...] 
 
 def plan_epoch(lengths: np.ndarray, *, batch_size: int, capacity: int, buckets: np.ndarray, seed: int, epoch: int,
                shuffle: bool = True, packing: bool = True, length_grouping: bool = True, group_window: int = 2048,
-               drop_remainder: bool = True) -> list[tuple[int, list[list[int]]]]:
-    """[(row length L, rows)] for one epoch; each row a list of example indices. Deterministic in
-    (seed, epoch). With drop_remainder=False the last batch may hold fewer than batch_size rows."""
+               drop_remainder: bool = True, max_examples: int = 0) -> list[tuple[int, list[list[int]]]]:
+    """[(row length L, rows)] for one epoch; each row a list of example indices, at most `max_examples` of
+    them when packing (0: no bound). Deterministic in (seed, epoch). With drop_remainder=False the last
+    batch may hold fewer than batch_size rows."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
     rows: list[list[int]] = []
@@ -52,7 +53,7 @@ def plan_epoch(lengths: np.ndarray, *, batch_size: int, capacity: int, buckets: 
         window = order[start:start + group_window]
         if length_grouping:
             window = window[np.argsort(-lengths[window], kind="stable")]
-        rows.extend(_pack(window, lengths, capacity) if packing else [[int(i)] for i in window])
+        rows.extend(_pack(window, lengths, capacity, max_examples) if packing else [[int(i)] for i in window])
     row_len = np.asarray([sum(int(lengths[i]) for i in r) for r in rows])
     if length_grouping:  # rows of similar length from the whole epoch share a batch; batch order is shuffled below
         idx = np.argsort(-row_len, kind="stable")
@@ -69,15 +70,17 @@ def plan_epoch(lengths: np.ndarray, *, batch_size: int, capacity: int, buckets: 
     return batches
 
 
-def _pack(window: np.ndarray, lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Rows of examples summing to <= capacity: each row opens with the longest example left and
-    is topped up with the shortest ones (window sorted longest first when grouping)."""
+def _pack(window: np.ndarray, lengths: np.ndarray, capacity: int, max_examples: int = 0) -> list[list[int]]:
+    """Rows of examples summing to <= capacity (and at most `max_examples` of them, 0: no bound): each row
+    opens with the longest example left and is topped up with the shortest ones (window sorted longest
+    first when grouping)."""
     rows = []
     lo, hi = 0, len(window) - 1
+    room = max_examples or len(window)
     while lo <= hi:
         row, used = [int(window[lo])], int(lengths[window[lo]])
         lo += 1
-        while lo <= hi and used + lengths[window[hi]] <= capacity:
+        while lo <= hi and len(row) < room and used + lengths[window[hi]] <= capacity:
             row.append(int(window[hi]))
             used += int(lengths[window[hi]])
             hi -= 1
@@ -105,7 +108,7 @@ class PackedBatches(grain.MapDataset):
                                buckets=bucket_lengths(self._capacity, cfg.bucket_multiple, cfg.bucket_lengths),
                                seed=cfg.shuffle_seed if seed is None else seed, shuffle=shuffle, packing=cfg.packing,
                                length_grouping=cfg.length_grouping, group_window=cfg.group_window,
-                               drop_remainder=drop_remainder)
+                               drop_remainder=drop_remainder, max_examples=cfg.max_examples_per_row)
         self._local = cfg.batch_size // process_count
         self._plans: dict[int, list] = {}
         self._offset = process_index * self._local

@@ -80,8 +80,8 @@ def check_packed_rows(segment_ids, plan: AttentionPlan) -> None:
         most = int(np.max(segment_ids, initial=0))
         if most > plan.max_segments:
             raise ValueError(f"a row packs {most} examples, over mtp.max_segments ({plan.max_segments}) for "
-                             "the packed prefix_split on cuDNN; raise mtp.max_segments or lower "
-                             "data.max_tokens_per_row")
+                             "the packed prefix_split on cuDNN; set data.max_examples_per_row to at most "
+                             "mtp.max_segments")
 
 
 def cudnn_fits(dtype, head_dim: int, backend: str | None = None) -> bool:
