@@ -140,8 +140,6 @@ def main():
     ap.add_argument("--baseline_max", type=int, default=8192, help="skip the baseline above this regular length")
     ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"], help="attention (both variants)")
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"], help="per-layer remat (both)")
-    ap.add_argument("--bound_keys", action="store_true",
-                    help="MTPConfig.bound_keys: causal and per-chunk key lengths for cuDNN")
     ap.add_argument("--prefix_split", action="store_true",
                     help="MTPConfig.prefix_split: the prefix attention without a mask (one example per row)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up")
@@ -150,7 +148,7 @@ def main():
     config = ModelConfig.from_file(args.model)
     lora = LoRAConfig(rank=16, alpha=32.0)
     mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, row_chunk=2048,
-                    attention_impl=args.impl, soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys,
+                    attention_impl=args.impl, soft_ce_impl="auto", remat=args.remat,
                     prefix_split=args.prefix_split)
     model = MTPModel(config, lora, mtp, jnp.bfloat16, jnp.bfloat16)
     base = random_base(CausalLM(config, None, jnp.bfloat16, jnp.bfloat16))
@@ -174,7 +172,7 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     env = environment()
     report = {**env, "model": args.model, "k": args.k, "chunk": args.chunk,
-              "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
+              "attention": args.impl, "remat": args.remat,
               "prefix_split": args.prefix_split, "rows": rows}
     print(f"\n{header(env)}  {args.model}  k={args.k} chunk={args.chunk}")
     print(f"{'regular':>8} | {'two-stream s':>12} {'GiB':>7} | {'interleaved s':>13} {'GiB':>7} | speedup")

@@ -6,7 +6,6 @@ stop-gradient), for chunks at a quarter, half and the end of the sequence:
 
 - `mask`: the dense [C, L] prefix mask, as the objective passes it today. jax hands cuDNN a mask as a
   bias, and its backward also computes the bias gradient (`should_export_dbias` is always true);
-- `mask+len`: the same plus key_value_seq_lengths = the chunk's end (`mtp.bound_keys`);
 - `split`: no mask (`mtp.prefix_split`): the keys before the chunk (key length = chunk start) and the
   C x C causal block on the diagonal, two cuDNN calls merged by log-sum-exp (one example per row);
   `split+dq`: the same with the keys before the chunk's backward in mtp_kernels' Triton dq kernel;
@@ -48,7 +47,6 @@ def variants(impl: str, start: int, c: int):
 
     return {
         "mask": lambda q, k, v: prefix_attention(q, k, v, prefix_mask(k.shape[1]), impl)[0],
-        "mask+len": lambda q, k, v: prefix_attention(q, k, v, prefix_mask(k.shape[1]), impl, first + c)[0],
         "split": lambda q, k, v: split(q, k, v, "cudnn"),
         "split+dq": lambda q, k, v: split(q, k, v, "triton"),
         "none": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl),

@@ -149,8 +149,6 @@ def parse_args(argv=None):
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank (MTP-GLoRA's 8B setting)")
     ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"])
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
-    ap.add_argument("--bound_keys", action="store_true",
-                    help="MTPConfig.bound_keys: causal and per-chunk key lengths for cuDNN")
     ap.add_argument("--prefix_split", action="store_true",
                     help="MTPConfig.prefix_split on one_example rows: the prefix attention without a mask")
     ap.add_argument("--dq_kernel", default="auto", choices=["auto", "cudnn", "triton"],
@@ -194,7 +192,7 @@ def measure_model(args, path: str, peak: float | None) -> list[dict]:
     config, dtype, trainable_dtype = model_config(path), jnp.dtype(args.dtype), jnp.dtype(args.trainable_dtype)
     lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"))
     mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, tail_chunk=args.tail_chunk, row_chunk=4096,
-                    attention_impl=args.impl, soft_ce_impl="auto", remat=args.remat, bound_keys=args.bound_keys,
+                    attention_impl=args.impl, soft_ce_impl="auto", remat=args.remat,
                     prefix_split=args.prefix_split, dq_kernel=args.dq_kernel, scan_layers=not args.layer_loop)
     model = MTPModel(config, lora, mtp, dtype, trainable_dtype)
     # the straightforward step keeps remat full: with `dots` its whole interleaved row's matmul outputs stay
@@ -291,7 +289,7 @@ def main(argv=None):
     rows = [row for path in args.model for row in measure_model(args, path, peak)]
     env = environment()
     report = {**env, "k": args.k, "chunk": args.chunk, "tail_chunk": args.tail_chunk, "rank": args.rank,
-              "attention": args.impl, "remat": args.remat, "bound_keys": args.bound_keys,
+              "attention": args.impl, "remat": args.remat,
               "prefix_split": args.prefix_split, "dq_kernel": args.dq_kernel, "scan_layers": not args.layer_loop,
               "dtype": args.dtype, "trainable_dtype": args.trainable_dtype, "compile_only": args.compile_only,
               "packed_mix": {"median": args.median, "p95": args.p95, "prompt_range": args.prompt_range,

@@ -19,25 +19,29 @@ def test_private_cudnn_backward_binding_still_fits():
         assert (dq.shape, dq.dtype) == (q.shape, jnp.float32)
 
 
-@pytest.mark.parametrize("mask,key_count,causal", [(True, False, False), (True, True, False), (False, True, True)])
-def test_private_cudnn_attention_binding_still_fits(monkeypatch, mask, key_count, causal):
-    """The masked layout's prefix attention on cuDNN (attention_lse through cudnn_attention): jax's private
-    forward binding, traced without a GPU (its cuDNN version check faked), still takes a boolean mask, key
-    lengths and causality, gives the LSE in fp32 (the public binding's is bf16 here) and, through the custom
-    VJP, dq in q's shape and dtype. Run on cuDNN in tests/test_mtp_gpu.py."""
+@pytest.mark.parametrize("variant", ["mask", "key lengths", "causal"])
+def test_private_cudnn_attention_binding_still_fits(monkeypatch, variant):
+    """jax's private forward binding, traced without a GPU (its cuDNN version check faked), still takes what
+    our calls pass and gives the LSE in fp32 (the public binding's is bf16 here): a boolean mask, through
+    attention_lse (the masked layout's prefix; its custom VJP gives dq in q's shape and dtype), and key
+    lengths or causality, through cudnn_part (the split's parts). Run on cuDNN in tests/test_mtp_gpu.py."""
     from jax._src.cudnn import fused_attention_stablehlo
 
     from mtp_jax.mtp.attention import attention_lse
+    from mtp_jax.mtp.cudnn_private import cudnn_part
 
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
     q = jax.ShapeDtypeStruct((2, 64, 32, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((2, 64 if causal else 256, 8, 128), jnp.bfloat16)
-    m = jax.ShapeDtypeStruct((2, 1, 64, k.shape[1]), jnp.bool_) if mask else None
-    count = jnp.array([3, 100], jnp.int32) if key_count else None
+    k = jax.ShapeDtypeStruct((2, 64 if variant == "causal" else 256, 8, 128), jnp.bfloat16)
+    m = jax.ShapeDtypeStruct((2, 1, 64, k.shape[1]), jnp.bool_)
 
     def f(q, k, m):
-        out, lse = attention_lse(q, k, k, m, count, causal, "cudnn")
-        return out, lse, jax.grad(lambda q: jnp.sum(attention_lse(q, k, k, m, count, causal, "cudnn")[1]))(q)
+        if variant != "mask":
+            out, lse = cudnn_part(q, k, k, jnp.array([3, 100], jnp.int32) if variant == "key lengths" else None,
+                                  variant == "causal")
+            return out, lse, q
+        out, lse = attention_lse(q, k, k, m, "cudnn")
+        return out, lse, jax.grad(lambda q: jnp.sum(attention_lse(q, k, k, m, "cudnn")[1]))(q)
 
     out, lse, dq = jax.eval_shape(f, q, k, m)
     assert (out.shape, out.dtype) == (q.shape, jnp.bfloat16)

@@ -127,15 +127,15 @@ def test_options_match_oracle(setups, option):
     assert_trees_close(grads, ref_grads, 1e-5, option)
 
 
-@pytest.mark.parametrize("chunk,tail,remat,bound_keys", [
-    (1, 0, "dots", False), (5, 0, "full", False), (5, 0, "none", True), (6, 2, "dots", False), (24, 6, "none", False)])
-def test_chunked_equals_unchunked(setups, chunk, tail, remat, bound_keys):
+@pytest.mark.parametrize("chunk,tail,remat", [(1, 0, "dots"), (5, 0, "full"), (5, 0, "none"), (6, 2, "dots"),
+                                              (24, 6, "none")])
+def test_chunked_equals_unchunked(setups, chunk, tail, remat):
     """Anchor chunks (C = 1, and 5 not dividing 16), tail chunks (2 after a chunk of 6; 6 after a single
-    chunk cut to the row's 16, which 6 does not divide), per-layer remat and key bounds change nothing."""
+    chunk cut to the row's 16, which 6 does not divide) and per-layer remat change nothing."""
     k = 3
     model, params = build(setups["qwen3"], MTPConfig(draft_length=k, soft_ce_impl="jnp"))
     chunked = MTPModel(model.config, model.lora, dataclasses.replace(
-        model.mtp, chunk_size=chunk, tail_chunk=tail, row_chunk=4, remat=remat, bound_keys=bound_keys))
+        model.mtp, chunk_size=chunk, tail_chunk=tail, row_chunk=4, remat=remat))
     batch, _ = make_batch(EXAMPLES, rows=3, length=16)
     trainable, frozen = split_params(model, params)
     loss, grads, sums = jax.jit(functools.partial(loss_and_grads, model))(trainable, frozen, batch)
@@ -273,27 +273,6 @@ def test_remat_dots_keeps_the_split_attention():
     assert maxes == {"full": 4, "dots": 2}, maxes
 
 
-def test_key_count_bounds_the_prefix():
-    """chunk_key_count is the last real anchor + 1; prefix attention masks keys at or past it, so a
-    count one too small changes the output and the exact count changes nothing."""
-    from mtp_jax.mtp.attention import chunk_key_count, prefix_attention
-
-    anchors = jnp.asarray([[3, 4, 9, 12], [0, 1, 2, 10]])  # 10, 12: past the end of 10 keys
-    np.testing.assert_array_equal(chunk_key_count(anchors, 10), [10, 3])
-    np.testing.assert_array_equal(chunk_key_count(jnp.asarray([2, 5]), 10), [6])
-    keys = jnp.arange(10)
-    mask = (keys[None, :] <= anchors[:, :, None])[:, None] & (anchors < 10)[:, None, :, None]
-    q, k, v = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(2, 4, 4, 8), (2, 10, 2, 8),
-                                                                              (2, 10, 2, 8)]))
-    count = chunk_key_count(anchors, 10)
-    dense = prefix_attention(q, k, v, mask)
-    bounded = prefix_attention(q, k, v, mask, key_count=count)
-    short = prefix_attention(q, k, v, mask, key_count=count - 1)
-    for a, b in zip(bounded, dense):
-        np.testing.assert_array_equal(a, b)
-    assert not np.allclose(short[0][0, 2], dense[0][0, 2]), "a too-small count did not bound the keys"
-
-
 def test_auto_attention_picks_cudnn_only_where_it_runs(monkeypatch):
     """The attention plan resolves attention_impl 'auto' once: cuDNN on a GPU in bf16/fp16 with a head dim it
     takes, else XLA; a call with an odd length runs on XLA only where cuDNN was chosen automatically."""
@@ -314,29 +293,21 @@ def test_auto_attention_picks_cudnn_only_where_it_runs(monkeypatch):
     assert auto.impl_for(q, k) == "cudnn"
     assert auto.impl_for(q[:, :511], k) == "xla"  # odd length with a mask in training
     assert AttentionPlan(impl="cudnn").impl_for(q[:, :511], k) == "cudnn"  # asked for: not overridden
-    split = plan_attention(MTPConfig(prefix_split=True, bound_keys=True, dq_kernel="cudnn"), jnp.bfloat16, 64)
-    assert (split.layout, split.dq_kernel, split.bound_keys) == ("split", "cudnn", True)
+    split = plan_attention(MTPConfig(prefix_split=True, dq_kernel="cudnn"), jnp.bfloat16, 64)
+    assert (split.layout, split.dq_kernel) == ("split", "cudnn")
 
 
-def lse_case(variant: str, impl: str, dtype=jnp.float32, t=6, s=10, heads=4, kv=2, d=8):
-    """d(sum(out * g_out) + sum(lse * g_lse))/dq three ways: the written-out fp32 attention (reference,
-    on the inputs rounded to `dtype`), attention_lse and jax's attention alone, both in `dtype` on `impl`."""
+def lse_case(impl: str, dtype=jnp.float32, t=6, s=10, heads=4, kv=2, d=8):
+    """d(sum(out * g_out) + sum(lse * g_lse))/dq under a prefix mask three ways: the written-out fp32
+    attention (reference, on the inputs rounded to `dtype`), attention_lse and jax's attention alone, both
+    in `dtype` on `impl`."""
     from mtp_jax.mtp.attention import _xla_prefix_attention, attention_lse
 
     keys = jax.random.split(jax.random.key(0), 5)
-    s = t if variant == "causal" else s
     q = jax.random.normal(keys[0], (2, t, heads, d)).astype(dtype)
     k, v = (jax.random.normal(kk, (2, s, kv, d)).astype(dtype) for kk in keys[1:3])
     g_out, g_lse = jax.random.normal(keys[3], q.shape), jax.random.normal(keys[4], q.shape[:3])
-    mask, count, causal = None, None, variant == "causal"
-    if variant == "mask":
-        mask = (jnp.arange(s)[None, :] <= jnp.linspace(2, s - 1, t).astype(int)[:, None])[None, None]
-        ref_mask = mask
-    elif variant == "key_count":
-        count = jnp.asarray([s // 2, s - 1], jnp.int32)
-        ref_mask = (jnp.arange(s) < count[:, None])[:, None, None]
-    else:
-        ref_mask = jnp.tril(jnp.ones((s, s), bool))[None, None]
+    mask = (jnp.arange(s)[None, :] <= jnp.linspace(2, s - 1, t).astype(int)[:, None])[None, None]
 
     def grad(fn, q):
         def f(q):
@@ -345,28 +316,26 @@ def lse_case(variant: str, impl: str, dtype=jnp.float32, t=6, s=10, heads=4, kv=
         return jax.grad(f)(q).astype(jnp.float32)
 
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    ref = grad(lambda q: _xla_prefix_attention(q, f32[1], f32[2], ref_mask), f32[0])
-    ours = grad(lambda q: attention_lse(q, k, v, mask, count, causal, impl), q)
-    raw = grad(lambda q: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                                      key_value_seq_lengths=count, implementation=impl,
+    ref = grad(lambda q: _xla_prefix_attention(q, f32[1], f32[2], mask), f32[0])
+    ours = grad(lambda q: attention_lse(q, k, v, mask, impl), q)
+    raw = grad(lambda q: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl,
                                                       return_residual=True), q)
     return ref, ours, raw
 
 
-@pytest.mark.parametrize("variant", ["mask", "key_count", "causal"])
-def test_attention_lse_gradient_reaches_q(variant):
+def test_attention_lse_gradient_reaches_q():
     """attention_lse (the wrapper the cuDNN paths use, run here on jax's XLA attention, whose VJP drops
     the LSE's cotangent just as cuDNN's does) gives the written-out attention's gradient; jax's
     attention alone gets dq wrong (tests/test_mtp_gpu.py runs the same on cuDNN)."""
-    ref, ours, raw = lse_case(variant, "xla")
+    ref, ours, raw = lse_case("xla")
     assert rel(ours, ref) < 1e-5
     assert rel(raw, ref) > 1e-2, "jax's own attention now carries the LSE gradient: the wrapper may go"
 
 
 def test_auto_attention_reaches_cudnn_with_its_arguments(monkeypatch):
     """On a GPU (faked) both streams call cuDNN attention: the regular stream jax's, the mask stream's prefix
-    the private binding (for its fp32 LSE); 'auto' resolved, causality and key counts passed on (the kernels
-    themselves run in tests/test_mtp_gpu.py)."""
+    the private binding (for its fp32 LSE); 'auto' resolved, each with its mask (the kernels themselves run
+    in tests/test_mtp_gpu.py)."""
     from mtp_jax.mtp import attention
     from mtp_jax.mtp.attention import mask_attend, plan_attention, regular_attend
 
@@ -386,12 +355,11 @@ def test_auto_attention_reaches_cudnn_with_its_arguments(monkeypatch):
     monkeypatch.setattr(attention, "cudnn_attention", fake_private)
     seg = jnp.ones((2, 8), jnp.int32)
     x = jnp.zeros((2, 8, 4, 8), jnp.bfloat16)
-    plan = plan_attention(MTPConfig(bound_keys=True), jnp.bfloat16, 8)
+    plan = plan_attention(MTPConfig(), jnp.bfloat16, 8)
     regular_attend(seg, plan)(x, x[:, :, :2], x[:, :, :2], None)
     q = jnp.zeros((2, 4 * 2, 4, 8), jnp.bfloat16)  # 4 anchors x 2 steps
-    mask_attend(plan, 2, jnp.ones((2, 1, 4, 8), bool), jnp.asarray([5, 8]))(q, q[:, :, :2], q[:, :, :2],
-                                                                              (x[:, :, :2], x[:, :, :2]))
-    assert calls == [("cudnn", True, None), ("cudnn private", False, [5, 8])]
+    mask_attend(plan, 2, jnp.ones((2, 1, 4, 8), bool))(q, q[:, :, :2], q[:, :, :2], (x[:, :, :2], x[:, :, :2]))
+    assert calls == [("cudnn", False, None), ("cudnn private", False, None)]
 
 
 def test_regular_stream_is_the_base_model_bit_for_bit(setups):

@@ -4,7 +4,7 @@ Regular stream: plain causal attention inside each packed example, keeping every
 Mask stream: the k masks of anchor a attend to (i) regular K/V at indices <= a, with the k
 queries folded into the head axis so one causal-attention call serves all draft steps, and
 (ii) their own block (k x k, causal); the two parts merge by log-sum-exp in float32.
-How both streams attend (layout, kernel, dq kernel, key bounding) is one `AttentionPlan`, resolved
+How both streams attend (layout, kernel, dq kernel) is one `AttentionPlan`, resolved
 once from the config and the backend (`plan_attention`); the attend functions only read it. The split
 layout's parts (no mask for the fused kernels) live in `mtp.split_attention`.
 """
@@ -41,8 +41,6 @@ class AttentionPlan:
     impl: the fused attention, "cudnn" or "xla" (which materialises the [queries, keys] scores).
     dq_kernel: the split layout's backward of the keys before each chunk: "triton" (dq only), else
       `impl`'s own.
-    bound_keys: masked layout: also tell the fused attention where keys end (causal regular stream;
-      per anchor chunk, the last anchor's prefix), so cuDNN skips key tiles no query sees.
     odd_lengths_on_xla: `impl` was chosen automatically: a call with an odd query or key length,
       which cuDNN does not take with a mask in training, runs on XLA.
     """
@@ -50,7 +48,6 @@ class AttentionPlan:
     layout: Literal["masked", "split"] = "masked"
     impl: Impl = "xla"
     dq_kernel: Literal["xla", "cudnn", "triton"] = "xla"
-    bound_keys: bool = False
     odd_lengths_on_xla: bool = False
     packed: bool = False
     max_segments: int = 64
@@ -104,14 +101,14 @@ def resolve_dq_kernel(dq_kernel: str, impl: str) -> str:
 
 
 def plan_attention(mtp, dtype, head_dim: int, backend: str | None = None) -> AttentionPlan:
-    """The plan for an `MTPConfig` (attention_impl, prefix_split, bound_keys, dq_kernel) at compute dtype
+    """The plan for an `MTPConfig` (attention_impl, prefix_split, packed, dq_kernel) at compute dtype
     `dtype` on `backend` (default: jax's). attention_impl 'auto' -> cuDNN where `cudnn_fits`, else XLA:
     the XLA path materialises the [queries, keys] scores (and recomputes them in the backward), far
     slower and bigger than the fused kernels on a GPU."""
     auto = mtp.attention_impl == "auto"
     impl = ("cudnn" if cudnn_fits(dtype, head_dim, backend) else "xla") if auto else mtp.attention_impl
     return AttentionPlan(layout="split" if mtp.prefix_split else "masked", impl=impl,
-                         dq_kernel=resolve_dq_kernel(mtp.dq_kernel, impl), bound_keys=mtp.bound_keys,
+                         dq_kernel=resolve_dq_kernel(mtp.dq_kernel, impl),
                          odd_lengths_on_xla=auto, packed=mtp.packed, max_segments=mtp.max_segments)
 
 
@@ -132,20 +129,19 @@ def segment_causal_mask(segment_ids: jax.Array, q_index: jax.Array | None = None
 
 def regular_attend(segment_ids: jax.Array, plan: AttentionPlan = AttentionPlan()):
     """Causal attention within packed examples; aux = this layer's (k, v) for the mask stream
-    (stacked by the decoder into [layers, batch, keys, kv, d]). `plan.bound_keys` also declares the
-    attention causal, which the mask already is, so that cuDNN skips the key tiles above the diagonal.
+    (stacked by the decoder into [layers, batch, keys, kv, d]).
     The split layout (one example per row, at its start): no mask at all, causal attention over the
     row's real tokens (a key length; padding queries see them too, which no valid pair reads). At 128k
     tokens the [L, L] mask alone is 16 GiB, and cuDNN reads it as a bf16 bias. The split layout on packed
     rows under cuDNN: each example its own causal run (sequence packing, no mask; padding gets 0)."""
     if plan.split and plan.packed:
         runs = segment_runs(segment_ids, plan.max_segments) if plan.impl == "cudnn" else None
-        mask, kw = segment_causal_mask(segment_ids), dict(is_causal=plan.bound_keys)
+        mask, kw = segment_causal_mask(segment_ids), {}
     elif plan.split:
         lengths = jnp.maximum(jnp.sum(segment_ids > 0, axis=1), 1).astype(jnp.int32)
         mask, kw = None, dict(is_causal=True, key_value_seq_lengths=lengths)
     else:
-        mask, kw = segment_causal_mask(segment_ids), dict(is_causal=plan.bound_keys)
+        mask, kw = segment_causal_mask(segment_ids), {}
 
     def attend(q, k, v, layer_state):
         if plan.split and plan.packed and plan.impl == "cudnn":
@@ -156,23 +152,15 @@ def regular_attend(segment_ids: jax.Array, plan: AttentionPlan = AttentionPlan()
     return attend
 
 
-def chunk_key_count(anchor_index: jax.Array, keys: int) -> jax.Array:
-    """[b] int32: how many leading regular keys any anchor of the chunk can see (last real anchor + 1,
-    at least 1); anchors past the end (index >= keys) see nothing and do not count."""
-    last = jnp.max(jnp.where(anchor_index < keys, anchor_index, 0), axis=-1)
-    return jnp.atleast_1d(last + 1).astype(jnp.int32)
-
-
-def _fused(q, k, v, mask, key_count, causal, impl, return_residual=False):
+def _fused(q, k, v, mask, impl, return_residual=False):
     if impl == "cudnn":  # the private binding: its LSE in fp32, where the public one rounds it to q's dtype
-        return cudnn_attention(q, k, v, mask, key_count, causal, return_residual)
+        return cudnn_attention(q, k, v, mask, None, False, return_residual)
     kw = dict(return_residual=True) if return_residual else {}
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=key_count,
-                                        implementation=impl, **kw)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl, **kw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def attention_lse(q, k, v, mask, key_count, causal: bool, impl: str):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention_lse(q, k, v, mask, impl: str):
     """(out, lse fp32) of jax.nn.dot_product_attention with the LSE's gradient wrt q restored; on cuDNN through
     the private binding (`cudnn_attention`), whose LSE is fp32, not rounded to q's dtype.
 
@@ -182,41 +170,32 @@ def attention_lse(q, k, v, mask, key_count, causal: bool, impl: str):
     d lse / d q = scale * sum_j p_j k_j = scale * attention(q, k, k), one more attention call in the
     backward. k and v get no LSE term: they are the regular stream's K/V, under
     stop_gradient."""
-    out, lse = _fused(q, k, v, mask, key_count, causal, impl, return_residual=True)
+    out, lse = _fused(q, k, v, mask, impl, return_residual=True)
     return out, lse.astype(jnp.float32)
 
 
-def _attention_lse_fwd(q, k, v, mask, key_count, causal, impl):
-    (out, lse), vjp = jax.vjp(lambda q, k, v: _fused(q, k, v, mask, key_count, causal, impl, return_residual=True),
-                              q, k, v)
-    return (out, lse.astype(jnp.float32)), (vjp, q, k, mask, key_count, lse)
+def _attention_lse_fwd(q, k, v, mask, impl):
+    (out, lse), vjp = jax.vjp(lambda q, k, v: _fused(q, k, v, mask, impl, return_residual=True), q, k, v)
+    return (out, lse.astype(jnp.float32)), (vjp, q, k, mask, lse)
 
 
-def _attention_lse_bwd(causal, impl, res, g):
-    vjp, q, k, mask, key_count, lse = res
+def _attention_lse_bwd(impl, res, g):
+    vjp, q, k, mask, lse = res
     g_out, g_lse = g
     dq, dk, dv = vjp((g_out, jnp.zeros_like(lse)))
-    pk = _fused(q, k, k, mask, key_count, causal, impl)  # sum_j p_j k_j per query head
+    pk = _fused(q, k, k, mask, impl)  # sum_j p_j k_j per query head
     dq = dq + (g_lse[..., None] * pk.astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))).astype(dq.dtype)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None
 
 
 attention_lse.defvjp(_attention_lse_fwd, _attention_lse_bwd)
 
 
-def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: Impl = "xla",
-                     key_count: jax.Array | None = None):
-    """q [b, a, k*h, d] against regular k/v [b, s, kv, d] -> (out [b, a, k*h, d], lse [b, a, k*h] fp32)
-    on `impl`.
-
-    `key_count` [b] (optional): keys at index >= key_count[row] are masked for every query of the row;
-    cuDNN takes it as the key sequence length and skips those key tiles."""
-    if key_count is not None:
-        key_count = jnp.broadcast_to(key_count, (q.shape[0],))
+def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: Impl = "xla"):
+    """q [b, a, k*h, d] against regular k/v [b, s, kv, d] under `mask` -> (out [b, a, k*h, d],
+    lse [b, a, k*h] fp32) on `impl`."""
     if impl == "cudnn":
-        return attention_lse(q, k, v, mask, key_count, False, "cudnn")
-    if key_count is not None:
-        mask = mask & (jnp.arange(k.shape[1]) < key_count[:, None, None, None])
+        return attention_lse(q, k, v, mask, "cudnn")
     return _xla_prefix_attention(q, k, v, mask)
 
 
@@ -249,13 +228,12 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array):
 
 
 def mask_attend(plan: AttentionPlan, steps: int, prefix_mask: jax.Array | None = None,
-                key_count: jax.Array | None = None, split_index: jax.Array | PackedChunk | None = None):
+                split_index: jax.Array | PackedChunk | None = None):
     """Attention for mask tokens laid out as [batch, anchors * k] (anchor-major).
 
     `layer_state` = this layer's (k, v) [batch, keys, kv, d] of the regular stream (the decoder
     slices it from the stacked [layers, ...] K/V of `regular_attend`). Masked layout: `prefix_mask`
-    [batch, 1, anchors, keys] says which regular keys each anchor sees; `key_count` [b] (optional,
-    `chunk_key_count`, with plan.bound_keys) bounds them, changing nothing but the work cuDNN skips.
+    [batch, 1, anchors, keys] says which regular keys each anchor sees.
     Split layout: `split_index`, the chunk's first anchor per row [b] (one example per row,
     `split_prefix_attention`) or, with plan.packed, its `PackedChunk` (`packed_split_attention`).
     """
@@ -280,7 +258,7 @@ def mask_attend(plan: AttentionPlan, steps: int, prefix_mask: jax.Array | None =
                 out = split_prefix_attention(q_folded, k_reg, v_reg, split_index, fold(out2), fold(lse2), impl,
                                              dq_kernel)
             return jnp.swapaxes(out.reshape(b, a, h, steps, d), 2, 3).reshape(b, t, h, d).astype(q.dtype), None
-        out1, lse1 = prefix_attention(q_folded, k_reg, v_reg, prefix_mask, impl, key_count)
+        out1, lse1 = prefix_attention(q_folded, k_reg, v_reg, prefix_mask, impl)
         out1 = jnp.swapaxes(out1.reshape(b, a, h, steps, d), 2, 3).astype(jnp.float32)
         lse1 = jnp.swapaxes(lse1.reshape(b, a, h, steps), 2, 3)
         out, _ = merge_lse(out1, lse1, out2, lse2)

@@ -21,7 +21,7 @@ from mtp_jax.models.config import ModelConfig
 from mtp_jax.models.llama import CausalLM, DecoderLayer
 from mtp_jax.models.lora import LoRAConfig
 from mtp_jax.models.sampler import SamplerHead
-from mtp_jax.mtp.attention import (AttentionPlan, chunk_key_count, mask_attend, plan_attention, regular_attend,
+from mtp_jax.mtp.attention import (AttentionPlan, mask_attend, plan_attention, regular_attend,
                                    segment_causal_mask)
 from mtp_jax.mtp.loss import argmax_rows, soft_ce_rows, soft_ce_rows_vs_logits
 from mtp_jax.mtp.split_attention import packed_chunk
@@ -44,9 +44,6 @@ class MTPConfig:
     attention_impl: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on a GPU in bf16/fp16 (cudnn_fits)
     soft_ce_impl: Literal["auto", "triton", "jnp"] = "auto"
     remat: Literal["none", "full", "dots"] = "none"  # per-layer checkpointing of the mask stream (REMAT_POLICIES)
-    # tell the fused attention where keys end (causal regular stream; per anchor chunk, the last anchor's
-    # prefix) so cuDNN skips key tiles no query sees; the masks already say so, results are the same
-    bound_keys: bool = False
     # both streams without a mask: the regular stream causal over the row's real tokens, the mask stream's
     # prefix as the keys before each anchor chunk + its causal diagonal block, merged by LSE
     # (split_prefix_attention); with `packed`, per example (packed_split_attention)
@@ -54,7 +51,7 @@ class MTPConfig:
     # rows may hold several examples (the training config sets it from data.packing): prefix_split then
     # attends per example, and reads k+1 teacher rows per anchor instead of one shared block per chunk
     packed: bool = False
-    # packed prefix_split on cuDNN: the most examples in a row (a row with more gets a NaN loss)
+    # packed prefix_split on cuDNN: the most examples in a row (the training loop refuses a row with more)
     max_segments: int = 64
     # prefix_split under cuDNN: the backward of the keys before each chunk, dq only from mtp_kernels' Triton
     # kernel ("triton", needs jax_triton; it skips the dK/dV that cuDNN's backward also forms) or cuDNN's full backward
@@ -122,8 +119,7 @@ class MTPModel(nn.Module):
                      else jnp.broadcast_to(anchor_index[..., 0], (b,)))
             attend = mask_attend(plan, k, split_index=index)
         else:
-            key_count = chunk_key_count(anchor_index, segment_ids.shape[1]) if plan.bound_keys else None
-            attend = mask_attend(plan, k, segment_causal_mask(segment_ids, anchor_index), key_count)
+            attend = mask_attend(plan, k, segment_causal_mask(segment_ids, anchor_index))
         hidden, _ = self.base(None, pos, attend, gate=1.0, deterministic=deterministic, embeddings=emb,
                               layer_state=regular_kv)
         return hidden.reshape(b, c, k, -1)
