@@ -21,13 +21,15 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GP
 @pytest.mark.parametrize("attention_impl,soft_ce_impl,option", [
     ("xla", "triton", None), ("cudnn", "jnp", None), ("cudnn", "triton", None),
     ("cudnn", "jnp", "prefix_split"), ("cudnn", "jnp", "prefix_split+triton_dq"),
-    ("cudnn", "triton", "prefix_split+triton_dq+layer_loop"), ("cudnn", "jnp", "prefix_split+packed"),
-    ("cudnn", "jnp", "prefix_split+packed+triton_dq"), ("cudnn", "triton", "prefix_split+triton_dq+tail_chunk")])
+    ("cudnn", "triton", "prefix_split+triton_dq+layer_loop+dots"), ("cudnn", "jnp", "prefix_split+packed"),
+    ("cudnn", "triton", "prefix_split+packed+triton_dq+layer_loop+dots"),
+    ("cudnn", "triton", "prefix_split+triton_dq+tail_chunk")])
 def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option):
     """prefix_split: two unmasked cuDNN calls per chunk, on one example per row (chunks of 4 anchors: cuDNN
-    wants even lengths with a mask); layer_loop: all of it with mtp.scan_layers off; packed: prefix_split on packed rows (cuDNN's sequence
-    packing in both streams, chunks straddling examples); tail_chunk: the anchors after the last full chunk
-    in chunks of 2."""
+    wants even lengths with a mask); layer_loop: all of it with mtp.scan_layers off; dots: remat dots (with
+    the loop, the 8B configs' settings); packed: prefix_split on packed rows (cuDNN's sequence packing in
+    both streams, chunks straddling examples); tail_chunk: the anchors after the last full chunk in chunks
+    of 2."""
     ref_model, params = build(setups["llama"], MTPConfig(draft_length=3, soft_ce_impl="jnp"))
     if option and option.startswith("prefix_split") and "packed" not in option:
         batch = one_example_per_row(EXAMPLES, length=16)
@@ -40,6 +42,7 @@ def test_gpu_kernels_match_xla_path(setups, attention_impl, soft_ce_impl, option
                               dq_kernel="triton" if option and "triton_dq" in option else "cudnn",
                               chunk_size=4 if option else 0, tail_chunk=2 if option and "tail_chunk" in option else 0,
                               scan_layers=not (option and "layer_loop" in option),
+                              remat="dots" if option and "dots" in option else ref_model.mtp.remat,
                               packed=bool(option and "packed" in option))
     dtype = jnp.bfloat16 if attention_impl == "cudnn" else jnp.float32
     model = MTPModel(ref_model.config, ref_model.lora, cfg, dtype, jnp.float32)
