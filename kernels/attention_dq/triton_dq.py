@@ -93,9 +93,10 @@ def attention_dq_kernel(
     step = BLOCK_N * KVH * HEAD_DIM
     qk_scale = SCALE * LOG2E
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Two loops, as two inlined block bodies: the blocks every query reads in full, without a mask, then the
-    # masked ones (those before them, then those after). Each more body costs registers and pipeline stages;
-    # a third loop (head, full and tail blocks apart) ran the one-range rows 1.6x slower on an H100.
+    # Two loops, two inlined block bodies: the blocks every query reads in full, without a mask, then the
+    # masked ones (those before them, then those after). With three (head, full and tail blocks apart) the
+    # one-range rows' dq ran 1.6-1.8x slower on an H100 than this loop structure had on an H200
+    # (benchmarks/results/attention_dq_2026-12-07_h100.md).
     k_ptrs = k_ptr + kv_off + (lo + head_blocks * BLOCK_N) * (KVH * HEAD_DIM)
     v_ptrs = v_ptr + kv_off + (lo + head_blocks * BLOCK_N) * (KVH * HEAD_DIM)
     for i in range(0, full_blocks):
