@@ -19,7 +19,7 @@ from mtp_jax.decoding.layout import prepare
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.request import check_request, encode_prompt, eos_ids_of
 from mtp_jax.decoding.sampling import Sampling
-from mtp_jax.decoding.speculative import _forward, speculative_generate, speculative_stream
+from mtp_jax.decoding.speculative import _forward, speculative_generate, speculative_stream, with_draft_vocab
 from mtp_jax.models import LoRAConfig, ModelConfig, load_model, load_tokenizer
 from mtp_jax.models.llama import CausalLM, unstack_layers
 from mtp_jax.mtp.mask_token import mask_embedding
@@ -255,6 +255,31 @@ def test_calls_read_three_at_a_time_give_the_same_decoding(setups):
     np.testing.assert_array_equal(three[-1].offered, one[-1].offered)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_draft_vocabulary_keeps_greedy_exact(setups, kind):
+    """with_draft_vocab: drafts come from the given token ids only. The whole vocabulary drafts as the full
+    head does (the same acceptance); one token that plain greedy never emits gets no draft accepted; both
+    give plain greedy output, through the decoding layout too."""
+    model, params, lm = setups[kind]
+    prompts = prompts_for(16)
+    ref = generate(lm, params["base"], prompts, NEW, NEVER)
+    full = speculative_generate(model, params, prompts, NEW, NEVER)
+    whole = speculative_generate(model, with_draft_vocab(model, params, range(16)), prompts, NEW, NEVER)
+    assert whole.tokens == ref and (whole.accepted == full.accepted).all() and full.accepted.sum() > 0
+    unused = next(t for t in range(16) if all(t not in row for row in ref))
+    laid_out = prepare(model, params)
+    for m, p in ((model, params), laid_out):
+        one = speculative_generate(m, with_draft_vocab(m, p, [unused]), prompts, NEW, NEVER)
+        assert one.tokens == ref and one.accepted.sum() == 0, kind
+
+
+def test_draft_vocabulary_refuses_ids_outside_the_model(setups):
+    model, params, _ = setups["llama"]
+    for bad in ([], [3, 16], [-1]):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            with_draft_vocab(model, params, bad)
+
+
 def test_top_k_1_sampling_is_greedy(setups):
     """With top-k = 1 base and draft distributions are one-hot: rejection sampling must give greedy."""
     model, params, lm = setups["llama"]
@@ -263,8 +288,10 @@ def test_top_k_1_sampling_is_greedy(setups):
     assert res.tokens == generate(lm, params["base"], prompts, NEW, NEVER)
 
 
-def test_sampling_matches_base_distribution(tmp_path):
-    """Marginals of the first 4 sampled tokens (3 of them drafted) vs the exact base distribution.
+@pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6)])
+def test_sampling_matches_base_distribution(tmp_path, draft_vocab):
+    """Marginals of the first 4 sampled tokens (3 of them drafted) vs the exact base distribution; also
+    with drafts from 5 of the 8 tokens only (with_draft_vocab: q is zero outside them).
 
     6000 samples over 8 tokens: here the distances come out at 0.007-0.014 (sampling noise).
     Measured on this same setup with deliberately broken samplers (tokens 2-4): accepting every
@@ -274,7 +301,8 @@ def test_sampling_matches_base_distribution(tmp_path):
     vocab, n, temperature, top_k = 8, 6000, 0.9, 6
     model, params, lm = tiny_mtp("llama", vocab, tmp_path, sharpen=12.0)
     prompt = [3, 5, 4, 7, 6]
-    res = speculative_generate(model, params, [prompt] * n, 4, NEVER, sampling=Sampling(temperature, top_k), seed=0)
+    drafting = params if draft_vocab is None else with_draft_vocab(model, params, draft_vocab)
+    res = speculative_generate(model, drafting, [prompt] * n, 4, NEVER, sampling=Sampling(temperature, top_k), seed=0)
     # exact: the base model on every continuation of 3 tokens; temperature and top-k in numpy
     conts = np.array([prompt + list(c) for c in itertools.product(range(vocab), repeat=3)])
     logits = np.asarray(lm.apply({"params": params["base"]}, jnp.asarray(conts), method=CausalLM.forward_logits),
