@@ -14,7 +14,8 @@ where the alias cannot be fetched), then one report:
 Rows, for each model (`qwen3-8b`, `llama-3.1-8b`: random bf16 weights at configs/models/*.json shapes;
 `smollm2-135m`: its real weights) and batch: `plain` (our greedy decoding), `spec_all` / `spec_0`
 (speculative, k drafts, mask-block layout `all` or `0`; random adapters unless `--adapter`, so their
-acceptance is about 0 and the row measures the cost of a call), `hf_generate` (transformers, bf16,
+acceptance is about 0 and the row measures the cost of a call), with `--draft_vocab N` also `spec_0_vocab`
+(layout `0`, the drafts scored over N token ids only: the cost of such a call), `hf_generate` (transformers, bf16,
 static cache, greedy, eager) and `hf_generate_compiled` (the same with generate's torch.compile, where
 it runs; the error is recorded where not). Every method generates exactly `new_tokens` per row (no
 EOS), from the same left-padded prompts.
@@ -85,7 +86,7 @@ from mtp_jax.decoding.cli import compile_seconds  # noqa: E402
 from mtp_jax.decoding.exactness import NEAR_TIE_ULPS, divergence  # noqa: E402
 from mtp_jax.decoding.layout import plain_of, prepare  # noqa: E402
 from mtp_jax.decoding.plain import generate, generate_with_logits  # noqa: E402
-from mtp_jax.decoding.speculative import speculative_generate  # noqa: E402
+from mtp_jax.decoding.speculative import speculative_generate, with_draft_vocab  # noqa: E402
 
 
 def plain_decode(lm, base, prompts, new_tokens, eos, pad_id, exact=False, anchors=None
@@ -158,15 +159,17 @@ def weight_bytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def spec_bound(config: ModelConfig, base, params, k: int) -> float:
+def spec_bound(config: ModelConfig, base, params, k: int, draft_vocab: int = 0) -> float:
     """The least a speculative call can cost, in plain calls, where both read their weights once at the
     same rate: the drafts come one after another (draft j's sampler input embeds draft j - 1, SPEC §4),
     so each of the k reads the sampler head and the whole lm_head (its argmax is over the full
-    vocabulary) once more, after the call's one read of the base and the adapters."""
+    vocabulary; with a drafting vocabulary of `draft_vocab` ids, those columns) once more, after the
+    call's one read of the base and the adapters."""
     model = base["model"]
     head = (model["embed_tokens"]["embedding"] if config.tie_word_embeddings else base["lm_head"]["kernel"])
     adapters = weight_bytes({key: v for key, v in params.items() if key not in ("base", "sampler")})
-    draft = k * (weight_bytes(head) + weight_bytes(params["sampler"]))
+    share = min(draft_vocab, config.vocab_size) / config.vocab_size if draft_vocab else 1.0
+    draft = k * (weight_bytes(head) * share + weight_bytes(params["sampler"]))
     return (weight_bytes(base) + adapters + draft) / weight_bytes(base)
 
 
@@ -323,6 +326,11 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
     info["spec_bound_x_plain"] = round(spec_bound(config, base, params, model.mtp.draft_length), 4)
     print(f"  {name}: a speculative call reads {info['spec_bound_x_plain']:.3f}x a plain call's bytes "
           f"(k = {model.mtp.draft_length} more lm_head and sampler reads)", flush=True)
+    if args.draft_vocab:
+        info["spec_vocab_bound_x_plain"] = round(spec_bound(config, base, params, model.mtp.draft_length,
+                                                            args.draft_vocab), 4)
+        print(f"  {name}: with a drafting vocabulary of {args.draft_vocab} ids, "
+              f"{info['spec_vocab_bound_x_plain']:.3f}x", flush=True)
     floor = round(info["weight_bytes"] / bytes_per_ms, 4)
     spec_m, spec_p = prepare(model, params)
     plain_m, plain_p = plain_of(spec_m, spec_p)
@@ -330,6 +338,10 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
                if x else plain_decode(plain_m, plain_p, p, n, NEVER, pad_id)}
     for method, anchors in LAYOUTS.items():
         methods[method] = lambda p, n, x, a=anchors: spec_decode(spec_m, spec_p, p, n, NEVER, pad_id, a, exact=x)
+    if args.draft_vocab:  # ids 0 .. N-1: the cost of a call (which ids only changes what gets accepted)
+        vocab_p = with_draft_vocab(spec_m, spec_p, range(min(args.draft_vocab, config.vocab_size)))
+        methods["spec_0_vocab"] = lambda p, n, x: spec_decode(spec_m, vocab_p, p, n, NEVER, pad_id, LAYOUTS["spec_0"],
+                                                              exact=x)
     rows = []
     for batch in batches:
         if over():
@@ -490,6 +502,8 @@ def main(argv=None):
                                                                  "8B shapes, 128 for SmolLM2)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per figure (median)")
     ap.add_argument("--k", type=int, default=4, help="drafts per step of the random adapters")
+    ap.add_argument("--draft_vocab", type=int, default=0,
+                    help="also `spec_0_vocab`: layout 0 drafting over N token ids (with_draft_vocab; ids 0..N-1)")
     ap.add_argument("--adapter", default=None, help="SmolLM2 training run dir: real drafts for its spec rows and "
                                                     "the exactness check (default: random adapters)")
     ap.add_argument("--smollm2", default="smollm2-135m-instruct", help="SmolLM2 weights: HF dir, .gguf or alias")
