@@ -15,7 +15,7 @@ import pytest
 from mtp_jax.decoding.adapter import AdapterMismatchError, check_architecture, check_vocabulary, load_adapter
 from mtp_jax.decoding.cache import init_cache
 from mtp_jax.decoding.cli import main
-from mtp_jax.decoding.layout import prepare
+from mtp_jax.decoding.layout import plain_of, prepare
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.request import check_request, encode_prompt, eos_ids_of
 from mtp_jax.decoding.sampling import Sampling
@@ -391,7 +391,7 @@ def test_smollm2_trained_adapter(tmp_path, capsys):
     prompts = [encode_prompt(tok, t, chat=True) for t in texts]
     eos = eos_ids_of(tok, model.config)
     res = speculative_generate(model, params, prompts, 48, eos)
-    assert res.tokens == generate(CausalLM(model.config), params["base"], prompts, 48, eos)
+    assert res.tokens == generate(*plain_of(model, params), prompts, 48, eos)  # load_adapter lays params out
     assert main(["--adapter", run_dir, "--prompt", texts[0], "--max_new_tokens", "16"]) == 0
     out = capsys.readouterr()
     assert texts[0] in out.out and "tokens/step" in out.err
