@@ -134,17 +134,17 @@ def regular_attend(segment_ids: jax.Array, plan: AttentionPlan = AttentionPlan()
     row's real tokens (a key length; padding queries see them too, which no valid pair reads). At 128k
     tokens the [L, L] mask alone is 16 GiB, and cuDNN reads it as a bf16 bias. The split layout on packed
     rows under cuDNN: each example its own causal run (sequence packing, no mask; padding gets 0)."""
-    if plan.split and plan.packed:
-        runs = segment_runs(segment_ids, plan.max_segments) if plan.impl == "cudnn" else None
-        mask, kw = segment_causal_mask(segment_ids), {}
-    elif plan.split:
+    packed_runs = plan.split and plan.packed and plan.impl == "cudnn"
+    if packed_runs:
+        runs = segment_runs(segment_ids, plan.max_segments)
+    elif plan.split and not plan.packed:
         lengths = jnp.maximum(jnp.sum(segment_ids > 0, axis=1), 1).astype(jnp.int32)
         mask, kw = None, dict(is_causal=True, key_value_seq_lengths=lengths)
     else:
         mask, kw = segment_causal_mask(segment_ids), {}
 
     def attend(q, k, v, layer_state):
-        if plan.split and plan.packed and plan.impl == "cudnn":
+        if packed_runs:
             return cudnn_packed_part(q, k, v, runs, causal=True, with_lse=False)[0], (k, v)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=plan.impl_for(q, k), **kw)
         return out, (k, v)
