@@ -1,6 +1,7 @@
 """Reading a training run back: `load_run(run_dir, step)` for export, decoding and evaluation.
 
-A run directory (written by `mtp_jax.train`) holds config.yaml, tokenizer/ (with `<mask>`) and
+A run directory (written by `mtp_jax.train`) holds config.yaml, tokenizer/ (with `<mask>`),
+token_counts.npy (how often each token id occurs in the training responses; `TOKEN_COUNTS`) and
 checkpoints/<step>/ (orbax; item `state` = {step, trainable, opt_state, rng, skipped}). The frozen
 base model is not in the checkpoint: it is read again from `model.path`, and the `<mask>` row, when
 it was not trained, is recomputed exactly as training computed it (mean of the real rows).
@@ -38,6 +39,9 @@ from mtp_jax.sharding import to_host
 from mtp_jax.train.config import Config
 
 log = functools.partial(cli.log, "train")
+
+
+TOKEN_COUNTS = "token_counts.npy"
 
 
 class CheckpointError(Exception):

@@ -52,6 +52,7 @@ def test_hit_on_rerun_and_contents(tmp_path, tok):
     assert first.built and not second.built, "rerun did not reuse the cache"
     assert first.path == second.path and (first.path / "_SUCCESS").exists()
     assert second.manifest["examples"] == 50 and len(second.lengths) == 50
+    assert second.token_counts().sum() == second.manifest["anchors"], "token counts are not the responses'"
     from array_record.python.array_record_module import ArrayRecordReader
 
     reader = ArrayRecordReader(second.shards[0])

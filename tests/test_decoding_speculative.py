@@ -370,6 +370,9 @@ def test_cli_bad_flags(capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's usage error
         main(["--draft_length", "2", "--prompt", "hi"])
     assert exit_.value.code == 2 and "need --adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--draft_vocab", "100", "--prompt", "hi"])
+    assert exit_.value.code == 2 and "need --adapter" in capsys.readouterr().err
 
 
 @pytest.mark.slow

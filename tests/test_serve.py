@@ -5,6 +5,7 @@ requests share a batch and each still gets its own output, usage holds the reque
 figures, bad requests get 4xx with OpenAI's error body, and a client that leaves mid-stream does not
 stop the server. Every request loop is bounded in count and time."""
 
+import collections
 import contextlib
 import json
 import socket
@@ -49,7 +50,7 @@ def trained(tmp_path_factory):
     tok.save_pretrained(base)
     run_dir = train_run(tmp, str(base), data)
     lm, base_params, config = load_model(str(base))
-    return SimpleNamespace(run_dir=run_dir, tok=tok, lm=lm, base=base_params, eos=eos_ids_of(tok, config))
+    return SimpleNamespace(run_dir=run_dir, data=data, tok=tok, lm=lm, base=base_params, eos=eos_ids_of(tok, config))
 
 
 def chat_ids(trained, question):
@@ -131,6 +132,29 @@ def test_greedy_chat_is_plain_greedy_decoding(server, trained):
     assert use["model_calls"] == ref.steps[0] and use["tokens_per_call"] == pytest.approx(ref.tokens_per_step)
     np.testing.assert_allclose(use["acceptance"], ref.acceptance, err_msg="per-position acceptance")
     assert out["choices"][0]["finish_reason"] == ("stop" if ref.tokens[0][-1] in trained.eos else "length")
+
+
+def test_drafting_vocabulary_from_the_runs_token_counts(trained, tmp_path):
+    """The run's token_counts.npy counts the training responses' tokens (each output's tokens and its
+    EOS, tokenized here on their own); `load_adapter(draft_vocab=N)` drafts from the N most frequent ids
+    (ties by id), and its greedy output is still plain greedy decoding's."""
+    from mtp_jax.checkpoints import CheckpointError
+    from mtp_jax.decoding.adapter import draft_vocabulary
+
+    expected = collections.Counter()
+    for line in open(trained.data):
+        expected.update(trained.tok(json.loads(line)["output"], add_special_tokens=False)["input_ids"])
+        expected[trained.tok.eos_token_id] += 1
+    counts = np.load(trained.run_dir / "token_counts.npy")
+    assert {i: int(c) for i, c in enumerate(counts) if c} == dict(expected)
+    top = sorted(expected, key=lambda i: (-expected[i], i))[:5]
+    model, params, _ = load_adapter(trained.run_dir, draft_vocab=5)
+    assert sorted(params["draft_vocab"].tolist()) == sorted(top)
+    ids = [chat_ids(trained, q) for q in QUESTIONS]
+    assert speculative_generate(model, params, ids, MAX, trained.eos).tokens == \
+        generate(trained.lm, trained.base, ids, MAX, trained.eos)
+    with pytest.raises(CheckpointError, match="token_counts.npy: missing"):
+        draft_vocabulary(tmp_path, 5, 100)
 
 
 def streamed_chat(srv, question: str) -> list[dict]:
@@ -418,6 +442,9 @@ def test_cli_help_and_a_bad_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--adapter", str(tmp_path), "--max_batch", "8", "--batch_sizes", "1,4"])
     assert exit_.value.code == 2 and "largest is max_batch (8)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--adapter", str(tmp_path), "--decoding", "plain", "--draft_vocab", "100"])
+    assert exit_.value.code == 2 and "--decoding plain has no drafts" in capsys.readouterr().err
 
 
 def test_batch_sizes():

@@ -1,9 +1,10 @@
 """Tokenized examples cached as ArrayRecord shards under a content key.
 
 key = sha256(format version, input file fingerprint, tokenizer fingerprint, build parameters). The
-stored examples do not depend on the draft length k, so one cache serves every k. A build writes `<root>/.tmp-<key>-<pid>-*`, then shards, `lengths.npy`,
-`manifest.json` and `_SUCCESS`, and renames the folder to `<root>/<key>`; a killed build leaves
-only a temp folder that nobody reads. Builders of one key serialize on an fcntl lock
+stored examples do not depend on the draft length k, so one cache serves every k. A build writes
+`<root>/.tmp-<key>-<pid>-*`, then shards, `lengths.npy`, `token_counts.npy` (how often each token id
+occurs in the responses), `manifest.json` and `_SUCCESS`, and renames the folder to `<root>/<key>`;
+a killed build leaves only a temp folder that nobody reads. Builders of one key serialize on an fcntl lock
 `<root>/<key>.lock`: the first builds, the others wait and reuse its result.
 """
 
@@ -29,8 +30,9 @@ from mtp_jax.data.tokenize import Example, TokenizeParams, tokenize_records, tok
 
 log = logging.getLogger(__name__)
 
-# 2: draft_length left the key and the manifest; 3: response spans (multi-turn) instead of one prompt length
-FORMAT_VERSION = 3
+# 2: draft_length left the key and the manifest; 3: response spans (multi-turn) instead of one prompt length;
+# 4: token_counts.npy
+FORMAT_VERSION = 4
 # an example: int32 record number, int32 span count n, n x (start, end), then the tokens
 
 
@@ -59,6 +61,10 @@ class CachedDataset:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def token_counts(self) -> np.ndarray:
+        """int64 [tokenizer size]: how often each token id occurs in the examples' responses."""
+        return np.load(self.path / "token_counts.npy")
 
     def short_responses(self, draft_length: int) -> int:
         """Examples with fewer than `draft_length` response tokens."""
@@ -172,6 +178,7 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
     stats = ReadStats()
     tok_params = params.tokenize
     lengths: list[tuple[int, int, int]] = []
+    token_counts = np.zeros(len(tokenizer), np.int64)
     forms: dict[str, dict[str, int]] = {}
     shards: list[dict] = []
     writer = None
@@ -179,6 +186,7 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
     skipped_examples = []
     records = read_records(source_path, params.on_bad_record, stats)
     for chunk in _chunks(records, 256):
+        responses = []
         for ex in tokenize_records(tokenizer, chunk, tok_params, str(source_path)):
             if isinstance(ex, DataError):
                 if params.on_bad_record == "error":
@@ -196,11 +204,14 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
             writer.write(encode_example(ex))
             shards[-1]["examples"] += 1
             lengths.append((len(ex.tokens), ex.anchors, len(ex.spans)))
+            responses.append(ex.tokens[ex.response_mask])
             counts["truncated"] += ex.truncated
             form = forms.setdefault(ex.form, {"examples": 0, "anchors": 0, "tokens": 0})
             form["examples"] += 1
             form["anchors"] += ex.anchors
             form["tokens"] += len(ex.tokens)
+        if responses:  # one bincount a chunk: each costs the vocabulary's size
+            token_counts += np.bincount(np.concatenate(responses), minlength=len(token_counts))
     if writer is not None:
         writer.close()
     skipped = stats.skipped + counts["skipped_tokenize"]
@@ -209,6 +220,7 @@ def _write(tmp: Path, source_path: Path, source: dict, tokenizer, tokenizer_fp: 
         raise DataError(f"{source_path}: no usable examples ({skipped} bad records skipped"
                         + (f"; first: {first[0]}" if first else "") + "); fix the records")
     np.save(tmp / "lengths.npy", np.asarray(lengths, np.int32))
+    np.save(tmp / "token_counts.npy", token_counts)
     arr = np.asarray(lengths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     manifest = {

@@ -4,10 +4,13 @@ put in the decoding layout once."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 
 from mtp_jax.decoding.layout import prepare
+from mtp_jax.decoding.speculative import with_draft_vocab
 from mtp_jax.models.config import ModelConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.mtp.model import MTPModel
@@ -57,24 +60,45 @@ def _checked_base(run, model_path: str):
     return base, config
 
 
-def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None):
+def draft_vocabulary(run_dir: Path, size: int, vocab_size: int) -> np.ndarray:
+    """The `size` token ids that occur most often in the training run's responses (its token_counts.npy),
+    most frequent first, ties by id: the drafting vocabulary of `speculative.with_draft_vocab`."""
+    from mtp_jax.checkpoints import TOKEN_COUNTS, CheckpointError
+
+    path = Path(run_dir) / TOKEN_COUNTS
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing, so the run's token counts are unknown (runs write it when "
+                              "training starts); decode without a drafting vocabulary")
+    if not 0 < size:
+        raise ValueError(f"drafting vocabulary: size {size} must be >= 1")
+    counts = np.load(path)[:vocab_size]  # ids past the base vocabulary (<mask>) never occur in responses
+    return np.argsort(-counts, kind="stable")[:size]
+
+
+def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None,
+                 draft_vocab: int = 0):
     """(MTPModel, params, tokenizer with <mask>) to decode with a training run's adapters, the model and
     params in the decoding layout (`layout.prepare`, built here once).
 
     The base is the run's own (`model.path` of its config) unless `model_path` names another copy of
-    it, which is checked against the run (architecture and vocabulary) first.
+    it, which is checked against the run (architecture and vocabulary) first. `draft_vocab` N > 0:
+    drafts come from the N token ids most frequent in the run's training responses only
+    (`speculative.with_draft_vocab`; the output stays the base model's).
     """
     from mtp_jax.checkpoints import load_run
 
     run_dir = absolute(run_dir)
     if model_path is None:
         run = load_run(run_dir, step, dtype=dtype)
-        return (*prepare(run.model, run.params), run.tokenizer)
-    run = load_run(run_dir, step, load_base=False, dtype=dtype)
-    m = run.model
-    base, config = _checked_base(run, model_path)
-    return (*prepare(MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base}),
-            run.tokenizer)
+        model, params = prepare(run.model, run.params)
+    else:
+        run = load_run(run_dir, step, load_base=False, dtype=dtype)
+        m = run.model
+        base, config = _checked_base(run, model_path)
+        model, params = prepare(MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base})
+    if draft_vocab:
+        params = with_draft_vocab(model, params, draft_vocabulary(run_dir, draft_vocab, model.config.vocab_size))
+    return model, params, run.tokenizer
 
 
 def load_base(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None):

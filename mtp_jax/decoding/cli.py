@@ -77,6 +77,9 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of --adapter (default: latest)")
     ap.add_argument("--draft_length", type=int, default=None, help="drafts per step (default: the run's k)")
     ap.add_argument("--anchors", default=None, help="mask-block offsets, e.g. '0' (default: all of 0..k)")
+    ap.add_argument("--draft_vocab", type=int, default=0, metavar="N",
+                    help="draft from the N token ids most frequent in the run's training responses only: fewer "
+                         "bytes a call, same output (0: the whole vocabulary)")
     ap.add_argument("--lossy", type=float, default=None,
                     help="LOSSY, ConfAdapt-style: also accept drafts whose sampler probability is >= this where the "
                          "base model disagrees; the output is then NOT the model's greedy output (greedy only)")
@@ -91,8 +94,11 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--dtype", default=None, help="compute dtype (default float32, or the run's)")
     ap.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     args = ap.parse_args(argv)
-    if args.adapter is None and (args.step, args.draft_length, args.anchors, args.lossy) != (None,) * 4:
-        ap.error("--step, --draft_length, --anchors and --lossy need --adapter")
+    if args.adapter is None and ((args.step, args.draft_length, args.anchors, args.lossy) != (None,) * 4
+                                 or args.draft_vocab):
+        ap.error("--step, --draft_length, --anchors, --draft_vocab and --lossy need --adapter")
+    if args.draft_vocab < 0:
+        ap.error("--draft_vocab must be >= 0")
     if args.batch_size < 1:
         ap.error("--batch_size must be >= 1")
     texts = list(args.prompt or [])
@@ -104,7 +110,7 @@ def _main(argv: list[str]) -> None:
         raise ValueError(f"prompt(s) {empty} are empty")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.adapter:
-        model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype)
+        model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype, args.draft_vocab)
         config = model.config
     else:
         path = args.model or "smollm2-135m-instruct"

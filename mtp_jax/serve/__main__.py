@@ -25,12 +25,13 @@ from mtp_jax.paths import absolute, absolute_if_local
 def build_app(adapter, model: str | None = None, step: int | None = None, dtype: str | None = None,
               max_batch: int = 8, batch_wait_s: float = 0.002, default_max_tokens: int = 256,
               model_id: str | None = None, decoding: str = "speculative", precompile: int = 0,
-              batch_sizes: Sequence[int] | None = None, calls_per_read: int = 1):
+              batch_sizes: Sequence[int] | None = None, calls_per_read: int = 1, draft_vocab: int = 0):
     """The FastAPI app serving the run at `adapter` (loaded here; the decoding layout built once):
     `decoding` "speculative" with its drafts, or "plain" with its base model alone. `precompile` > 0:
     compile every batch size's programs for greedy prompts up to that many tokens first
     (`Batcher.warm_up`). `batch_sizes`: the row counts batches pad to (`batcher.batch_sizes_of`);
-    `calls_per_read`: model calls between two reads of their tokens (`Batcher`)."""
+    `calls_per_read`: model calls between two reads of their tokens (`Batcher`). `draft_vocab` N > 0
+    (speculative): drafts from the run's N most frequent response tokens only (`adapter.load_adapter`)."""
     from mtp_jax.decoding.adapter import load_adapter, load_base
     from mtp_jax.decoding.request import eos_ids_of, pad_id_of
     from mtp_jax.serve.app import create_app
@@ -38,8 +39,10 @@ def build_app(adapter, model: str | None = None, step: int | None = None, dtype:
 
     if decoding not in ("speculative", "plain"):
         raise ValueError(f"decoding {decoding!r}: expected 'speculative' or 'plain'")
-    load = load_adapter if decoding == "speculative" else load_base
-    lm, params, tokenizer = load(adapter, model, step, dtype)
+    if decoding == "speculative":
+        lm, params, tokenizer = load_adapter(adapter, model, step, dtype, draft_vocab)
+    else:
+        lm, params, tokenizer = load_base(adapter, model, step, dtype)
     eos = eos_ids_of(tokenizer, lm.config)
     batcher = Batcher(lm, params, tokenizer, eos, pad_id_of(tokenizer, eos), max_batch, batch_wait_s, decoding,
                       min(default_max_tokens, lm.config.max_position_embeddings - 1), batch_sizes, calls_per_read)
@@ -58,6 +61,9 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--adapter", required=True, type=absolute, help="training run dir whose MTP drafts decode")
     ap.add_argument("--decoding", choices=("speculative", "plain"), default="speculative",
                     help="speculative (the run's drafts) or plain (its base model alone, the baseline)")
+    ap.add_argument("--draft_vocab", type=int, default=0, metavar="N",
+                    help="speculative: draft from the N token ids most frequent in the run's training responses "
+                         "only: fewer bytes a call, same output (0: the whole vocabulary)")
     ap.add_argument("--model", default=None, type=absolute_if_local,
                     help="another copy of the run's base model (HF dir, .gguf, alias or hub id; default: the run's)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of --adapter (default: latest)")
@@ -81,8 +87,12 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--compile_cache", default=None, type=absolute,
                     help="JAX's persistent compilation cache dir: a restarted server loads its programs from it")
     args = ap.parse_args(argv)
-    if min(args.max_batch, args.max_tokens, args.calls_per_read) < 1 or args.batch_wait_ms < 0 or args.precompile < 0:
-        ap.error("--max_batch, --max_tokens and --calls_per_read must be >= 1, --batch_wait_ms and --precompile >= 0")
+    if min(args.max_batch, args.max_tokens, args.calls_per_read) < 1 or min(args.batch_wait_ms, args.precompile,
+                                                                            args.draft_vocab) < 0:
+        ap.error("--max_batch, --max_tokens and --calls_per_read must be >= 1, --batch_wait_ms, --precompile and "
+                 "--draft_vocab >= 0")
+    if args.draft_vocab and args.decoding == "plain":
+        ap.error("--draft_vocab drafts; --decoding plain has no drafts")
     from mtp_jax.serve.batcher import batch_sizes_of
 
     try:  # before the model loads
@@ -104,7 +114,7 @@ def _main(argv: list[str]) -> None:
         jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
     app = build_app(args.adapter, args.model, args.step, args.dtype, args.max_batch, args.batch_wait_ms / 1000,
                     args.max_tokens, args.served_model_name, args.decoding, args.precompile, args.batch_sizes,
-                    args.calls_per_read)
+                    args.calls_per_read, args.draft_vocab)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

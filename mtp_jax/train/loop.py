@@ -25,9 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from mtp_jax import cli
-from mtp_jax.checkpoints import Checkpointer, committed_steps
+from mtp_jax.checkpoints import TOKEN_COUNTS, Checkpointer, committed_steps
 from mtp_jax.config import ConfigError, to_dict
-from mtp_jax.data import batch_iterator, prepare
+from mtp_jax.data import batch_iterator, make_batches, prepare
 from mtp_jax.data.readers import DataError, resolve_data_file
 from mtp_jax.flops import device_peak_flops, step_flops
 from mtp_jax.mtp.attention import check_packed_rows
@@ -98,9 +98,11 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
 class Trainer:
     """One invocation of a run: the compiled step, the data, the checkpointer and the metric writer."""
 
-    def __init__(self, cfg: Config, run_dir: Path, setup: Setup, mesh, rules, tokenizer, train_iter):
+    def __init__(self, cfg: Config, run_dir: Path, setup: Setup, mesh, rules, tokenizer, train_iter,
+                 token_counts: np.ndarray):
         self.cfg, self.run_dir, self.setup, self.mesh, self.rules = cfg, run_dir, setup, mesh, rules
         self.tokenizer, self.train_iter, self.state = tokenizer, train_iter, setup.state
+        self.token_counts = token_counts  # of the training data's responses: a decoder's drafting vocabulary
         self.main_process, self.pcount = jax.process_index() == 0, jax.process_count()
         self.ckpt = Checkpointer(run_dir, cfg.train.save_limit, cfg.train.async_checkpointing, self.main_process)
         spec = nn.logical_to_mesh_axes(("batch", "length"), rules)
@@ -139,6 +141,9 @@ class Trainer:
         if self.main_process:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+            tmp = self.run_dir / f".{TOKEN_COUNTS}.{os.getpid()}.npy"
+            np.save(tmp, self.token_counts)
+            os.replace(tmp, self.run_dir / TOKEN_COUNTS)
 
     def step(self, opt_step: int, window: Window):
         """One optimizer step over `grad_accum` micro-batches from the training data."""
@@ -283,12 +288,14 @@ def run(cfg: Config, resume: bool = False) -> dict:
     tokenizer, text_vocab = tokenizer_with_mask(cfg, config)
     k = cfg.mtp.draft_length
     one_span = cfg.mtp.prefix_split
-    train_iter = batch_iterator(cfg.data, tokenizer, k, split="train", process_index=jax.process_index(),
-                                process_count=jax.process_count(), one_span=one_span)
+    cache = prepare(cfg.data, tokenizer, k, split="train", one_span=one_span)
+    train_iter = iter(make_batches(cache, cfg.data, process_index=jax.process_index(),
+                                   process_count=jax.process_count()))
     if cfg.data.eval_file is not None:
         # a bad eval file fails now, not after training
         prepare(cfg.data, tokenizer, k, split="eval", one_span=one_span)
-    trainer = Trainer(cfg, run_dir, build(cfg, config, mesh, rules, text_vocab), mesh, rules, tokenizer, train_iter)
+    trainer = Trainer(cfg, run_dir, build(cfg, config, mesh, rules, text_vocab), mesh, rules, tokenizer, train_iter,
+                      cache.token_counts())
     if resume:
         trainer.resume()
     trainer.write_run_files()
