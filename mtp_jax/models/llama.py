@@ -252,6 +252,10 @@ class Transformer(nn.Module):
                 in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_layers, unroll=self.unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"})(c, self.lora, self.dtype, self.param_dtype)
         else:  # named layers_0, layers_1, ... by flax
+            # nn.jit: JAX traces, differentiates and lowers the layer once and calls it num_layers times (XLA
+            # inlines the calls, so the compiled program is the same); straight-line layers traced one by one
+            # took most of the step's lowering time (Qwen3-8B's step: 7.7 s of tracing on a CPU, 1.4 s so)
+            layer = nn.jit(layer, static_argnums=(5, 7))  # the attend callable and deterministic (self is 0)
             self.layers = [layer(c, self.lora, self.dtype, self.param_dtype) for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
