@@ -65,12 +65,12 @@ def draft_vocabulary(run_dir: Path, size: int, vocab_size: int) -> np.ndarray:
     most frequent first, ties by id: the drafting vocabulary of `speculative.with_draft_vocab`."""
     from mtp_jax.checkpoints import TOKEN_COUNTS, CheckpointError
 
+    if size < 1:
+        raise ValueError(f"drafting vocabulary: size {size} must be >= 1")
     path = Path(run_dir) / TOKEN_COUNTS
     if not path.is_file():
         raise CheckpointError(f"{path}: missing, so the run's token counts are unknown (runs write it when "
                               "training starts); decode without a drafting vocabulary")
-    if not 0 < size:
-        raise ValueError(f"drafting vocabulary: size {size} must be >= 1")
     counts = np.load(path)[:vocab_size]  # ids past the base vocabulary (<mask>) never occur in responses
     return np.argsort(-counts, kind="stable")[:size]
 
