@@ -110,6 +110,8 @@ def main(argv=None):
     ap.add_argument("--adapter", help="training run dir")
     ap.add_argument("--random", help="HF config.json: cost only, random weights at its shapes")
     ap.add_argument("--k", type=int, default=4, help="drafts per step with --random")
+    ap.add_argument("--draft_vocab", type=int, default=0, metavar="N",
+                    help="with --adapter: drafts from the run's N most frequent response tokens (load_adapter)")
     ap.add_argument("--model", default=None, help="base model path (default: the run's)")
     ap.add_argument("--step", type=int, default=None)
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the run's)")
@@ -126,12 +128,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if (args.adapter is None) == (args.random is None):
         ap.error("pass one of --adapter RUN_DIR or --random CONFIG.json")
+    if args.draft_vocab and args.random:
+        ap.error("--draft_vocab takes the run's token counts: pass --adapter")
 
     if args.random:
         model, params, ids = random_setup(args.random, args.dtype, args.k, args.per_domain)
         eos, pad_id = [-1], 0
     else:
-        model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype)
+        model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype, args.draft_vocab)
         eos = eos_ids_of(tokenizer, model.config)
         pad_id = pad_id_of(tokenizer, eos)
         prompts = read_prompts(args.prompts, args.per_domain)
@@ -199,6 +203,7 @@ def main(argv=None):
     source = f"random weights at the shapes of {args.random}" if args.random else args.model or "the run's base"
     report = {"device": kind, "jax": jax.__version__, "commit": commit, "adapter": args.adapter or "random",
               "model": source, "domains": domains, "dtype": str(np.dtype(model.dtype)), "k": k,
+              "draft_vocab": args.draft_vocab or None,
               "max_new_tokens": n, "prompts": args.prompts, "per_domain": args.per_domain,
               "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])), "results": results,
               "profile": profile}
