@@ -157,6 +157,18 @@ def test_drafting_vocabulary_from_the_runs_token_counts(trained, tmp_path):
         draft_vocabulary(tmp_path, 5, 100)
 
 
+def test_decoding_cli_with_a_drafting_vocabulary(trained, capsys):
+    """`python -m mtp_jax.decoding --adapter RUN --draft_vocab 5` streams plain greedy decoding's text and
+    says how many ids it drafted from."""
+    from mtp_jax.decoding.cli import main
+
+    assert main(["--adapter", str(trained.run_dir), "--draft_vocab", "5", "--prompt", QUESTIONS[2],
+                 "--max_new_tokens", str(MAX)]) == 0
+    out = capsys.readouterr()
+    assert out.out.rstrip("\n") == f">>> {QUESTIONS[2]}\n{plain_text(trained, QUESTIONS[2:3])[0]}", out.out
+    assert "drafts from 5 token ids" in out.err
+
+
 def streamed_chat(srv, question: str) -> list[dict]:
     """The events of one greedy streamed chat completion (with the usage chunk) from server `srv`."""
     with srv.client.stream("POST", "/v1/chat/completions", json={

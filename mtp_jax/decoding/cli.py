@@ -153,5 +153,7 @@ def _main(argv: list[str]) -> None:
     if args.adapter:
         rates = " ".join(f"{a / max(o, 1):.2f}" for a, o in zip(accepted, offered))
         line += f"; {n_tokens / max(steps, 1):.2f} tokens/step; drafts accepted by position: {rates}"
+        if args.draft_vocab:
+            line += f"; drafts from {len(params['draft_vocab'])} token ids"
     print(line + "]", file=sys.stderr)
 
