@@ -4,7 +4,7 @@
     python benchmarks/draft_vocab.py --smoke          # a few records, CPU, end to end
 
 A speculative decoder with a drafting vocabulary of N ids can only have a draft accepted where the base
-model's next token is one of them. The list is the one decoding takes (`decoding.adapter.draft_vocabulary`):
+model's next token is one of them. The list is the one decoding takes (`decoding.adapter.most_frequent`):
 the N ids most frequent in the training responses, counted by the data cache (`token_counts.npy`). Here
 every 7th record of `--data` is held out, the cache is built from the others, and for each N the report
 gives, over the held-out responses (each output's tokens and its EOS): `token_coverage`, the share of
@@ -30,10 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import environment, markdown_table, write_json, write_text  # noqa: E402
 
-from mtp_jax.checkpoints import TOKEN_COUNTS  # noqa: E402
 from mtp_jax.data.cache import BuildParams, build_cache  # noqa: E402
 from mtp_jax.data.tokenize import TokenizeParams  # noqa: E402
-from mtp_jax.decoding.adapter import draft_vocabulary  # noqa: E402
+from mtp_jax.decoding.adapter import most_frequent  # noqa: E402
 from mtp_jax.models import load_tokenizer  # noqa: E402
 
 HOLD_OUT_EVERY = 7
@@ -50,10 +49,15 @@ def domain_of(record: dict) -> str:
     return rid.split("-", 1)[0] if "-" in rid else "all"
 
 
+def smoke_records() -> list[dict]:
+    """--smoke's records: two domains, a few words repeated, so that a list of 8 ids misses some tokens."""
+    return [{"id": f"{'code' if i % 2 else 'chat'}-{i}", "input": f"question {i}",
+             "output": " ".join(["alpha", "beta", "gamma", f"word{i % 5}"] * 3)} for i in range(28)]
+
+
 def coverage(sequences: list[np.ndarray], in_list: np.ndarray, k: int) -> tuple[float, float]:
     """(share of tokens in the list, share of positions whose next k tokens all are)."""
-    tokens = windows = full = 0
-    hit = 0
+    tokens = windows = full = hit = 0
     for seq in sequences:
         inside = in_list[seq]
         hit += int(inside.sum())
@@ -77,9 +81,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     tok = load_tokenizer(args.tokenizer)
     if args.smoke:
-        records = [{"id": f"{'code' if i % 2 else 'chat'}-{i}", "input": f"question {i}",
-                    "output": " ".join(["alpha", "beta", "gamma", f"word{i % 5}"] * 3)} for i in range(28)]
-        sizes = [8, 64]
+        records, sizes = smoke_records(), [8, 64]
     else:
         if args.data is None:
             ap.error("--data is required (or --smoke)")
@@ -91,9 +93,9 @@ def main(argv=None) -> dict:
         train_file = Path(tmp) / "train.jsonl"
         train_file.write_text("".join(json.dumps({"input": r["input"], "output": r["output"]}) + "\n" for r in train))
         cache = build_cache(train_file, tok, BuildParams(TokenizeParams("chat", 1024, 4096)), Path(tmp) / "cache")
-        np.save(Path(tmp) / TOKEN_COUNTS, cache.token_counts())
-        vocab_size = len(tok)
-        lists = {n: draft_vocabulary(Path(tmp), n, vocab_size) for n in sizes}
+        counts = cache.token_counts()
+    vocab_size = len(tok)
+    lists = {n: most_frequent(counts, n, vocab_size) for n in sizes}
     by_domain: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for r in held:
         ids = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

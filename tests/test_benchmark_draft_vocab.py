@@ -18,8 +18,8 @@ def test_smoke_coverage_equals_a_direct_count(tmp_path):
 
     report = draft_vocab.main(["--smoke", "--out", str(tmp_path / "r.json")])
     tok = load_tokenizer("smollm2-135m-instruct")
-    records = [{"input": f"question {i}", "output": " ".join(["alpha", "beta", "gamma", f"word{i % 5}"] * 3)}
-               for i in range(28)]
+    records = draft_vocab.smoke_records()
+
     def response(r):
         user = [{"role": "user", "content": r["input"]}]
         prompt = tok.apply_chat_template(user, add_generation_prompt=True, return_dict=False)

@@ -60,19 +60,24 @@ def _checked_base(run, model_path: str):
     return base, config
 
 
-def draft_vocabulary(run_dir: Path, size: int, vocab_size: int) -> np.ndarray:
-    """The `size` token ids that occur most often in the training run's responses (its token_counts.npy),
-    most frequent first, ties by id: the drafting vocabulary of `speculative.with_draft_vocab`."""
-    from mtp_jax.checkpoints import TOKEN_COUNTS, CheckpointError
-
+def most_frequent(counts: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
+    """The `size` ids below `vocab_size` with the largest `counts`, most frequent first, ties by id."""
     if size < 1:
         raise ValueError(f"drafting vocabulary: size {size} must be >= 1")
+    counts = counts[:vocab_size]  # ids past the base vocabulary (<mask>) never occur in responses
+    return np.argsort(-counts, kind="stable")[:size]
+
+
+def draft_vocabulary(run_dir: Path, size: int, vocab_size: int) -> np.ndarray:
+    """The `size` token ids that occur most often in the training run's responses (its token_counts.npy,
+    `most_frequent`): the drafting vocabulary of `speculative.with_draft_vocab`."""
+    from mtp_jax.checkpoints import TOKEN_COUNTS, CheckpointError
+
     path = Path(run_dir) / TOKEN_COUNTS
     if not path.is_file():
         raise CheckpointError(f"{path}: missing, so the run's token counts are unknown (runs write it when "
                               "training starts); decode without a drafting vocabulary")
-    counts = np.load(path)[:vocab_size]  # ids past the base vocabulary (<mask>) never occur in responses
-    return np.argsort(-counts, kind="stable")[:size]
+    return most_frequent(np.load(path), size, vocab_size)
 
 
 def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None,

@@ -98,11 +98,9 @@ def check_inputs(cfg: Config, resume: bool) -> Path:
 class Trainer:
     """One invocation of a run: the compiled step, the data, the checkpointer and the metric writer."""
 
-    def __init__(self, cfg: Config, run_dir: Path, setup: Setup, mesh, rules, tokenizer, train_iter,
-                 token_counts: np.ndarray):
+    def __init__(self, cfg: Config, run_dir: Path, setup: Setup, mesh, rules, tokenizer, train_iter):
         self.cfg, self.run_dir, self.setup, self.mesh, self.rules = cfg, run_dir, setup, mesh, rules
         self.tokenizer, self.train_iter, self.state = tokenizer, train_iter, setup.state
-        self.token_counts = token_counts  # of the training data's responses: a decoder's drafting vocabulary
         self.main_process, self.pcount = jax.process_index() == 0, jax.process_count()
         self.ckpt = Checkpointer(run_dir, cfg.train.save_limit, cfg.train.async_checkpointing, self.main_process)
         spec = nn.logical_to_mesh_axes(("batch", "length"), rules)
@@ -137,12 +135,13 @@ class Trainer:
         if restored is not None:
             self.state = restored
 
-    def write_run_files(self):
+    def write_run_files(self, token_counts: np.ndarray):
+        """config.yaml, tokenizer/ and the training responses' `token_counts` (a decoder's drafting vocabulary)."""
         if self.main_process:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
             tmp = self.run_dir / f".{TOKEN_COUNTS}.{os.getpid()}.npy"
-            np.save(tmp, self.token_counts)
+            np.save(tmp, token_counts)
             os.replace(tmp, self.run_dir / TOKEN_COUNTS)
 
     def step(self, opt_step: int, window: Window):
@@ -294,9 +293,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
     if cfg.data.eval_file is not None:
         # a bad eval file fails now, not after training
         prepare(cfg.data, tokenizer, k, split="eval", one_span=one_span)
-    trainer = Trainer(cfg, run_dir, build(cfg, config, mesh, rules, text_vocab), mesh, rules, tokenizer, train_iter,
-                      cache.token_counts())
+    trainer = Trainer(cfg, run_dir, build(cfg, config, mesh, rules, text_vocab), mesh, rules, tokenizer, train_iter)
     if resume:
         trainer.resume()
-    trainer.write_run_files()
+    trainer.write_run_files(cache.token_counts())
     return trainer.train()
