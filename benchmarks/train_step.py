@@ -147,6 +147,9 @@ def parse_args(argv=None):
     ap.add_argument("--tail_chunk", type=int, default=0,
                     help="MTPConfig.tail_chunk: anchors past the last full chunk in chunks of this size")
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank (MTP-GLoRA's 8B setting)")
+    ap.add_argument("--lora_fuse", action="store_true",
+                    help="LoRAConfig.fuse: one adapter for q|k|v and one for gate|up (the 8B configs' layout)")
+    ap.add_argument("--lora_dropout", type=float, default=0.0, help="LoRAConfig.dropout (the 8B configs': 0.05)")
     ap.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"])
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     ap.add_argument("--prefix_split", action="store_true",
@@ -190,7 +193,8 @@ def flat_figures(row: dict, peak: float | None) -> dict:
 def measure_model(args, path: str, peak: float | None) -> list[dict]:
     """Every (data, length) row of one model."""
     config, dtype, trainable_dtype = model_config(path), jnp.dtype(args.dtype), jnp.dtype(args.trainable_dtype)
-    lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=("q", "k", "v", "o", "gate", "up", "down"),
+                      fuse=args.lora_fuse, dropout=args.lora_dropout)
     mtp = MTPConfig(draft_length=args.k, chunk_size=args.chunk, tail_chunk=args.tail_chunk, row_chunk=4096,
                     attention_impl=args.impl, soft_ce_impl="auto", remat=args.remat,
                     prefix_split=args.prefix_split, dq_kernel=args.dq_kernel, scan_layers=not args.layer_loop)
@@ -266,6 +270,7 @@ def measure_model(args, path: str, peak: float | None) -> list[dict]:
 def print_table(env: dict, args, rows: list[dict]) -> None:
     print(f"\n{header(env)}  k={args.k} chunk={args.chunk} "
           f"tail={args.tail_chunk} remat={args.remat} {'layer loop' if args.layer_loop else 'scanned layers'} "
+          f"LoRA r{args.rank}{' fused' if args.lora_fuse else ''} dropout {args.lora_dropout} "
           f"{args.dtype}, trainables {args.trainable_dtype}"
           f"{'  (compiled only: memory and compile seconds, nothing run)' if args.compile_only else ''}")
     print(f"{'model':>24} {'regular':>8} {'data':>11} | {'step s':>7} {'GiB':>6} {'tok/s':>7} {'MFU':>6} | "
@@ -289,6 +294,7 @@ def main(argv=None):
     rows = [row for path in args.model for row in measure_model(args, path, peak)]
     env = environment()
     report = {**env, "k": args.k, "chunk": args.chunk, "tail_chunk": args.tail_chunk, "rank": args.rank,
+              "lora_fuse": args.lora_fuse, "lora_dropout": args.lora_dropout,
               "attention": args.impl, "remat": args.remat,
               "prefix_split": args.prefix_split, "dq_kernel": args.dq_kernel, "scan_layers": not args.layer_loop,
               "dtype": args.dtype, "trainable_dtype": args.trainable_dtype, "compile_only": args.compile_only,

@@ -41,11 +41,14 @@ def test_packed_mix_draws_the_stated_lengths():
 
 
 def test_smoke_run_writes_the_issue_rows(tmp_path):
+    """With the 8B configs' LoRA (fused, dropout), which the report records."""
     out = tmp_path / "smoke.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--smoke", "--out", str(out)],
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--smoke", "--lora_fuse",
+                    "--lora_dropout", "0.05", "--out", str(out)],
                    check=True, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     report = json.loads(out.read_text())
     assert {"device", "commit", "rows"} <= set(report)
+    assert report["lora_fuse"] is True and report["lora_dropout"] == 0.05
     assert [r["data"] for r in report["rows"]] == ["one_example", "packed_mix"]
     for row in report["rows"]:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
