@@ -24,10 +24,14 @@ if [[ $stages == *data* ]]; then
     "$(python -c 'import site; print(site.getsitepackages()[0])')"
   python -m mtp_jax.data.distill --model "$model" --prompts "$work/code_prompts.jsonl" --out "$work/code.jsonl" \
     --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16
-  # 2) the shipped training prompts: greedy, and 3 sampled answers each (temperature 0.7)
-  python -m mtp_jax.data.distill --model "$model" --prompts $prompts/train_prompts.jsonl --out "$work/train_greedy.jsonl" \
-    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16
-  python - "$prompts/train_prompts.jsonl" "$work/train_x3_prompts.jsonl" <<'PY'
+  # 2) the shipped training prompts (code and math) and 3) general chat requests on topics no held-out
+  #    prompt names (benchmarks/chat_prompts.py): greedy, and 3 sampled answers each (temperature 0.7)
+  [[ -f $work/chat_prompts.jsonl ]] || python benchmarks/chat_prompts.py --out "$work/chat_prompts.jsonl"
+  for spec in train:$prompts/train_prompts.jsonl chat:$work/chat_prompts.jsonl; do
+    name=${spec%%:*} file=${spec#*:}
+    python -m mtp_jax.data.distill --model "$model" --prompts "$file" --out "$work/${name}_greedy.jsonl" \
+      --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16
+    python - "$file" "$work/${name}_x3_prompts.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 with open(sys.argv[2], "w") as f:
@@ -35,9 +39,11 @@ with open(sys.argv[2], "w") as f:
         for r in rows:
             f.write(json.dumps({**r, "id": f"{r['id']}-s{s}"}) + "\n")
 PY
-  python -m mtp_jax.data.distill --model "$model" --prompts "$work/train_x3_prompts.jsonl" --out "$work/train_sampled.jsonl" \
-    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16 --temperature 0.7 --top_p 0.95
-  cat "$work/code.jsonl" "$work/train_greedy.jsonl" "$work/train_sampled.jsonl" > "$work/train.jsonl.tmp"
+    python -m mtp_jax.data.distill --model "$model" --prompts "$work/${name}_x3_prompts.jsonl" \
+      --out "$work/${name}_sampled.jsonl" --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16 \
+      --temperature 0.7 --top_p 0.95
+  done
+  cat "$work"/{code,train_greedy,train_sampled,chat_greedy,chat_sampled}.jsonl > "$work/train.jsonl.tmp"
   mv "$work/train.jsonl.tmp" "$work/train.jsonl"
   wc -l "$work/train.jsonl"
 fi
