@@ -5,9 +5,9 @@
 # (default runs/smollm2_gpu); STAGES: any of data,train,bench,decode,serve (default data,train,bench;
 # decode: benchmarks/decode.py's SmolLM2 rows, peer, exactness and distill; serve: benchmarks/serve.py,
 # speculative against plain). Env: DISTILL_BATCH (default 1024, about 18 GB of KV cache) rows per
-# generation batch, CODE_PROMPTS (default 12000) code tasks, OUT_DIR (default benchmarks/results) the
-# reports. Every stage resumes: distill appends to its JSONL, train takes --resume, so a rerun
-# continues a cut run.
+# generation batch, CODE_PROMPTS (default 12000) code tasks, MATH_PROMPTS (default 3000) math problems,
+# OUT_DIR (default benchmarks/results) the reports. Every stage resumes: distill appends to its JSONL,
+# train takes --resume, so a rerun continues a cut run.
 set -euo pipefail
 model=${1:-smollm2-135m-instruct}
 work=${2:-runs/smollm2_gpu}
@@ -23,6 +23,11 @@ if [[ $stages == *data* ]]; then
     --limit "${CODE_PROMPTS:-12000}" --src "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
     "$(python -c 'import site; print(site.getsitepackages()[0])')"
   python -m mtp_jax.data.distill --model "$model" --prompts "$work/code_prompts.jsonl" --out "$work/code.jsonl" \
+    --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16
+  # math exercises and word problems from seeded templates (MATH_PROMPTS of them, default 3000), greedy answers
+  [[ -f $work/math_prompts.jsonl ]] || python benchmarks/math_prompts.py --out "$work/math_prompts.jsonl" \
+    --limit "${MATH_PROMPTS:-3000}"
+  python -m mtp_jax.data.distill --model "$model" --prompts "$work/math_prompts.jsonl" --out "$work/math.jsonl" \
     --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16
   # 2) the shipped training prompts (code and math) and 3) general chat requests on topics no held-out
   #    prompt names (benchmarks/chat_prompts.py): greedy, and 3 sampled answers each (temperature 0.7)
@@ -43,7 +48,7 @@ PY
       --out "$work/${name}_sampled.jsonl" --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16 \
       --temperature 0.7 --top_p 0.95
   done
-  cat "$work"/{code,train_greedy,train_sampled,chat_greedy,chat_sampled}.jsonl > "$work/train.jsonl.tmp"
+  cat "$work"/{code,math,train_greedy,train_sampled,chat_greedy,chat_sampled}.jsonl > "$work/train.jsonl.tmp"
   mv "$work/train.jsonl.tmp" "$work/train.jsonl"
   wc -l "$work/train.jsonl"
 fi
