@@ -16,6 +16,8 @@ import random
 import re
 from pathlib import Path
 
+from code_prompts import write_prompts
+
 HELDOUT = Path(__file__).resolve().parents[1] / "mtp_jax" / "data" / "prompts" / "heldout_prompts.jsonl"
 
 CONCEPTS = ["gravity", "electricity", "magnetism", "evolution", "the immune system", "compound interest",
@@ -150,13 +152,8 @@ def main():
     args = ap.parse_args()
     prompts = chat_prompts(heldout_texts())
     random.Random(args.seed).shuffle(prompts)
-    prompts = prompts[:args.limit]
-    tmp = Path(args.out + ".tmp")
-    with open(tmp, "w") as f:
-        for i, (text, topic) in enumerate(prompts):
-            f.write(json.dumps({"id": f"chat-{i:05d}", "category": "chat", "topic": topic, "input": text}) + "\n")
-    tmp.rename(args.out)
-    print(f"{args.out}: {len(prompts)} chat prompts")
+    n = write_prompts(args.out, "chat", [{"topic": topic, "input": text} for text, topic in prompts[:args.limit]])
+    print(f"{args.out}: {n} chat prompts")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,17 @@ def prompts_from(src: Path, seen: set | None = None, workers: int | None = None)
                 yield f"Write a Python function `{name}({', '.join(args)})` that does this: {summary}"
 
 
+def write_prompts(out: str, category: str, records: list[dict]) -> int:
+    """Prompt records `{"id": "<category>-00000", "category", **record}` as JSONL at `out`, written beside it
+    and renamed over it (a killed run leaves no half file). Returns how many."""
+    tmp = Path(out + ".tmp")
+    with open(tmp, "w") as f:
+        for i, record in enumerate(records):
+            f.write(json.dumps({"id": f"{category}-{i:05d}", "category": category, **record}) + "\n")
+    tmp.rename(out)
+    return len(records)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -72,13 +83,8 @@ def main():
     seen = set()
     prompts = [p for src in args.src for p in prompts_from(Path(src), seen)]
     random.Random(args.seed).shuffle(prompts)
-    prompts = prompts[:args.limit]
-    tmp = Path(args.out + ".tmp")
-    with open(tmp, "w") as f:
-        for i, text in enumerate(prompts):
-            f.write(json.dumps({"id": f"code-{i:05d}", "category": "code", "input": text}) + "\n")
-    tmp.rename(args.out)
-    print(f"{args.out}: {len(prompts)} prompts from {', '.join(args.src)}")
+    n = write_prompts(args.out, "code", [{"input": text} for text in prompts[:args.limit]])
+    print(f"{args.out}: {n} prompts from {', '.join(args.src)}")
 
 
 if __name__ == "__main__":

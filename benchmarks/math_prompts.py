@@ -9,11 +9,10 @@ is dropped.
 """
 
 import argparse
-import json
 import random
-from pathlib import Path
 
 from chat_prompts import heldout_texts
+from code_prompts import write_prompts
 
 NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena", "Mateo",
          "Nia", "Omar", "Priya", "Ravi", "Sofia", "Theo", "Uma", "Yuki", "Zoe"]
@@ -82,13 +81,8 @@ def main():
     ap.add_argument("--limit", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    prompts = math_prompts(args.limit, args.seed, heldout_texts())
-    tmp = Path(args.out + ".tmp")
-    with open(tmp, "w") as f:
-        for i, text in enumerate(prompts):
-            f.write(json.dumps({"id": f"math-{i:05d}", "category": "math", "input": text}) + "\n")
-    tmp.rename(args.out)
-    print(f"{args.out}: {len(prompts)} math prompts")
+    n = write_prompts(args.out, "math", [{"input": text} for text in math_prompts(args.limit, args.seed, heldout_texts())])
+    print(f"{args.out}: {n} math prompts")
 
 
 if __name__ == "__main__":
