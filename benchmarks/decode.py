@@ -31,7 +31,7 @@ written per second), so floor_ms is the time to read every weight once at the ra
 first differing index and the plain decoder's own top-2 logit margin there (the logits its token
 came from), a near-tie when that margin is within `near_tie_ulps` bf16 spacings of
 the top logit (`near_tie`). `--distill`: SmolLM2's distillation throughput (greedy answers to real
-prompts at batch 64 and 256), ours and the peer's. Phases: the peer, ours, exactness, our distillation;
+prompts at batch 64 and 256), ours and the peer's (eager, and compiled on a GPU). Phases: the peer, ours, exactness, our distillation;
 the JSON is written after each (benchmarks/results/decode_<date>_<device>.json or --out, `complete`
 false until the last), so a run cut by a time limit keeps what it measured. It prints a table with
 ratios against the floor, plain decoding and the peer of the same run.
@@ -252,12 +252,7 @@ def hf_rows(name: str, hf_config: dict, smollm2: str, batches: list[int], new_to
     model.generation_config.eos_token_id = None  # exactly new_tokens per row, as ours
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
-    # generate compiles the forward of a static-cache decode itself on GPU: off for the eager row; the
-    # compiled row tries CUDA graphs first, then inductor without them
-    variants = {"hf_generate": [("eager", dict(disable_compile=True))]}
-    if cuda:
-        variants["hf_generate_compiled"] = [(mode, dict(compile_config=transformers.CompileConfig(mode=mode)))
-                                            for mode in ("reduce-overhead", "default")]
+    variants = peer_variants(cuda)
     for batch in batches:
         if over():
             rows.append({"model": name, "batch": batch, "method": "hf_generate", "error": "skipped: --budget_s"})
@@ -274,14 +269,9 @@ def hf_rows(name: str, hf_config: dict, smollm2: str, batches: list[int], new_to
                 new = out[:, input_ids.shape[1]:].cpu().numpy()
                 return [row.tolist() for row in new], n
 
-            row, errors = {"model": name, "batch": batch, "method": method}, []
-            for mode, extra in tries:
-                try:
-                    row |= {"mode": mode, **per_call(lambda n: fn(n, extra), new_tokens, batch, repeats)}
-                    break
-                except Exception as e:  # noqa: BLE001 - the peer's failure is a result to report, not a crash
-                    errors.append(f"{mode}: {type(e).__name__}: {str(e)[:500]}")
-                    torch._dynamo.reset()
+            got, errors = first_that_runs(tries, lambda extra: per_call(lambda n: fn(n, extra), new_tokens, batch,
+                                                                         repeats))
+            row = {"model": name, "batch": batch, "method": method, **got}
             if errors:
                 row["errors"] = errors
             if "ms_per_call" not in row:
@@ -297,6 +287,34 @@ def hf_rows(name: str, hf_config: dict, smollm2: str, batches: list[int], new_to
     if cuda:
         torch.cuda.empty_cache()
     return rows
+
+
+def peer_variants(cuda: bool) -> dict[str, list[tuple[str, dict]]]:
+    """Peer method -> the (mode, `generate` kwargs) to try in turn. `generate` compiles the forward of a
+    static-cache decode itself on GPU: off for the eager row; the compiled row tries CUDA graphs first,
+    then inductor without them."""
+    import transformers
+
+    variants = {"hf_generate": [("eager", dict(disable_compile=True))]}
+    if cuda:
+        variants["hf_generate_compiled"] = [(mode, dict(compile_config=transformers.CompileConfig(mode=mode)))
+                                            for mode in ("reduce-overhead", "default")]
+    return variants
+
+
+def first_that_runs(tries: list[tuple[str, dict]], run) -> tuple[dict, list[str]]:
+    """({"mode", **run(kwargs)} of the first (mode, kwargs) of `tries` whose run returns, or {} if none does;
+    the errors of those that raised)."""
+    import torch
+
+    errors = []
+    for mode, extra in tries:
+        try:
+            return {"mode": mode, **run(extra)}, errors
+        except Exception as e:  # noqa: BLE001 - the peer's failure is a result to report, not a crash
+            errors.append(f"{mode}: {type(e).__name__}: {str(e)[:500]}")
+            torch._dynamo.reset()
+    return {}, errors
 
 
 # ---------------------------------------------------------------- ours
@@ -377,7 +395,8 @@ def distill_rows(args, pad_id) -> list[dict]:
     return out
 
 
-def hf_distill_rows(args, pad_id) -> list[dict]:
+def hf_distill_rows(args, pad_id) -> dict[str, list[dict]]:
+    """Peer method (`peer_variants`) -> its distillation rows, one per batch of `args.distill_batches`."""
     import torch
     import transformers
 
@@ -387,28 +406,39 @@ def hf_distill_rows(args, pad_id) -> list[dict]:
     model = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.smollm2),
                                                               dtype=torch.bfloat16).to(device).eval()
     texts = [r["input"] for r in read_prompts()]
-    out = []
+    variants = peer_variants(cuda)
+    out = {method: [] for method in variants}
     for batch in args.distill_batches:
         tokens, pad_len = left_pad([encode_prompt(tok, texts[i % len(texts)], chat=True) for i in range(batch)], pad_id)
         ids = torch.as_tensor(tokens, dtype=torch.long, device=device)
         mask = torch.as_tensor(np.arange(tokens.shape[1])[None] >= pad_len[:, None], dtype=torch.long, device=device)
 
-        def fn():
-            with torch.inference_mode():
-                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.distill_tokens,
-                                     do_sample=False, cache_implementation="static", pad_token_id=pad_id,
-                                     eos_token_id=tok.eos_token_id, disable_compile=True)
-            if cuda:
-                torch.cuda.synchronize()
-            return gen[:, ids.shape[1]:].cpu().numpy()
+        def run(extra):
+            def fn():
+                with torch.inference_mode():
+                    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.distill_tokens,
+                                         do_sample=False, cache_implementation="static", pad_token_id=pad_id,
+                                         eos_token_id=tok.eos_token_id, **extra)
+                if cuda:
+                    torch.cuda.synchronize()
+                return gen[:, ids.shape[1]:].cpu().numpy()
 
-        fn()
-        s, gen = median_seconds(fn, 2)
-        n = int(sum((np.argmax(row == tok.eos_token_id) + 1) if (row == tok.eos_token_id).any() else len(row)
-                    for row in gen))
-        out.append({"batch": batch, "method": "hf_generate", "tokens": n, "seconds": round(s, 3),
-                    "tokens_per_s": round(n / s, 1)})
-        print(f"  distill b={batch} hf_generate: {n / s:.0f} tokens/s", flush=True)
+            fn()
+            s, gen = median_seconds(fn, 2)
+            n = int(sum((np.argmax(row == tok.eos_token_id) + 1) if (row == tok.eos_token_id).any() else len(row)
+                        for row in gen))
+            return {"tokens": n, "seconds": round(s, 3), "tokens_per_s": round(n / s, 1)}
+
+        for method, tries in variants.items():
+            got, errors = first_that_runs(tries, run)
+            row = {"batch": batch, "method": method, **got}
+            if errors:
+                row["errors"] = errors
+            if "tokens_per_s" not in row:
+                row["error"] = "; ".join(errors)
+            out[method].append(row)
+            print(f"  distill b={batch} {method}: " + (f"{row['tokens_per_s']:.0f} tokens/s" if "error" not in row
+                                                        else row["error"][:200]), flush=True)
     del model
     gc.collect()
     if cuda:
@@ -569,7 +599,7 @@ def main(argv=None):
             rows += hf_rows(name, configs[name][1], args.smollm2, batches[name], new_tokens[name], args.repeats,
                             prompts_of[name], pad_id, over)
             if args.distill and MODELS[name] is None:
-                distill["hf_generate"] = hf_distill_rows(args, pad_id)
+                distill |= hf_distill_rows(args, pad_id)
             save(complete=False)
 
     bandwidth = state["bandwidth"] = copy_bandwidth(args.copy_gb)
@@ -610,7 +640,9 @@ def main(argv=None):
               f"{exact_report['mismatches_not_near_tie']} not at a near-tie; exact mode: "
               f"{exact_report['exact_mode_mismatches']}")
     for method, got in (distill or {}).items():
-        print("distill " + method + ": " + ", ".join(f"batch {d['batch']} {d['tokens_per_s']:.0f} tokens/s" for d in got))
+        print("distill " + method + ": " + ", ".join(f"batch {d['batch']} " + (f"{d['tokens_per_s']:.0f} tokens/s"
+                                                                             if "tokens_per_s" in d else "failed")
+                                                   for d in got))
     if skipped:
         print(f"skipped (budget): {skipped}")
     print(f"wrote {out} in {report['seconds']:.0f} s")
