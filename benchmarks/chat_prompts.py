@@ -7,7 +7,7 @@ recipes, comparisons, fun facts, ...) on other topics; a topic named in any held
 so the held-out set stays unseen. The answers come from the base model itself
 (`python -m mtp_jax.data.distill`), so no other model's text is used.
 
-    python benchmarks/chat_prompts.py --out /tmp/chat_prompts.jsonl --limit 3000
+    python benchmarks/chat_prompts.py --out /tmp/chat_prompts.jsonl
 """
 
 import argparse
@@ -117,12 +117,13 @@ FAMILIES = [
 
 
 def heldout_texts(path: Path = HELDOUT) -> list[str]:
+    """Every held-out prompt (code, math and chat), lower-cased."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["input"].lower() for line in f if line.strip()]
 
 
-def named_in(topic: str, texts: list[str]) -> bool:
-    """Whether the topic's main word (its last word, or any word of a pair) occurs in one of `texts`,
+def named_in(topic: str | tuple[str, ...], texts: list[str]) -> bool:
+    """Whether the topic's main word (its last word; of a pair, either's) occurs in one of `texts`,
     with or without a plural s: "a rainbow" is named in "Explain how a rainbow forms." """
     forms = set()
     for part in topic if isinstance(topic, tuple) else (topic,):

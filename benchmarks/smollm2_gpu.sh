@@ -24,12 +24,12 @@ if [[ $stages == *data* ]]; then
     "$(python -c 'import site; print(site.getsitepackages()[0])')"
   python -m mtp_jax.data.distill --model "$model" --prompts "$work/code_prompts.jsonl" --out "$work/code.jsonl" \
     --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16
-  # math exercises and word problems from seeded templates (MATH_PROMPTS of them, default 3000), greedy answers
+  # 2) math exercises and word problems from seeded templates (MATH_PROMPTS of them, default 3000), greedy
   [[ -f $work/math_prompts.jsonl ]] || python benchmarks/math_prompts.py --out "$work/math_prompts.jsonl" \
     --limit "${MATH_PROMPTS:-3000}"
   python -m mtp_jax.data.distill --model "$model" --prompts "$work/math_prompts.jsonl" --out "$work/math.jsonl" \
     --max_new_tokens 256 --batch_size ${DISTILL_BATCH:-1024} --dtype bfloat16
-  # 2) the shipped training prompts (code and math) and 3) general chat requests on topics no held-out
+  # 3) the shipped training prompts (code and math) and 4) general chat requests on topics no held-out
   #    prompt names (benchmarks/chat_prompts.py): greedy, and 3 sampled answers each (temperature 0.7)
   [[ -f $work/chat_prompts.jsonl ]] || python benchmarks/chat_prompts.py --out "$work/chat_prompts.jsonl"
   for spec in train:$prompts/train_prompts.jsonl chat:$work/chat_prompts.jsonl; do
