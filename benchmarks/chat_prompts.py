@@ -14,11 +14,10 @@ import argparse
 import json
 import random
 import re
-from pathlib import Path
 
 from code_prompts import write_prompts
 
-HELDOUT = Path(__file__).resolve().parents[1] / "mtp_jax" / "data" / "prompts" / "heldout_prompts.jsonl"
+from mtp_jax.data.readers import resolve_data_file
 
 CONCEPTS = ["gravity", "electricity", "magnetism", "evolution", "the immune system", "compound interest",
             "supply and demand", "democracy", "the greenhouse effect", "plate tectonics", "black holes",
@@ -116,9 +115,9 @@ FAMILIES = [
 ]
 
 
-def heldout_texts(path: Path = HELDOUT) -> list[str]:
+def heldout_texts() -> list[str]:
     """Every held-out prompt (code, math and chat), lower-cased."""
-    with open(path, encoding="utf-8") as f:
+    with open(resolve_data_file("builtin:heldout_prompts.jsonl"), encoding="utf-8") as f:
         return [json.loads(line)["input"].lower() for line in f if line.strip()]
 
 
