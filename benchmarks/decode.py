@@ -322,7 +322,7 @@ def smollm2_models(args) -> tuple:
     """(MTPModel, params) of SmolLM2's real weights with the run's adapter (`--adapter`), else random
     adapters beside them."""
     if args.adapter:
-        model, params, _ = load_adapter(args.adapter, args.smollm2, dtype="bfloat16")
+        model, params, _ = load_adapter(args.adapter, args.smollm2, dtype="bfloat16", merged=args.merged)
         return model, params
     _, base, config = load_model(args.smollm2, "bfloat16")
     return mtp_model(config, base, jnp.bfloat16, args.k)
@@ -340,6 +340,7 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
     info = {"weight_bytes": weight_bytes(base), "adapter_bytes": weight_bytes({k: v for k, v in params.items()
                                                                                if k != "base"}),
             "adapter": args.adapter if MODELS[name] is None and args.adapter else "random",
+            "layout": "merged" if args.merged else "A columns",
             "k": model.mtp.draft_length}
     info["spec_bound_x_plain"] = round(spec_bound(config, base, params, model.mtp.draft_length), 4)
     print(f"  {name}: a speculative call reads {info['spec_bound_x_plain']:.3f}x a plain call's bytes "
@@ -350,7 +351,7 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
         print(f"  {name}: with a drafting vocabulary of {args.draft_vocab} ids, "
               f"{info['spec_vocab_bound_x_plain']:.3f}x", flush=True)
     floor = round(info["weight_bytes"] / bytes_per_ms, 4)
-    spec_m, spec_p = prepare(model, params)
+    spec_m, spec_p = prepare(model, params, args.merged)
     plain_m, plain_p = plain_of(spec_m, spec_p)
     methods = {"plain": lambda p, n, x: plain_decode(spec_m, spec_p, p, n, NEVER, pad_id, True, LAYOUTS["spec_0"])
                if x else plain_decode(plain_m, plain_p, p, n, NEVER, pad_id)}
@@ -450,7 +451,7 @@ def hf_distill_rows(args, pad_id) -> dict[str, list[dict]]:
 def exactness(args, pad_id) -> dict:
     """Speculative vs plain greedy in bf16 on held-out prompts, one prompt per call."""
     tok = load_tokenizer(args.smollm2)
-    spec_m, spec_p = prepare(*smollm2_models(args))
+    spec_m, spec_p = prepare(*smollm2_models(args), args.merged)
     plain_m, plain_p = plain_of(spec_m, spec_p)
     eos = eos_ids_of(tok, spec_m.config)
     anchors = LAYOUTS[f"spec_{args.exact_layout}"]
@@ -537,6 +538,9 @@ def main(argv=None):
     ap.add_argument("--adapter", default=None, help="SmolLM2 training run dir: real drafts for its spec rows and "
                                                     "the exactness check (default: random adapters)")
     ap.add_argument("--smollm2", default="smollm2-135m-instruct", help="SmolLM2 weights: HF dir, .gguf or alias")
+    ap.add_argument("--merged", action="store_true",
+                    help="speculative rows in the merged decoding layout (layout.prepare: no adapter matmul, twice "
+                         "the adapted kernels' bytes)")
     ap.add_argument("--no_hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--no_exactness", action="store_true")
     ap.add_argument("--exact_prompts", type=int, default=10, help="held-out prompts per domain for exactness")

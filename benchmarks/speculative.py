@@ -123,6 +123,9 @@ def main(argv=None):
                                                        "lists or 'all' (quadratic), e.g. 'all;0;0,4'")
     ap.add_argument("--out_dir", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name tag (default: <date>_<device>)")
+    ap.add_argument("--merged", action="store_true",
+                    help="the merged decoding layout (layout.prepare): one matmul per projection, twice the adapted "
+                         "kernels' bytes")
     ap.add_argument("--trace_dir", default=None, help="also profile one batch-1 generation per method: GPU "
                                                       "kernels per model call and their time by kind")
     args = ap.parse_args(argv)
@@ -135,13 +138,14 @@ def main(argv=None):
         model, params, ids = random_setup(args.random, args.dtype, args.k, args.per_domain)
         eos, pad_id = [-1], 0
     else:
-        model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype, args.draft_vocab)
+        model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype, args.draft_vocab,
+                                                args.merged)
         eos = eos_ids_of(tokenizer, model.config)
         pad_id = pad_id_of(tokenizer, eos)
         prompts = read_prompts(args.prompts, args.per_domain)
         ids = {d: [encode_prompt(tokenizer, t, chat=True) for t in texts] for d, texts in prompts.items()}
     # the decoding layout (unstacked layers, folded adapters) is built once here, outside the timings
-    model, params = prepare(model, params)
+    model, params = prepare(model, params, args.merged)
     lm, base = plain_of(model, params)
     domains = list(ids)
     layouts = args.layouts.replace(";", " ").split() if ";" in args.layouts else args.layouts.split(",")
@@ -203,7 +207,7 @@ def main(argv=None):
     source = f"random weights at the shapes of {args.random}" if args.random else args.model or "the run's base"
     report = {"device": kind, "jax": jax.__version__, "commit": commit, "adapter": args.adapter or "random",
               "model": source, "domains": domains, "dtype": str(np.dtype(model.dtype)), "k": k,
-              "draft_vocab": args.draft_vocab or None,
+              "draft_vocab": args.draft_vocab or None, "layout": "merged" if args.merged else "A columns",
               "max_new_tokens": n, "prompts": args.prompts, "per_domain": args.per_domain,
               "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])), "results": results,
               "profile": profile}

@@ -1,7 +1,9 @@
-"""The decoding layout computes the training layout's function (A in the base kernels, `DecodeLayer`),
-and reads each weight in place: the compiled decoding program holds no slice or copy of a weight
-matrix, where the stacked (scanned) training layout slices one per layer per call."""
+"""The decoding layouts compute the training layout's function (A in the base kernels, `DecodeLayer`; the
+adapters merged into second kernels, `MergedDecodeLayer`), and read each weight in place: the compiled
+decoding program holds no slice or copy of a weight matrix, where the stacked (scanned) training layout
+slices one per layer per call."""
 
+import dataclasses
 import re
 
 import jax
@@ -11,10 +13,11 @@ import pytest
 
 from mtp_jax.decoding import speculative
 from mtp_jax.decoding.cache import init_cache
-from mtp_jax.decoding.layout import adapters_into_base, is_prepared, plain_of, prepare
-from mtp_jax.decoding.model import DecodeLayer
+from mtp_jax.decoding.layout import adapters_into_base, is_prepared, merge_adapters, plain_of, prepare
+from mtp_jax.decoding.model import DecodeLayer, MergedDecodeLayer
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.sampling import Sampling
+from mtp_jax.decoding.speculative import speculative_generate
 from mtp_jax.models import LoRAConfig
 from mtp_jax.models.llama import CausalLM
 from mtp_jax.models.lora import fuse_adapters
@@ -24,8 +27,9 @@ from test_lora import random_lora, tiny  # noqa: F401 (tiny: a fixture)
 B, PROMPT, SLOTS = 2, 16, 64
 
 
-@pytest.mark.parametrize("settings", [{}, {"rslora": True, "bias": True}, {"targets": ("q", "v", "up", "down")}],
-                         ids=["plain", "rslora_bias", "some_targets"])
+@pytest.mark.parametrize("settings", [{}, {"rslora": True}, {"rslora": True, "bias": True},
+                                      {"targets": ("q", "v", "up", "down")}],
+                         ids=["plain", "rslora", "rslora_bias", "some_targets"])
 def test_adapters_in_base_kernels_compute_the_same_function(tiny, settings):
     """adapters_into_base + DecodeLayer, from the unfused or the fused adapters: the training layer's
     function, with no `lora_A` left and the A columns in the kernels that read their inputs."""
@@ -51,6 +55,22 @@ def test_adapters_in_base_kernels_compute_the_same_function(tiny, settings):
         np.testing.assert_allclose(np.asarray(off), np.asarray(plain), atol=2e-5, err_msg="gate off: the base model")
         widened = dec_base["model"]["layers"]["self_attn"]["o_proj"]["kernel"].shape[-1] - config.hidden_size
         assert widened == (cfg.rank if cfg.active("o") else 0), f"o_proj carries {widened} A columns"
+
+        # the merged layout: [W | W + s A B] per adapted projection, no adapter matmul
+        if cfg.bias:
+            with pytest.raises(ValueError, match="bias"):
+                merge_adapters(source_cfg, base, source_lora)
+            continue
+        merged_base = merge_adapters(source_cfg, base, source_lora)
+        merged = CausalLM(config, dataclasses.replace(source_cfg, fuse=False), layer=MergedDecodeLayer)
+        h4, _ = merged.apply({"params": merged_base, "lora": {}}, tokens, gate=gate)
+        np.testing.assert_allclose(np.asarray(h4), np.asarray(h1), atol=2e-5, err_msg="merged layout")
+        off, _ = merged.apply({"params": merged_base, "lora": {}}, tokens)
+        np.testing.assert_allclose(np.asarray(off), np.asarray(plain), atol=2e-5, err_msg="merged, gate off")
+        for block, proj, width in (("self_attn", "o_proj", config.hidden_size),
+                                   ("mlp", "gate_proj", config.intermediate_size)):
+            got = merged_base["model"]["layers"][block][proj]["kernel"].shape[-1]
+            assert got == (2 * width if cfg.active(proj.removesuffix("_proj")) else width), f"merged {proj}: {got}"
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +136,21 @@ def test_plain_of_prepared_params_is_the_base_model(setup):
     prompts = [[3, 5, 7, 9], [11, 2]]
     assert generate(lm, base, prompts, 6, [-1]) == generate(ref_model, ref_params, prompts, 6, [-1])
     assert plain_of(model, params)[1] is not None  # unprepared params work too
+
+
+def test_merged_layout_decodes_as_plain_greedy_with_the_same_drafts(setup):
+    """prepare(merged=True): speculative greedy output is plain greedy output, the drafts those of the
+    A-columns layout (float32: W + s A B and x W + s (x A) B agree far below any argmax gap here), and the
+    plain baseline cut from its params is the base model."""
+    model, params, lm = setup
+    prompts = [[3, 5, 7, 9], [11, 2, 4]]
+    free = generate(lm, params["base"], prompts, 12, [-1])
+    merged_model, merged_params = prepare(model, params, merged=True)
+    assert is_prepared(merged_model) and merged_model.layer is MergedDecodeLayer and merged_params["lora"] == {}
+    res = speculative_generate(merged_model, merged_params, prompts, 12, [-1])
+    ref = speculative_generate(*prepare(model, params), prompts, 12, [-1])
+    assert res.tokens == free
+    np.testing.assert_array_equal(res.steps, ref.steps)
+    np.testing.assert_array_equal(res.accepted, ref.accepted)
+    assert res.accepted.sum() > 0, "no draft accepted: the drafts are not compared"
+    assert generate(*plain_of(merged_model, merged_params), prompts, 12, [-1]) == free

@@ -81,26 +81,28 @@ def draft_vocabulary(run_dir: Path, size: int, vocab_size: int) -> np.ndarray:
 
 
 def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None,
-                 draft_vocab: int = 0):
+                 draft_vocab: int = 0, merged: bool = False):
     """(MTPModel, params, tokenizer with <mask>) to decode with a training run's adapters, the model and
     params in the decoding layout (`layout.prepare`, built here once).
 
     The base is the run's own (`model.path` of its config) unless `model_path` names another copy of
     it, which is checked against the run (architecture and vocabulary) first. `draft_vocab` N > 0:
     drafts come from the N token ids most frequent in the run's training responses only
-    (`speculative.with_draft_vocab`; the output stays the base model's).
+    (`speculative.with_draft_vocab`; the output stays the base model's). `merged`: the merged layout
+    (`layout.prepare`), for small models whose calls are bound by their kernel count.
     """
     from mtp_jax.checkpoints import load_run
 
     run_dir = absolute(run_dir)
     if model_path is None:
         run = load_run(run_dir, step, dtype=dtype)
-        model, params = prepare(run.model, run.params)
+        model, params = prepare(run.model, run.params, merged)
     else:
         run = load_run(run_dir, step, load_base=False, dtype=dtype)
         m = run.model
         base, config = _checked_base(run, model_path)
-        model, params = prepare(MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base})
+        model, params = prepare(MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base},
+                                merged)
     if draft_vocab:
         params = with_draft_vocab(model, params, draft_vocabulary(run_dir, draft_vocab, model.config.vocab_size))
     return model, params, run.tokenizer

@@ -11,6 +11,12 @@ the stack, one device copy per weight per call. `prepare` therefore
   kernel count);
 - casts every floating parameter to the compute dtype: each use casts to it anyway (same values),
   and float32 adapters under bf16 compute would otherwise cost cast kernels per layer per call.
+
+`prepare(merged=True)` instead merges each adapter into a second copy of its projection's kernel
+(`merge_adapters`, run by `decoding.model.MergedDecodeLayer`): no adapter matmul at all, one matmul
+per projection, for twice the adapted kernels' bytes. The drafts come from W + s A B rounded once to
+the compute dtype instead of x W + s (x A) B, so they may differ in the last bits; the base rows, and
+so the output, are the base model's either way.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.decoding.model import DecodeLayer
+from mtp_jax.decoding.model import DecodeLayer, MergedDecodeLayer
 from mtp_jax.models.llama import CausalLM, stack_layers, unstack_layers
-from mtp_jax.models.lora import FUSED_MODULES, fuse_adapters
+from mtp_jax.models.lora import FUSED_MODULES, LoRAConfig, fuse_adapters
 from mtp_jax.mtp.model import MTPModel
 
 
@@ -31,7 +37,7 @@ def is_prepared(model: CausalLM | MTPModel) -> bool:
     """Whether `model` is in the decoding layout (its params then are, if `prepare` built them)."""
     if (model.mtp if isinstance(model, MTPModel) else model).scan_layers:
         return False
-    return not isinstance(model, MTPModel) or model.layer is DecodeLayer
+    return not isinstance(model, MTPModel) or model.layer in (DecodeLayer, MergedDecodeLayer)
 
 
 def adapters_into_base(base: dict, lora: dict) -> tuple[dict, dict]:
@@ -57,13 +63,39 @@ def adapters_into_base(base: dict, lora: dict) -> tuple[dict, dict]:
     return {**base, "model": base_model}, {**lora, "model": lora_model}
 
 
+def merge_adapters(cfg: LoRAConfig, base: dict, lora: dict) -> dict:
+    """(base, lora) trees (stacked or per layer, fused adapters or not) -> the base tree with every adapted
+    projection's kernel W replaced by [W | W + s A B] (computed in float32): the parameters of
+    `decoding.model.MergedDecodeLayer`. A fused adapter's s A B is split across its group's projections."""
+    if cfg.bias:
+        raise ValueError("merged decoding layout: adapters with a bias (lora.bias) are not supported")
+    groups = {module: group for group, (_, module) in FUSED_MODULES.items()}
+    base_model = dict(base["model"])
+    for layer, blocks in lora["model"].items():  # "layers" (stacked) or "layers_{i}"
+        base_blocks = {block: dict(v) for block, v in base["model"][layer].items()}
+        for block, modules in blocks.items():
+            for module, adapter in modules.items():
+                a, b = (jnp.asarray(adapter[name], jnp.float32) for name in ("lora_A", "lora_B"))
+                targets = cfg.group(groups[module]) if module in groups else (module.removesuffix("_proj"),)
+                delta = (a @ b) * cfg.scale(len(targets))
+                for target in targets:
+                    proj = base_blocks[block][f"{target}_proj"]
+                    kernel = proj["kernel"]
+                    part, delta = delta[..., :kernel.shape[-1]], delta[..., kernel.shape[-1]:]
+                    merged = (jnp.asarray(kernel, jnp.float32) + part).astype(kernel.dtype)
+                    base_blocks[block][f"{target}_proj"] = {**proj, "kernel": jnp.concatenate([kernel, merged], -1)}
+        base_model[layer] = base_blocks
+    return {**base, "model": base_model}
+
+
 def _cast(tree: Any, dtype) -> Any:
     return jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x),
                         tree)
 
 
-def prepare(model: CausalLM | MTPModel, params: Any) -> tuple[CausalLM | MTPModel, Any]:
-    """(model, params) in the decoding layout (module docstring); a no-op on a model already in it.
+def prepare(model: CausalLM | MTPModel, params: Any, merged: bool = False) -> tuple[CausalLM | MTPModel, Any]:
+    """(model, params) in the decoding layout (module docstring; `merged`: the merged one, for an
+    MTPModel); a no-op on a model already in a decoding layout.
 
     model: a CausalLM (params: its base tree, or {"params": tree}) or an MTPModel (params: the flat
     dict {base, lora, sampler, mask_embedding} of `mtp.objective.init_params` / `checkpoints.load_run`).
@@ -74,6 +106,12 @@ def prepare(model: CausalLM | MTPModel, params: Any) -> tuple[CausalLM | MTPMode
         return model, params
     n = model.config.num_layers
     stacked = lambda tree: tree if "layers" in tree["model"] else stack_layers(tree, n)
+    if isinstance(model, MTPModel) and merged:
+        base = merge_adapters(model.lora, stacked(params["base"]), stacked(params["lora"]))
+        params = {**params, "base": unstack_layers(base, n), "lora": {}}
+        mtp = dataclasses.replace(model.mtp, scan_layers=False)
+        return (model.clone(lora=dataclasses.replace(model.lora, fuse=False), mtp=mtp, layer=MergedDecodeLayer),
+                _cast(params, model.dtype))
     if isinstance(model, MTPModel):
         lora_cfg, lora = fuse_adapters(model.lora, stacked(params["lora"]))
         base, lora = adapters_into_base(stacked(params["base"]), lora)
