@@ -135,7 +135,7 @@ def test_steps_and_acceptance_follow_training_path_drafts(setups, kind):
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_mask_states_equal_training_path(setups, kind):
     """The mask blocks' final hidden states in a decoding call (the prompt call, then a step with every
-    anchor offset 0..k, left-padded rows), with the adapters as trained and in the decoding layout, equal
+    anchor offset 0..k, left-padded rows), with the adapters as trained and in both decoding layouts, equal
     the training code's two-stream mask states at the same anchors: each block sees exactly the cache up
     to its anchor and its own earlier masks."""
     model, params, lm = setups[kind]
@@ -150,7 +150,8 @@ def test_mask_states_equal_training_path(setups, kind):
     n = model.config.num_layers
     trained = (model.clone(mtp=dataclasses.replace(model.mtp, scan_layers=False)),
                {**params, "base": unstack_layers(params["base"], n), "lora": unstack_layers(params["lora"], n)})
-    for layout, (m, p) in {"trained": trained, "decoding": prepare(model, params)}.items():
+    layouts = {"trained": trained, "decoding": prepare(model, params), "merged": prepare(model, params, merged=True)}
+    for layout, (m, p) in layouts.items():
         cache = init_cache(lm.config, len(prompts), slot_valid.shape[1], lm.dtype)
         _, first_block, cache = _forward(m, p, cache, zero, pad_len, slot_valid, tokens, (t - 1,), K, last_only=True)
         states[layout] = first_block, _forward(m, p, cache, zero + t, pad_len, slot_valid, step_tokens, anchors, K)[1]
