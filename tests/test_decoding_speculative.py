@@ -274,6 +274,27 @@ def test_draft_vocabulary_keeps_greedy_exact(setups, kind):
         assert one.tokens == ref and one.accepted.sum() == 0, kind
 
 
+def test_greedy_drafts_from_a_vocabulary_list_equal_the_masked_full_row(setups):
+    """Greedy drafts from a drafting vocabulary take the argmax over the list's logits, mapped back to ids;
+    the distributions path (sampling, lossy) scores a full row with -inf outside the list. Both give the
+    same drafts for the same mask states, known tokens included."""
+    from mtp_jax.decoding.speculative import _draft
+
+    model, params, _ = setups["llama"]
+    m, p = prepare(model, params)
+    p = with_draft_vocab(m, p, [1, 4, 6, 9, 10, 13, 15])
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(3.0 * rng.standard_normal((6, K, model.config.hidden_size)), jnp.float32)
+    known = jnp.asarray(rng.integers(0, 16, (6, K)), jnp.int32)
+    n_known = jnp.asarray([1, 1, 2, 3, 1, 2], jnp.int32)
+    by_list, _, n1 = _draft(m, p, hidden, known, n_known, Sampling(), jax.random.key(0), keep_q=False)
+    masked, q, n2 = _draft(m, p, hidden, known, n_known, Sampling(), jax.random.key(0), keep_q=True)
+    np.testing.assert_array_equal(np.asarray(by_list), np.asarray(masked))
+    np.testing.assert_array_equal(np.asarray(n1), np.asarray(n2))
+    assert set(np.asarray(by_list).ravel()) <= {1, 4, 6, 9, 10, 13, 15} and len(set(np.asarray(by_list).ravel())) > 2
+    assert q is not None and float(q[..., 0].max()) == 0.0  # id 0 is off the list
+
+
 def test_draft_vocabulary_refuses_ids_outside_the_model(setups):
     model, params, _ = setups["llama"]
     for bad in ([], [3, 16], [-1]):

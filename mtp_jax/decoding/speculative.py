@@ -143,11 +143,17 @@ def _draft(model: MTPModel, params: Params, hidden, known, n_known, sampling: Sa
     their distributions q.
     """
     b, k, _ = hidden.shape
-    if "draft_head" in params:  # a drafting vocabulary (with_draft_vocab): -inf outside it
-        vocab, head = params["draft_vocab"], params["draft_head"]
+    vocab = params.get("draft_vocab")  # a drafting vocabulary (with_draft_vocab): -inf outside it
+    # greedy drafts from a drafting vocabulary: the argmax over its (ascending) ids, mapped back, is the
+    # full row's argmax (ties to the lowest id either way), with no full-vocabulary row built per draft
+    by_list = vocab is not None and sampling.temperature == 0.0 and not keep_q
+    if vocab is not None:
+        head = params["draft_head"]
 
         def step_logits(m, prev, h):
             sub = m.sampler(m.base.embed(prev), h).astype(m.dtype) @ head.astype(m.dtype)
+            if by_list:
+                return sub
             return jnp.full(sub.shape[:-1] + (m.config.vocab_size,), -jnp.inf, sub.dtype).at[..., vocab].set(sub)
     else:
         step_logits = lambda m, prev, h: m.base.logits(m.sampler(m.base.embed(prev), h))  # noqa: E731
@@ -155,7 +161,7 @@ def _draft(model: MTPModel, params: Params, hidden, known, n_known, sampling: Sa
     for j in range(k):
         logits = model.apply(variables(params), prev, hidden[:, j], method=step_logits)
         rng, sub = jax.random.split(rng)
-        tok = sample_token(logits, sub, sampling)
+        tok = vocab[jnp.argmax(logits, axis=-1)] if by_list else sample_token(logits, sub, sampling)
         drafts.append(tok)
         if keep_q:
             qs.append(jax.nn.softmax(filter_logits(logits, sampling) if sampling.temperature > 0
