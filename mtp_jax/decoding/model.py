@@ -1,21 +1,19 @@
 """The decoder layers of the decoding layouts (`layout.prepare`).
 
-`DecodeLayer`: each adapter's A matrix rides as extra
-columns of the base kernel that reads the same input (`layout.adapters_into_base`), so one matmul
-gives the base projection and x @ A; the adapter's second half (B, bias, scale, gate: `lora_up`)
-applies to those columns. A fused adapter's A sits in its group's first projection (q_proj for
-q|k|v, gate_proj for gate|up); an unfused one's in its own projection.
+`DecodeLayer`: each adapter's A matrix rides as extra columns of the base kernel that reads the same
+input (`layout.adapters_into_base`), so one matmul gives the base projection and x @ A; the adapter's
+second half (B, bias, scale, gate: `lora_up`) applies to those columns. A fused adapter's A sits in its
+group's first projection (q_proj for q|k|v, gate_proj for gate|up); an unfused one's in its own
+projection. Same function as the training layer (`models.llama.DecoderLayer`, whose attention and MLP
+math it reuses; only the projections differ), with 4 fewer matmuls per layer with fused adapters: a
+speculative step at batch 1 is bound by its kernel count. Parameter names are the training tree's;
+only the widened kernels' shapes and the missing `lora_A` leaves differ. Decoding only: x @ A is
+computed without dropout.
 
 `MergedDecodeLayer` (`prepare(merged=True)`): each adapted projection's kernel is [W | W + s A B]
 (`layout.merge_adapters`), so one matmul per projection and no adapter matmul at all; rows whose
 gate is on take the second half. Twice the bytes of the adapted kernels per call: for models whose
 calls are bound by their kernel count (a small model at batch 1), not by reading the weights.
-
-Same function as the training layer (`models.llama.DecoderLayer`, whose attention and MLP math it
-reuses; only the projections differ), with 4 fewer matmuls per layer with fused adapters: a
-speculative step at batch 1 is bound by its kernel count. Parameter names are the training tree's;
-only the widened kernels' shapes and the missing `lora_A` leaves differ. Decoding only: x @ A is
-computed without dropout.
 """
 
 from __future__ import annotations
