@@ -10,6 +10,7 @@ import pytest
 
 from mtp_jax.decoding import plain, speculative
 from mtp_jax.decoding.exactness import NEAR_TIE_ULPS, divergence, near_tie
+from mtp_jax.decoding.layout import prepare
 from test_decoding_speculative import NEVER, prompts_for, tiny_mtp
 
 NEW = 24
@@ -20,11 +21,14 @@ def llama(tmp_path_factory):
     return tiny_mtp("llama", 16, tmp_path_factory.mktemp("llama"))
 
 
-def test_bf16_speculative_equals_exact_plain_bit_for_bit(llama):
+@pytest.mark.parametrize("merged", [False, True], ids=["a_columns", "merged"])
+def test_bf16_speculative_equals_exact_plain_bit_for_bit(llama, merged):
     model, params, lm = llama
     bf16 = jnp.bfloat16
     model, lm = model.clone(dtype=bf16), lm.clone(dtype=bf16)
     params = {**params, "base": jax.tree.map(lambda x: x.astype(bf16), params["base"])}
+    base = params["base"]
+    model, params = prepare(model, params, merged=merged)  # either decoding layout
     prompts = prompts_for(16)
     spec = speculative.decode(model, params, prompts, NEW, NEVER, keep_logits=True, exact=True)
     tokens, logits = plain.generate_with_logits(model, params, prompts, NEW, NEVER, exact=True)
@@ -34,7 +38,7 @@ def test_bf16_speculative_equals_exact_plain_bit_for_bit(llama):
         assert a.shape == b.shape == (NEW, 16)
         assert np.array_equal(a, b), f"row {row}: verifying logits not bitwise equal to exact plain decoding's"
     # positive control: plain decoding in one-row calls (not exact mode) rounds some logits differently
-    own_tokens, own_logits = plain.generate_with_logits(lm, params["base"], prompts, NEW, NEVER)
+    own_tokens, own_logits = plain.generate_with_logits(lm, base, prompts, NEW, NEVER)
     same = [np.array_equal(a[:n], b[:n]) for a, b, n in
             zip(spec.logits, own_logits, (next((i for i, (x, y) in enumerate(zip(s, o)) if x != y), NEW)
                                           for s, o in zip(spec.tokens, own_tokens)))]
