@@ -147,6 +147,9 @@ def test_merged_layout_decodes_as_plain_greedy_with_the_same_drafts(setup):
     free = generate(lm, params["base"], prompts, 12, [-1])
     merged_model, merged_params = prepare(model, params, merged=True)
     assert is_prepared(merged_model) and merged_model.layer is MergedDecodeLayer and merged_params["lora"] == {}
+    assert prepare(merged_model, merged_params)[1] is merged_params  # the decoders' own prepare: a no-op
+    with pytest.raises(ValueError, match="already in the A-columns"):
+        prepare(*prepare(model, params), merged=True)
     res = speculative_generate(merged_model, merged_params, prompts, 12, [-1])
     ref = speculative_generate(*prepare(model, params), prompts, 12, [-1])
     assert res.tokens == free

@@ -103,6 +103,9 @@ def prepare(model: CausalLM | MTPModel, params: Any, merged: bool = False) -> tu
     returned leaves are new device arrays in the compute dtype, so the caller may drop the originals.
     """
     if is_prepared(model):
+        if merged and isinstance(model, MTPModel) and model.layer is not MergedDecodeLayer:
+            raise ValueError("prepare(merged=True): the model is already in the A-columns decoding layout; prepare "
+                             "the merged one from the training layout (the run's params)")
         return model, params
     n = model.config.num_layers
     stacked = lambda tree: tree if "layers" in tree["model"] else stack_layers(tree, n)
