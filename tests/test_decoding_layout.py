@@ -56,7 +56,7 @@ def test_adapters_in_base_kernels_compute_the_same_function(tiny, settings):
         widened = dec_base["model"]["layers"]["self_attn"]["o_proj"]["kernel"].shape[-1] - config.hidden_size
         assert widened == (cfg.rank if cfg.active("o") else 0), f"o_proj carries {widened} A columns"
 
-        # the merged layout: [W | W + s A B] per adapted projection, no adapter matmul
+        # the merged layout: [W | s A B] per adapted projection, no adapter matmul
         if cfg.bias:
             with pytest.raises(ValueError, match="bias"):
                 merge_adapters(source_cfg, base, source_lora)
@@ -140,7 +140,7 @@ def test_plain_of_prepared_params_is_the_base_model(setup):
 
 def test_merged_layout_decodes_as_plain_greedy_with_the_same_drafts(setup):
     """prepare(merged=True): speculative greedy output is plain greedy output, the drafts those of the
-    A-columns layout (float32: W + s A B and x W + s (x A) B agree far below any argmax gap here), and the
+    A-columns layout (float32: x (s A B) and (x A)(s B) agree far below any argmax gap here), and the
     plain baseline cut from its params is the base model."""
     model, params, lm = setup
     prompts = [[3, 5, 7, 9], [11, 2, 4]]

@@ -12,11 +12,11 @@ the stack, one device copy per weight per call. `prepare` therefore
 - casts every floating parameter to the compute dtype: each use casts to it anyway (same values),
   and float32 adapters under bf16 compute would otherwise cost cast kernels per layer per call.
 
-`prepare(merged=True)` instead merges each adapter into a second copy of its projection's kernel
-(`merge_adapters`, run by `decoding.model.MergedDecodeLayer`): no adapter matmul at all, one matmul
-per projection, for twice the adapted kernels' bytes. The drafts come from W + s A B rounded once to
-the compute dtype instead of x W + s (x A) B, so they may differ in the last bits; the base rows, and
-so the output, are the base model's either way.
+`prepare(merged=True)` instead multiplies each adapter out, s A B, into extra columns of its
+projection's kernel (`merge_adapters`, run by `decoding.model.MergedDecodeLayer`): no adapter matmul
+at all, one matmul per projection, for twice the adapted kernels' bytes. The drafts come from
+x (s A B) instead of (x A)(s B), so they may differ in the last bits; the base rows, and so the
+output, are the base model's either way.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def adapters_into_base(base: dict, lora: dict) -> tuple[dict, dict]:
 
 def merge_adapters(cfg: LoRAConfig, base: dict, lora: dict) -> dict:
     """(base, lora) trees (stacked or per layer, fused adapters or not) -> the base tree with every adapted
-    projection's kernel W replaced by [W | W + s A B] (computed in float32): the parameters of
+    projection's kernel W replaced by [W | s A B] (s A B computed in float32): the parameters of
     `decoding.model.MergedDecodeLayer`. A fused adapter's s A B is split across its group's projections."""
     if cfg.bias:
         raise ValueError("merged decoding layout: adapters with a bias (lora.bias) are not supported")
@@ -82,8 +82,8 @@ def merge_adapters(cfg: LoRAConfig, base: dict, lora: dict) -> dict:
                     proj = base_blocks[block][f"{target}_proj"]
                     kernel = proj["kernel"]
                     part, delta = delta[..., :kernel.shape[-1]], delta[..., kernel.shape[-1]:]
-                    merged = (jnp.asarray(kernel, jnp.float32) + part).astype(kernel.dtype)
-                    base_blocks[block][f"{target}_proj"] = {**proj, "kernel": jnp.concatenate([kernel, merged], -1)}
+                    base_blocks[block][f"{target}_proj"] = {
+                        **proj, "kernel": jnp.concatenate([kernel, part.astype(kernel.dtype)], -1)}
         base_model[layer] = base_blocks
     return {**base, "model": base_model}
 

@@ -10,10 +10,11 @@ speculative step at batch 1 is bound by its kernel count. Parameter names are th
 only the widened kernels' shapes and the missing `lora_A` leaves differ. Decoding only: x @ A is
 computed without dropout.
 
-`MergedDecodeLayer` (`prepare(merged=True)`): each adapted projection's kernel is [W | W + s A B]
-(`layout.merge_adapters`), so one matmul per projection and no adapter matmul at all; rows whose
-gate is on take the second half. Twice the bytes of the adapted kernels per call: for models whose
-calls are bound by their kernel count (a small model at batch 1), not by reading the weights.
+`MergedDecodeLayer` (`prepare(merged=True)`): each adapted projection's kernel is [W | s A B]
+(`layout.merge_adapters`), so one matmul per projection gives x W and the adapter's x s A B, and no
+adapter matmul is left; rows whose gate is on add the second half to the first. Twice the bytes of
+the adapted kernels per call: for models whose calls are bound by their kernel count (a small model
+at batch 1), not by reading the weights.
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ class DecodeLayer(DecoderLayer):
 
 
 class MergedLinear(nn.Module):
-    """A projection whose kernel is [in, 2 * features] = [W | W + s A B] where it has an adapter (`merged`):
-    rows with the gate on take the second half. Without an adapter, the plain `Linear`'s kernel."""
+    """A projection whose kernel is [in, 2 * features] = [W | s A B] where it has an adapter (`merged`):
+    rows with the gate on add the second half's output to the first's. Without an adapter, the plain
+    `Linear`'s kernel. (s A B rides as columns of its own rather than as W + s A B: rounded to bf16,
+    that sum would keep only the part of the small update above W's last bit.)"""
 
     features: int
     axes: tuple[str, str]
@@ -147,14 +150,14 @@ class MergedLinear(nn.Module):
         y = self.linear(x)
         if not self.merged:
             return y
-        if self.use_bias:  # the base bias serves both halves (the adapters are bias-free: `merge_adapters`)
+        base, delta = y[..., :self.features], y[..., self.features:]
+        if self.use_bias:  # the base's bias (the adapters are bias-free: `merge_adapters`)
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               (self.features,), self.param_dtype)
-            y = y + jnp.tile(bias.astype(self.dtype), 2)
-        base, adapted = y[..., :self.features], y[..., self.features:]
+            base = base + bias.astype(self.dtype)
         if gate is None:
             return base
-        return jnp.where(jnp.asarray(gate)[..., None] > 0, adapted, base)
+        return base + delta * jnp.asarray(gate, self.dtype)[..., None]  # as `lora_up` gates its update
 
 
 class MergedProjections:
