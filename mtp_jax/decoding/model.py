@@ -126,38 +126,17 @@ class DecodeLayer(DecoderLayer):
         return super().__call__(x, layer_state, cos, sin, attend, gate, deterministic)
 
 
-class MergedLinear(nn.Module):
-    """A projection whose kernel is [in, 2 * features] = [W | s A B] where it has an adapter (`merged`):
-    rows with the gate on add the second half's output to the first's. Without an adapter, the plain
-    `Linear`'s kernel. (s A B rides as columns of its own rather than as W + s A B: rounded to bf16,
-    that sum would keep only the part of the small update above W's last bit.)"""
+class MergedLinear(WideLinear):
+    """A `WideLinear` whose extra columns, where it has an adapter, are that adapter's whole update:
+    kernel [W | s A B] (`layout.merge_adapters`), and rows with the gate on add x (s A B) to x W, as
+    `lora_up` adds its update. (s A B rides as columns of its own rather than as W + s A B: rounded to
+    bf16, that sum would keep only the part of the small update above W's last bit.)"""
 
-    features: int
-    axes: tuple[str, str]
-    use_bias: bool = False
-    merged: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    def setup(self):
-        width = 2 * self.features if self.merged else self.features
-        self.linear = Linear(width, self.axes, self.use_bias and not self.merged, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-        nn.share_scope(self, self.linear)  # its kernel under this module's name, as in the training tree
-
-    @nn.compact
     def __call__(self, x, gate=None, deterministic: bool = True):
-        y = self.linear(x)
-        if not self.merged:
+        y, delta = super().__call__(x, with_xa=True)
+        if delta is None or gate is None:
             return y
-        base, delta = y[..., :self.features], y[..., self.features:]
-        if self.use_bias:  # the base's bias (the adapters are bias-free: `merge_adapters`)
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
-                              (self.features,), self.param_dtype)
-            base = base + bias.astype(self.dtype)
-        if gate is None:
-            return base
-        return base + delta * jnp.asarray(gate, self.dtype)[..., None]  # as `lora_up` gates its update
+        return y + delta * jnp.asarray(gate, self.dtype)[..., None]
 
 
 class MergedProjections:
@@ -166,8 +145,8 @@ class MergedProjections:
 
     def projection(self, name: str, features: int, axes: tuple[str, str], target: str, bias: bool,
                    host_of: tuple[str, ...] = ()) -> MergedLinear:
-        merged = self.lora is not None and self.lora.active(target)
-        return MergedLinear(features, axes, bias, merged, self.dtype, self.param_dtype, name=name)
+        update = features if self.lora is not None and self.lora.active(target) else 0
+        return MergedLinear(features, axes, bias, None, update, self.dtype, self.param_dtype, name=name)
 
 
 class MergedAttention(MergedProjections, Attention):
