@@ -85,7 +85,7 @@ SMOKE_SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 from mtp_jax.decoding.adapter import load_adapter  # noqa: E402
 from mtp_jax.decoding.cli import compile_seconds  # noqa: E402
 from mtp_jax.decoding.exactness import NEAR_TIE_ULPS, divergence  # noqa: E402
-from mtp_jax.decoding.layout import plain_of, prepare  # noqa: E402
+from mtp_jax.decoding.layout import layout_name, plain_of, prepare  # noqa: E402
 from mtp_jax.decoding.plain import generate, generate_with_logits  # noqa: E402
 from mtp_jax.decoding.speculative import speculative_generate, with_draft_vocab  # noqa: E402
 
@@ -341,7 +341,6 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
     info = {"weight_bytes": weight_bytes(base), "adapter_bytes": weight_bytes({k: v for k, v in params.items()
                                                                                if k != "base"}),
             "adapter": args.adapter if MODELS[name] is None and args.adapter else "random",
-            "layout": "merged" if args.merged else "A columns",
             "k": model.mtp.draft_length}
     info["spec_bound_x_plain"] = round(spec_bound(config, base, params, model.mtp.draft_length), 4)
     print(f"  {name}: a speculative call reads {info['spec_bound_x_plain']:.3f}x a plain call's bytes "
@@ -353,6 +352,7 @@ def jax_rows(name: str, config: ModelConfig, args, batches: list[int], new_token
               f"{info['spec_vocab_bound_x_plain']:.3f}x", flush=True)
     floor = round(info["weight_bytes"] / bytes_per_ms, 4)
     spec_m, spec_p = prepare(model, params, args.merged)
+    info["layout"] = layout_name(spec_m)
     plain_m, plain_p = plain_of(spec_m, spec_p)
     methods = {"plain": lambda p, n, x: plain_decode(spec_m, spec_p, p, n, NEVER, pad_id, True, LAYOUTS["spec_0"])
                if x else plain_decode(plain_m, plain_p, p, n, NEVER, pad_id)}
@@ -549,9 +549,9 @@ def main(argv=None):
     ap.add_argument("--adapter", default=None, help="SmolLM2 training run dir: real drafts for its spec rows and "
                                                     "the exactness check (default: random adapters)")
     ap.add_argument("--smollm2", default="smollm2-135m-instruct", help="SmolLM2 weights: HF dir, .gguf or alias")
-    ap.add_argument("--merged", action="store_true",
+    ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                     help="speculative rows in the merged decoding layout (layout.prepare: no adapter matmul, twice "
-                         "the adapted kernels' bytes)")
+                         "the adapted kernels' bytes; default: for bases of at most 1B parameters)")
     ap.add_argument("--no_hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--peer_only", action="store_true", help=argparse.SUPPRESS)  # the child of `peer_in_child`
     ap.add_argument("--no_exactness", action="store_true")

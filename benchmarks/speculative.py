@@ -32,7 +32,7 @@ import numpy as np
 
 from mtp_jax.decoding.adapter import load_adapter
 from mtp_jax.decoding.cli import compile_seconds
-from mtp_jax.decoding.layout import plain_of, prepare
+from mtp_jax.decoding.layout import layout_name, plain_of, prepare
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.request import encode_prompt, eos_ids_of, pad_id_of
 from mtp_jax.decoding.speculative import speculative_generate
@@ -110,8 +110,9 @@ def main(argv=None):
     ap.add_argument("--adapter", help="training run dir")
     ap.add_argument("--random", help="HF config.json: cost only, random weights at its shapes")
     ap.add_argument("--k", type=int, default=4, help="drafts per step with --random")
-    ap.add_argument("--draft_vocab", type=int, default=0, metavar="N",
-                    help="with --adapter: drafts from the run's N most frequent response tokens (load_adapter)")
+    ap.add_argument("--draft_vocab", type=int, default=None, metavar="N",
+                    help="with --adapter: drafts from the run's N most frequent response tokens (load_adapter; "
+                         "default: 32768 for bases over 1B parameters, else 0)")
     ap.add_argument("--model", default=None, help="base model path (default: the run's)")
     ap.add_argument("--step", type=int, default=None)
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the run's)")
@@ -123,9 +124,9 @@ def main(argv=None):
                                                        "lists or 'all' (quadratic), e.g. 'all;0;0,4'")
     ap.add_argument("--out_dir", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name tag (default: <date>_<device>)")
-    ap.add_argument("--merged", action="store_true",
+    ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                     help="the merged decoding layout (layout.prepare): one matmul per projection, twice the adapted "
-                         "kernels' bytes")
+                         "kernels' bytes (default: for bases of at most 1B parameters)")
     ap.add_argument("--trace_dir", default=None, help="also profile one batch-1 generation per method: GPU "
                                                       "kernels per model call and their time by kind")
     args = ap.parse_args(argv)
@@ -207,7 +208,8 @@ def main(argv=None):
     source = f"random weights at the shapes of {args.random}" if args.random else args.model or "the run's base"
     report = {"device": kind, "jax": jax.__version__, "commit": commit, "adapter": args.adapter or "random",
               "model": source, "domains": domains, "dtype": str(np.dtype(model.dtype)), "k": k,
-              "draft_vocab": args.draft_vocab or None, "layout": "merged" if args.merged else "A columns",
+              "draft_vocab": len(params["draft_vocab"]) if "draft_vocab" in params else None,
+              "layout": layout_name(model),
               "max_new_tokens": n, "prompts": args.prompts, "per_domain": args.per_domain,
               "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])), "results": results,
               "profile": profile}

@@ -13,7 +13,9 @@ import pytest
 
 from mtp_jax.decoding import speculative
 from mtp_jax.decoding.cache import init_cache
-from mtp_jax.decoding.layout import adapters_into_base, is_prepared, merge_adapters, plain_of, prepare
+from mtp_jax.decoding import layout
+from mtp_jax.decoding.layout import (adapters_into_base, is_prepared, layout_name, merge_adapters, plain_of,
+                                    prepare)
 from mtp_jax.decoding.model import DecodeLayer, MergedDecodeLayer
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.sampling import Sampling
@@ -157,3 +159,16 @@ def test_merged_layout_decodes_as_plain_greedy_with_the_same_drafts(setup):
     np.testing.assert_array_equal(res.accepted, ref.accepted)
     assert res.accepted.sum() > 0, "no draft accepted: the drafts are not compared"
     assert generate(*plain_of(merged_model, merged_params), prompts, 12, [-1]) == free
+
+
+def test_prepare_picks_the_merged_layout_for_small_bases(setup, monkeypatch):
+    """merged=None: merged for a base of at most SMALL_BASE_PARAMS parameters, A columns above; the
+    A-columns layout is prepare's default and is kept for a model already prepared."""
+    model, params, _ = setup
+    n = sum(x.size for x in jax.tree.leaves(params["base"]))
+    assert layout_name(model) == "training" and layout_name(prepare(model, params)[0]) == "A columns"
+    monkeypatch.setattr(layout, "SMALL_BASE_PARAMS", n)
+    assert layout_name(prepare(model, params, merged=None)[0]) == "merged"
+    monkeypatch.setattr(layout, "SMALL_BASE_PARAMS", n - 1)
+    assert layout_name(prepare(model, params, merged=None)[0]) == "A columns"
+    assert layout_name(prepare(*prepare(model, params), merged=None)[0]) == "A columns"

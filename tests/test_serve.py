@@ -157,6 +157,30 @@ def test_drafting_vocabulary_from_the_runs_token_counts(trained, tmp_path):
         draft_vocabulary(tmp_path, 5, 100)
 
 
+def test_load_adapter_defaults_by_base_size(trained, tmp_path, monkeypatch):
+    """load_adapter's defaults: a small base decodes merged over the whole vocabulary; a large one
+    (`layout.SMALL_BASE_PARAMS` lowered below it) in A columns, drafting from the run's DRAFT_VOCAB most
+    frequent ids, or from the whole vocabulary when the run has no token counts or DRAFT_VOCAB ids
+    would not be fewer than the vocabulary's."""
+    import shutil
+
+    from mtp_jax.decoding import adapter, layout
+
+    model, params, _ = load_adapter(trained.run_dir)
+    assert layout.layout_name(model) == "merged" and "draft_vocab" not in params
+    monkeypatch.setattr(layout, "SMALL_BASE_PARAMS", 0)
+    monkeypatch.setattr(adapter, "DRAFT_VOCAB", 5)
+    model, params, _ = load_adapter(trained.run_dir)
+    assert layout.layout_name(model) == "A columns"
+    assert params["draft_vocab"].tolist() == load_adapter(trained.run_dir, draft_vocab=5)[1]["draft_vocab"].tolist()
+    without = tmp_path / "run"
+    shutil.copytree(trained.run_dir, without)
+    (without / "token_counts.npy").unlink()
+    assert "draft_vocab" not in load_adapter(without)[1]
+    monkeypatch.setattr(adapter, "DRAFT_VOCAB", model.config.vocab_size)
+    assert "draft_vocab" not in load_adapter(trained.run_dir)[1]
+
+
 def test_decoding_cli_with_a_drafting_vocabulary(trained, capsys):
     """`python -m mtp_jax.decoding --adapter RUN --draft_vocab 5` streams plain greedy decoding's text and
     says how many ids it drafted from."""

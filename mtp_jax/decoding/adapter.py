@@ -9,7 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax.decoding.layout import prepare
+from mtp_jax.decoding.layout import prepare, small_base
 from mtp_jax.decoding.speculative import with_draft_vocab
 from mtp_jax.models.config import ModelConfig
 from mtp_jax.models.llama import CausalLM
@@ -80,29 +80,37 @@ def draft_vocabulary(run_dir: Path, size: int, vocab_size: int) -> np.ndarray:
     return most_frequent(np.load(path), size, vocab_size)
 
 
+# the drafting vocabulary a large base drafts from by default (`load_adapter`, `layout.SMALL_BASE_PARAMS`)
+DRAFT_VOCAB = 32768
+
+
 def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None,
-                 draft_vocab: int = 0, merged: bool = False):
+                 draft_vocab: int | None = None, merged: bool | None = None):
     """(MTPModel, params, tokenizer with <mask>) to decode with a training run's adapters, the model and
     params in the decoding layout (`layout.prepare`, built here once).
 
     The base is the run's own (`model.path` of its config) unless `model_path` names another copy of
     it, which is checked against the run (architecture and vocabulary) first. `draft_vocab` N > 0:
     drafts come from the N token ids most frequent in the run's training responses only
-    (`speculative.with_draft_vocab`; the output stays the base model's). `merged`: the merged layout
-    (`layout.prepare`), for small models whose calls are bound by their kernel count.
+    (`speculative.with_draft_vocab`; the output stays the base model's); 0: from the whole vocabulary;
+    None: `DRAFT_VOCAB` ids for a large base (`layout.small_base`) with a larger vocabulary, where the
+    run has its token counts, else 0. `merged`: the merged layout (`layout.prepare`; None: for a small base).
     """
-    from mtp_jax.checkpoints import load_run
+    from mtp_jax.checkpoints import TOKEN_COUNTS, load_run
 
     run_dir = absolute(run_dir)
     if model_path is None:
         run = load_run(run_dir, step, dtype=dtype)
-        model, params = prepare(run.model, run.params, merged)
+        model, params = run.model, run.params
     else:
         run = load_run(run_dir, step, load_base=False, dtype=dtype)
         m = run.model
         base, config = _checked_base(run, model_path)
-        model, params = prepare(MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base},
-                                merged)
+        model, params = MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base}
+    if draft_vocab is None:
+        large = not small_base(params["base"]) and model.config.vocab_size > DRAFT_VOCAB
+        draft_vocab = DRAFT_VOCAB if large and (run_dir / TOKEN_COUNTS).is_file() else 0
+    model, params = prepare(model, params, merged)
     if draft_vocab:
         params = with_draft_vocab(model, params, draft_vocabulary(run_dir, draft_vocab, model.config.vocab_size))
     return model, params, run.tokenizer

@@ -77,9 +77,12 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of --adapter (default: latest)")
     ap.add_argument("--draft_length", type=int, default=None, help="drafts per step (default: the run's k)")
     ap.add_argument("--anchors", default=None, help="mask-block offsets, e.g. '0' (default: all of 0..k)")
-    ap.add_argument("--draft_vocab", type=int, default=0, metavar="N",
+    ap.add_argument("--draft_vocab", type=int, default=None, metavar="N",
                     help="draft from the N token ids most frequent in the run's training responses only: fewer "
-                         "bytes a call, same output (0: the whole vocabulary)")
+                         "bytes a call, same output (default: 32768 for bases over 1B parameters, else 0; 0: the whole vocabulary)")
+    ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
+                    help="the merged decoding layout: one matmul per projection, twice the adapted kernels' bytes "
+                         "(default: for bases of at most 1B parameters, whose calls are bound by their kernel count)")
     ap.add_argument("--lossy", type=float, default=None,
                     help="LOSSY, ConfAdapt-style: also accept drafts whose sampler probability is >= this where the "
                          "base model disagrees; the output is then NOT the model's greedy output (greedy only)")
@@ -94,10 +97,10 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--dtype", default=None, help="compute dtype (default float32, or the run's)")
     ap.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     args = ap.parse_args(argv)
-    if args.adapter is None and ((args.step, args.draft_length, args.anchors, args.lossy) != (None,) * 4
+    if args.adapter is None and ((args.step, args.draft_length, args.anchors, args.lossy, args.merged) != (None,) * 5
                                  or args.draft_vocab):
-        ap.error("--step, --draft_length, --anchors, --draft_vocab and --lossy need --adapter")
-    if args.draft_vocab < 0:
+        ap.error("--step, --draft_length, --anchors, --draft_vocab, --merged and --lossy need --adapter")
+    if (args.draft_vocab or 0) < 0:
         ap.error("--draft_vocab must be >= 0")
     if args.batch_size < 1:
         ap.error("--batch_size must be >= 1")
@@ -110,7 +113,8 @@ def _main(argv: list[str]) -> None:
         raise ValueError(f"prompt(s) {empty} are empty")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.adapter:
-        model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype, args.draft_vocab)
+        model, params, tokenizer = load_adapter(args.adapter, args.model, args.step, args.dtype, args.draft_vocab,
+                                                args.merged)
         config = model.config
     else:
         path = args.model or "smollm2-135m-instruct"
@@ -153,7 +157,7 @@ def _main(argv: list[str]) -> None:
     if args.adapter:
         rates = " ".join(f"{a / max(o, 1):.2f}" for a, o in zip(accepted, offered))
         line += f"; {n_tokens / max(steps, 1):.2f} tokens/step; drafts accepted by position: {rates}"
-        if args.draft_vocab:
+        if "draft_vocab" in params:
             line += f"; drafts from {len(params['draft_vocab'])} token ids"
     print(line + "]", file=sys.stderr)
 

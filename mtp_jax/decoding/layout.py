@@ -16,7 +16,8 @@ the stack, one device copy per weight per call. `prepare` therefore
 projection's kernel (`merge_adapters`, run by `decoding.model.MergedDecodeLayer`): no adapter matmul
 at all, one matmul per projection, for twice the adapted kernels' bytes. The drafts come from
 x (s A B) instead of (x A)(s B), so they may differ in the last bits; the base rows, and so the
-output, are the base model's either way.
+output, are the base model's either way. `prepare(merged=None)` picks it for small bases
+(`small_base`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ from mtp_jax.decoding.model import DecodeLayer, MergedDecodeLayer
 from mtp_jax.models.llama import CausalLM, stack_layers, unstack_layers
 from mtp_jax.models.lora import FUSED_MODULES, LoRAConfig, fuse_adapters
 from mtp_jax.mtp.model import MTPModel
+
+
+# A base of at most this many parameters decodes in the merged layout by default (`prepare(merged=None)`), a
+# larger one in A columns, drafting over a list of token ids where its run has one (`adapter.load_adapter`). A
+# batch-1 call of a small model is bound by its kernel count (SmolLM2-135M: 1.92x over plain greedy merged,
+# 1.72x in A columns, same adapter and run); an 8B model's by the bytes it reads, which the merged layout would
+# nearly double and which scoring k drafts over the whole vocabulary raises by k reads of the output matrix
+# (Qwen3-8B shapes: a layout-`0` call 1.38x a plain one, 1.21x over 32,768 ids). docs/decoding.md.
+SMALL_BASE_PARAMS = 1_000_000_000
+
+
+def small_base(base: Any) -> bool:
+    """Whether the base parameter tree `base` (any layout) is small in the sense of `SMALL_BASE_PARAMS`."""
+    return sum(x.size for x in jax.tree.leaves(base)) <= SMALL_BASE_PARAMS
 
 
 def is_prepared(model: CausalLM | MTPModel) -> bool:
@@ -93,9 +108,18 @@ def _cast(tree: Any, dtype) -> Any:
                         tree)
 
 
-def prepare(model: CausalLM | MTPModel, params: Any, merged: bool = False) -> tuple[CausalLM | MTPModel, Any]:
+def layout_name(model: CausalLM | MTPModel) -> str:
+    """Which layout `model` decodes in: "merged", "A columns" or "training" (not prepared)."""
+    if not is_prepared(model):
+        return "training"
+    return "merged" if isinstance(model, MTPModel) and model.layer is MergedDecodeLayer else "A columns"
+
+
+def prepare(model: CausalLM | MTPModel, params: Any, merged: bool | None = False
+            ) -> tuple[CausalLM | MTPModel, Any]:
     """(model, params) in the decoding layout (module docstring; `merged`: the merged one, for an
-    MTPModel); a no-op on a model already in a decoding layout.
+    MTPModel; None: merged for a small base, `small_base`); a no-op on a model
+    already in a decoding layout.
 
     model: a CausalLM (params: its base tree, or {"params": tree}) or an MTPModel (params: the flat
     dict {base, lora, sampler, mask_embedding} of `mtp.objective.init_params` / `checkpoints.load_run`).
@@ -107,6 +131,8 @@ def prepare(model: CausalLM | MTPModel, params: Any, merged: bool = False) -> tu
             raise ValueError("prepare(merged=True): the model is already in the A-columns decoding layout; prepare "
                              "the merged one from the training layout (the run's params)")
         return model, params
+    if merged is None:
+        merged = isinstance(model, MTPModel) and small_base(params["base"])
     n = model.config.num_layers
     stacked = lambda tree: tree if "layers" in tree["model"] else stack_layers(tree, n)
     if isinstance(model, MTPModel) and merged:

@@ -25,13 +25,14 @@ from mtp_jax.paths import absolute, absolute_if_local
 def build_app(adapter, model: str | None = None, step: int | None = None, dtype: str | None = None,
               max_batch: int = 8, batch_wait_s: float = 0.002, default_max_tokens: int = 256,
               model_id: str | None = None, decoding: str = "speculative", precompile: int = 0,
-              batch_sizes: Sequence[int] | None = None, calls_per_read: int = 1, draft_vocab: int = 0):
+              batch_sizes: Sequence[int] | None = None, calls_per_read: int = 1, draft_vocab: int | None = None):
     """The FastAPI app serving the run at `adapter` (loaded here; the decoding layout built once):
     `decoding` "speculative" with its drafts, or "plain" with its base model alone. `precompile` > 0:
     compile every batch size's programs for greedy prompts up to that many tokens first
     (`Batcher.warm_up`). `batch_sizes`: the row counts batches pad to (`batcher.batch_sizes_of`);
     `calls_per_read`: model calls between two reads of their tokens (`Batcher`). `draft_vocab` N > 0
-    (speculative): drafts from the run's N most frequent response tokens only (`adapter.load_adapter`)."""
+    (speculative): drafts from the run's N most frequent response tokens only; None: `adapter.load_adapter`'s
+    default."""
     from mtp_jax.decoding.adapter import load_adapter, load_base
     from mtp_jax.decoding.request import eos_ids_of, pad_id_of
     from mtp_jax.serve.app import create_app
@@ -61,9 +62,9 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--adapter", required=True, type=absolute, help="training run dir whose MTP drafts decode")
     ap.add_argument("--decoding", choices=("speculative", "plain"), default="speculative",
                     help="speculative (the run's drafts) or plain (its base model alone, the baseline)")
-    ap.add_argument("--draft_vocab", type=int, default=0, metavar="N",
+    ap.add_argument("--draft_vocab", type=int, default=None, metavar="N",
                     help="speculative: draft from the N token ids most frequent in the run's training responses "
-                         "only: fewer bytes a call, same output (0: the whole vocabulary)")
+                         "only: fewer bytes a call, same output (default: 32768 for bases over 1B parameters, else 0; 0: the whole vocabulary)")
     ap.add_argument("--model", default=None, type=absolute_if_local,
                     help="another copy of the run's base model (HF dir, .gguf, alias or hub id; default: the run's)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of --adapter (default: latest)")
@@ -88,7 +89,7 @@ def _main(argv: list[str]) -> None:
                     help="JAX's persistent compilation cache dir: a restarted server loads its programs from it")
     args = ap.parse_args(argv)
     if min(args.max_batch, args.max_tokens, args.calls_per_read) < 1 or min(args.batch_wait_ms, args.precompile,
-                                                                            args.draft_vocab) < 0:
+                                                                            args.draft_vocab or 0) < 0:
         ap.error("--max_batch, --max_tokens and --calls_per_read must be >= 1, --batch_wait_ms, --precompile and "
                  "--draft_vocab >= 0")
     if args.draft_vocab and args.decoding == "plain":
