@@ -11,7 +11,7 @@
 set -euo pipefail
 model=${1:-smollm2-135m-instruct}
 work=${2:-runs/smollm2_gpu}
-steps=${3:-2000}
+steps=${3:-3000}
 stages=${4:-data,train,bench}
 prompts=mtp_jax/data/prompts
 mkdir -p "$work"
