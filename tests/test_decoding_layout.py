@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax.decoding import speculative
+from mtp_jax.decoding import layout, speculative
 from mtp_jax.decoding.cache import init_cache
-from mtp_jax.decoding import layout
 from mtp_jax.decoding.layout import (adapters_into_base, is_prepared, layout_name, merge_adapters, plain_of,
                                     prepare)
 from mtp_jax.decoding.model import DecodeLayer, MergedDecodeLayer

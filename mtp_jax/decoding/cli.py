@@ -79,7 +79,8 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--anchors", default=None, help="mask-block offsets, e.g. '0' (default: all of 0..k)")
     ap.add_argument("--draft_vocab", type=int, default=None, metavar="N",
                     help="draft from the N token ids most frequent in the run's training responses only: fewer "
-                         "bytes a call, same output (default: 32768 for bases over 1B parameters, else 0; 0: the whole vocabulary)")
+                         "bytes a call, same output (default: 32768 for bases over 1B parameters, else 0; 0: the "
+                         "whole vocabulary)")
     ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                     help="the merged decoding layout: one matmul per projection, twice the adapted kernels' bytes "
                          "(default: for bases of at most 1B parameters, whose calls are bound by their kernel count)")
