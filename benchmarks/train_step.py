@@ -75,10 +75,11 @@ def kernel_events(trace_dir: str):
                 yield event.name, event.duration_ns * 1e-9
 
 
-def kernel_stats(trace_dir: str, top: int = 40) -> tuple[dict[str, float], dict[str, int], dict[str, tuple]]:
+def kernel_stats(trace_dir: str, top: int = 40, by_time: bool = False
+                 ) -> tuple[dict[str, float], dict[str, int], dict[str, tuple]]:
     """From one read of the newest trace under `trace_dir` (empty without a GPU): GPU kernel seconds and
-    kernel counts by kind, and the `top` most frequent kernels, most frequent first: name without its
-    numeric suffixes -> (count, seconds)."""
+    kernel counts by kind, and the `top` kernels by count (`by_time`: by seconds), largest first: name
+    without its numeric suffixes -> (count, seconds)."""
     seconds, counts, names = defaultdict(float), defaultdict(int), defaultdict(lambda: [0, 0.0])
     for name, s in kernel_events(trace_dir):
         kind = next(k for k, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))
@@ -86,7 +87,7 @@ def kernel_stats(trace_dir: str, top: int = 40) -> tuple[dict[str, float], dict[
         counts[kind] += 1
         entry = names[re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", name))[:60]]
         entry[0], entry[1] = entry[0] + 1, entry[1] + s
-    ranked = sorted(names.items(), key=lambda kv: -kv[1][0])[:top]
+    ranked = sorted(names.items(), key=lambda kv: -kv[1][1] if by_time else -kv[1][0])[:top]
     return dict(seconds), dict(counts), {name: (c, t) for name, (c, t) in ranked}
 
 
@@ -253,7 +254,7 @@ def measure_model(args, path: str, peak: float | None) -> list[dict]:
                         "mask stream (fwd+bwd)": row["loss_and_grads"]["time_s"] - row["regular_stream"]["time_s"],
                         "optimizer": row["time_s"] - row["loss_and_grads"]["time_s"]}
             if row["time_s"] and args.trace_dir:  # measure() traced one run of the step
-                row["kernels_s"], _, top = kernel_stats(args.trace_dir, top=30)
+                row["kernels_s"], _, top = kernel_stats(args.trace_dir, top=40, by_time=True)
                 row["top_kernels"] = {name: [c, round(t, 4)] for name, (c, t) in top.items()}  # [count, seconds]
             if data != "one_example":
                 row["baseline"] = {"time_s": None, "error": "one example a row only"}
