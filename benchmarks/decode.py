@@ -497,7 +497,8 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | error: {r['error'][:60]} | | | | | | |")
             continue
-        same = [x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"] and "error" not in x]
+        same = [x for x in rows if (x["model"], x["batch"], x.get("part")) == (r["model"], r["batch"], r.get("part"))
+                and "error" not in x]
         plain = next((x for x in same if x["method"] == "plain"), None)
         hf = next((x for x in same if x["method"] == "hf_generate"), None)
         hf_c = next((x for x in same if x["method"] == "hf_generate_compiled"), None)
@@ -715,20 +716,22 @@ def report_of(args, argv, device: str, t_start: float, state: dict, models: dict
 
 
 def merge(paths: list[str], out: str | None) -> None:
-    """One report from the reports of runs split with --only / --batches: rows and models joined, the
-    first exactness and distill found; the copy bandwidth and commit of each part are kept."""
+    """One report from the reports of runs split with --only / --batches (or of several leases): rows and
+    models joined, each row naming its part (an index into `parts`: `table` compares rows of one part
+    only), the first exactness and distill found; the copy bandwidth and commit of each part are kept."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     devices = {p["device"] for p in parts}
     if len(devices) > 1:
         raise SystemExit(f"--merge: reports from different devices {sorted(devices)}; timings do not compare")
     first = parts[0]
-    report = {**first, "rows": [r for p in parts for r in p["rows"]],
+    report = {**first, "rows": [{**r, "part": i} for i, p in enumerate(parts) for r in p["rows"]],
               "models": {k: v for p in parts for k, v in p["models"].items()},
               "exactness": next((p["exactness"] for p in parts if p.get("exactness")), None),
               "distill": next((p["distill"] for p in parts if p.get("distill")), None),
               "skipped": [s for p in parts for s in p.get("skipped", [])],
-              "parts": [{"file": path, "commit": p["commit"], "command": p["command"], "seconds": p["seconds"],
-                         "copy_bandwidth_bytes_per_s": p["copy_bandwidth_bytes_per_s"]}
+              "parts": [{"file": path, "commit": p["commit"], "command": p.get("command"), "seconds": p["seconds"],
+                         "copy_bandwidth_bytes_per_s": p["copy_bandwidth_bytes_per_s"],
+                         **({"parts": p["parts"]} if "parts" in p else {})}  # a merged report's own parts
                         for path, p in zip(paths, parts)],
               "commit": ",".join(dict.fromkeys(p["commit"] for p in parts))}
     target = Path(out) if out else ROOT / "benchmarks" / "results" / f"decode_{first['date']}_merged.json"
