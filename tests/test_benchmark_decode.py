@@ -17,26 +17,22 @@ def decode(*args, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
-def test_smoke_runs_write_the_issue_rows_and_merge(tmp_path):
-    """Two split runs (batches 2 and 3, then 2 again) and their merge: every row has the issue's fields; the
-    merged report holds each run's rows, each naming its run (part), and each run's file."""
-    first, second, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "merged.json"
-    common = ["--smoke", "--only", "qwen3-8b", "--no_exactness", "--no_hf"]
-    decode(*common, "--batches", "2,3", "--out", str(first), cwd=tmp_path)
-    decode(*common, "--batches", "2", "--out", str(second), cwd=tmp_path)
-    reports = [json.loads(p.read_text()) for p in (first, second)]
-    for report in reports:
-        assert {"device", "commit", "rows", "exactness"} <= set(report) and report["complete"]
-        for row in report["rows"]:
-            assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
-            assert row["floor_ms"] > 0 and (row["below_noise"] or min(row["ms_per_call"], row["tokens_per_s"]) > 0), row
-        assert report["models"]["qwen3-8b"]["layout"] == "merged"  # smoke shapes: a small base
-    measured = sorted((r["batch"], r["method"]) for r in reports[0]["rows"])
-    assert measured == sorted((b, m) for b in (2, 3) for m in METHODS), measured
-    decode("--merge", str(first), str(second), "--out", str(merged), cwd=tmp_path)
-    report = json.loads(merged.read_text())
-    assert report["rows"] == [{**r, "part": i} for i, rep in enumerate(reports) for r in rep["rows"]]
-    assert [p["file"] for p in report["parts"]] == [str(first), str(second)]
+def test_smoke_run_writes_the_issue_rows_and_merges(tmp_path):
+    """A smoke run and the merge of its report with itself: every row has the issue's fields; the merged
+    report holds each part's rows, each naming its part, and each part's file."""
+    first, merged = tmp_path / "a.json", tmp_path / "merged.json"
+    decode("--smoke", "--only", "qwen3-8b", "--no_exactness", "--no_hf", "--out", str(first), cwd=tmp_path)
+    report = json.loads(first.read_text())
+    assert {"device", "commit", "rows", "exactness"} <= set(report) and report["complete"]
+    assert sorted(r["method"] for r in report["rows"]) == sorted(METHODS)
+    for row in report["rows"]:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["floor_ms"] > 0 and (row["below_noise"] or min(row["ms_per_call"], row["tokens_per_s"]) > 0), row
+    assert report["models"]["qwen3-8b"]["layout"] == "merged"  # smoke shapes: a small base
+    decode("--merge", str(first), str(first), "--out", str(merged), cwd=tmp_path)
+    both = json.loads(merged.read_text())
+    assert both["rows"] == [{**r, "part": i} for i in (0, 1) for r in report["rows"]]
+    assert [p["file"] for p in both["parts"]] == [str(first)] * 2
 
 
 def test_table_compares_rows_of_one_part():
