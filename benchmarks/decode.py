@@ -82,7 +82,7 @@ SMOKE_SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 # ---------------------------------------------------------------------------------------------------
 # The decoding API, in one place.
 # ---------------------------------------------------------------------------------------------------
-from mtp_jax.decoding.adapter import load_adapter  # noqa: E402
+from mtp_jax.decoding.adapter import MERGED_DEFAULT, load_adapter  # noqa: E402
 from mtp_jax.decoding.cli import compile_seconds  # noqa: E402
 from mtp_jax.decoding.exactness import NEAR_TIE_ULPS, divergence  # noqa: E402
 from mtp_jax.decoding.layout import layout_name, plain_of, prepare  # noqa: E402
@@ -552,7 +552,7 @@ def main(argv=None):
     ap.add_argument("--smollm2", default="smollm2-135m-instruct", help="SmolLM2 weights: HF dir, .gguf or alias")
     ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                     help="speculative rows in the merged decoding layout (layout.prepare: no adapter matmul, twice "
-                         "the adapted kernels' bytes; default: for bases of at most 1B parameters)")
+                         f"the adapted kernels' bytes; default: {MERGED_DEFAULT})")
     ap.add_argument("--no_hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--peer_only", action="store_true", help=argparse.SUPPRESS)  # the child of `peer_in_child`
     ap.add_argument("--no_exactness", action="store_true")

@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mtp_jax.decoding.adapter import load_adapter
+from mtp_jax.decoding.adapter import DRAFT_VOCAB_DEFAULT, MERGED_DEFAULT, load_adapter
 from mtp_jax.decoding.cli import compile_seconds
 from mtp_jax.decoding.layout import layout_name, plain_of, prepare
 from mtp_jax.decoding.plain import generate
@@ -112,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=4, help="drafts per step with --random")
     ap.add_argument("--draft_vocab", type=int, default=None, metavar="N",
                     help="with --adapter: drafts from the run's N most frequent response tokens (load_adapter; "
-                         "default: 32768 for bases over 1B parameters, else 0)")
+                         f"default: {DRAFT_VOCAB_DEFAULT})")
     ap.add_argument("--model", default=None, help="base model path (default: the run's)")
     ap.add_argument("--step", type=int, default=None)
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the run's)")
@@ -126,7 +126,7 @@ def main(argv=None):
     ap.add_argument("--tag", default=None, help="file name tag (default: <date>_<device>)")
     ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                     help="the merged decoding layout (layout.prepare): one matmul per projection, twice the adapted "
-                         "kernels' bytes (default: for bases of at most 1B parameters)")
+                         f"kernels' bytes (default: {MERGED_DEFAULT})")
     ap.add_argument("--trace_dir", default=None, help="also profile one batch-1 generation per method: GPU "
                                                       "kernels per model call and their time by kind")
     args = ap.parse_args(argv)

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax.decoding.layout import prepare, small_base
+from mtp_jax.decoding.layout import SMALL_BASE_PARAMS, prepare, small_base
 from mtp_jax.decoding.speculative import with_draft_vocab
 from mtp_jax.models.config import ModelConfig
 from mtp_jax.models.llama import CausalLM
@@ -82,6 +82,9 @@ def draft_vocabulary(run_dir: Path, size: int, vocab_size: int) -> np.ndarray:
 
 # the drafting vocabulary a large base drafts from by default (`load_adapter`, `layout.SMALL_BASE_PARAMS`)
 DRAFT_VOCAB = 32768
+# `load_adapter`'s defaults in the words of the CLIs' help
+DRAFT_VOCAB_DEFAULT = f"{DRAFT_VOCAB} for bases over {SMALL_BASE_PARAMS / 1e9:g}B parameters, else 0"
+MERGED_DEFAULT = f"for bases of at most {SMALL_BASE_PARAMS / 1e9:g}B parameters"
 
 
 def load_adapter(run_dir, model_path: str | None = None, step: int | None = None, dtype: str | None = None,
@@ -107,10 +110,11 @@ def load_adapter(run_dir, model_path: str | None = None, step: int | None = None
         m = run.model
         base, config = _checked_base(run, model_path)
         model, params = MTPModel(config, m.lora, m.mtp, m.dtype, m.param_dtype), {**run.params, "base": base}
+    small = small_base(params["base"])
     if draft_vocab is None:
-        large = not small_base(params["base"]) and model.config.vocab_size > DRAFT_VOCAB
-        draft_vocab = DRAFT_VOCAB if large and (run_dir / TOKEN_COUNTS).is_file() else 0
-    model, params = prepare(model, params, merged)
+        large_vocab = model.config.vocab_size > DRAFT_VOCAB
+        draft_vocab = DRAFT_VOCAB if not small and large_vocab and (run_dir / TOKEN_COUNTS).is_file() else 0
+    model, params = prepare(model, params, small if merged is None else merged)
     if draft_vocab:
         params = with_draft_vocab(model, params, draft_vocabulary(run_dir, draft_vocab, model.config.vocab_size))
     return model, params, run.tokenizer

@@ -21,7 +21,7 @@ import jax
 from mtp_jax import cli
 from mtp_jax.checkpoints import CheckpointError
 from mtp_jax.data.readers import read_records
-from mtp_jax.decoding.adapter import load_adapter
+from mtp_jax.decoding.adapter import DRAFT_VOCAB_DEFAULT, MERGED_DEFAULT, load_adapter
 from mtp_jax.decoding.layout import prepare
 from mtp_jax.decoding.plain import generate
 from mtp_jax.decoding.request import encode_prompt, eos_ids_of, pad_id_of
@@ -79,11 +79,10 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--anchors", default=None, help="mask-block offsets, e.g. '0' (default: all of 0..k)")
     ap.add_argument("--draft_vocab", type=int, default=None, metavar="N",
                     help="draft from the N token ids most frequent in the run's training responses only: fewer "
-                         "bytes a call, same output (default: 32768 for bases over 1B parameters, else 0; 0: the "
-                         "whole vocabulary)")
+                         f"bytes a call, same output (default: {DRAFT_VOCAB_DEFAULT}; 0: the whole vocabulary)")
     ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                     help="the merged decoding layout: one matmul per projection, twice the adapted kernels' bytes "
-                         "(default: for bases of at most 1B parameters, whose calls are bound by their kernel count)")
+                         f"(default: {MERGED_DEFAULT}, whose calls are bound by their kernel count)")
     ap.add_argument("--lossy", type=float, default=None,
                     help="LOSSY, ConfAdapt-style: also accept drafts whose sampler probability is >= this where the "
                          "base model disagrees; the output is then NOT the model's greedy output (greedy only)")

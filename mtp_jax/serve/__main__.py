@@ -57,6 +57,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _main(argv: list[str]) -> None:
+    from mtp_jax.decoding.adapter import DRAFT_VOCAB_DEFAULT
+
     ap = argparse.ArgumentParser(prog="python -m mtp_jax.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", required=True, type=absolute, help="training run dir whose MTP drafts decode")
@@ -64,8 +66,8 @@ def _main(argv: list[str]) -> None:
                     help="speculative (the run's drafts) or plain (its base model alone, the baseline)")
     ap.add_argument("--draft_vocab", type=int, default=None, metavar="N",
                     help="speculative: draft from the N token ids most frequent in the run's training responses "
-                         "only: fewer bytes a call, same output (default: 32768 for bases over 1B parameters, else "
-                         "0; 0: the whole vocabulary)")
+                         f"only: fewer bytes a call, same output (default: {DRAFT_VOCAB_DEFAULT}; 0: the whole "
+                         "vocabulary)")
     ap.add_argument("--model", default=None, type=absolute_if_local,
                     help="another copy of the run's base model (HF dir, .gguf, alias or hub id; default: the run's)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of --adapter (default: latest)")
