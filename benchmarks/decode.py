@@ -717,14 +717,16 @@ def report_of(args, argv, device: str, t_start: float, state: dict, models: dict
 
 def merge(paths: list[str], out: str | None) -> None:
     """One report from the reports of runs split with --only / --batches (or of several leases): rows and
-    models joined, each row naming its part (an index into `parts`: `table` compares rows of one part
-    only), the first exactness and distill found; the copy bandwidth and commit of each part are kept."""
+    models joined, each row naming its part (an index into `parts`; "i.j" for part j of a merged report at
+    index i: `table` compares rows of one part only), the first exactness and distill found; the copy
+    bandwidth and commit of each part are kept."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     devices = {p["device"] for p in parts}
     if len(devices) > 1:
         raise SystemExit(f"--merge: reports from different devices {sorted(devices)}; timings do not compare")
     first = parts[0]
-    report = {**first, "rows": [{**r, "part": i} for i, p in enumerate(parts) for r in p["rows"]],
+    report = {**first, "rows": [{**r, "part": f"{i}.{r['part']}" if "part" in r else i}
+                                for i, p in enumerate(parts) for r in p["rows"]],
               "models": {k: v for p in parts for k, v in p["models"].items()},
               "exactness": next((p["exactness"] for p in parts if p.get("exactness")), None),
               "distill": next((p["distill"] for p in parts if p.get("distill")), None),

@@ -19,7 +19,7 @@ def decode(*args, cwd):
 
 def test_smoke_run_writes_the_issue_rows_and_merges(tmp_path):
     """A smoke run and the merge of its report with itself: every row has the issue's fields; the merged
-    report holds each part's rows, each naming its part, and each part's file."""
+    report holds each part's rows, each naming its part, and each part's file; merged again, the parts nest."""
     first, merged = tmp_path / "a.json", tmp_path / "merged.json"
     decode("--smoke", "--only", "qwen3-8b", "--no_exactness", "--no_hf", "--out", str(first), cwd=tmp_path)
     report = json.loads(first.read_text())
@@ -33,6 +33,11 @@ def test_smoke_run_writes_the_issue_rows_and_merges(tmp_path):
     both = json.loads(merged.read_text())
     assert both["rows"] == [{**r, "part": i} for i in (0, 1) for r in report["rows"]]
     assert [p["file"] for p in both["parts"]] == [str(first)] * 2
+    decode("--merge", str(merged), str(first), "--out", str(merged), cwd=tmp_path)  # a merged report merged again
+    nested = json.loads(merged.read_text())
+    assert [r["part"] for r in nested["rows"]] == [f"0.{i}" for i in (0, 1) for _ in report["rows"]] + [1] * len(
+        report["rows"])
+    assert [p["file"] for p in nested["parts"][0]["parts"]] == [str(first)] * 2
 
 
 def test_table_compares_rows_of_one_part():
