@@ -13,6 +13,7 @@ import argparse
 import functools
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,8 @@ from mtp_jax.models.loading import abstract_params
 from mtp_jax.mtp.model import MTPConfig, MTPModel
 from mtp_jax.mtp.objective import init_params, loss_and_grads, split_params, training_layout
 from _report import environment, fmt, header, ratio, write_json
+
+OPTIMIZED_HLO = "optimized_hlo.txt"  # measure()'s optimized program, beside its trace
 
 
 def random_base(model: CausalLM, seed: int = 0):
@@ -102,7 +105,8 @@ def _peak_gib(mem) -> float | None:
 
 def measure(fn, *args, reps=3, trace_dir=None, compile_only=False):
     """Compile once, time `reps` runs after a warm-up (reps 0: time the warm-up itself, for steps of minutes);
-    with `trace_dir`, one more run under jax.profiler; with `compile_only` (args may be abstract), no run.
+    with `trace_dir`, one more run under jax.profiler and the optimized HLO beside it (`OPTIMIZED_HLO`); with
+    `compile_only` (args may be abstract), no run.
     `fn` returns the loss first (reported, a sanity check that the step computed something finite)."""
     try:
         t0 = time.perf_counter()
@@ -124,6 +128,8 @@ def measure(fn, *args, reps=3, trace_dir=None, compile_only=False):
         if trace_dir:
             with jax.profiler.trace(trace_dir):
                 jax.block_until_ready(compiled(*args))
+            # the optimized program, whose instruction names are the trace's kernel names (their sources)
+            Path(trace_dir, OPTIMIZED_HLO).write_text(compiled.as_text())
         return {"time_s": float(np.median(runs)), **times, "loss": loss}
     except Exception as e:  # XLA reports OOM as a runtime error
         msg = str(e).splitlines()[0][:160]

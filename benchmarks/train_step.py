@@ -32,6 +32,7 @@ import glob
 import json
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ from mtp_jax.train.config import OptimConfig
 from mtp_jax.train.step import make_optimizer, train_step
 from _report import environment, fmt, header, ratio, write_json
 from mtp_step import interleaved_layout, interleaved_loss, make_batch, random_base
-from mtp_step import measure as measure_fn
+from mtp_step import OPTIMIZED_HLO, measure as measure_fn
 
 DATA = ("one_example", "packed_mix")
 # --smoke: a tiny Llama, rows of 64 tokens, the mix scaled down to fit them, no breakdown (compiles are most of it)
@@ -89,6 +90,53 @@ def kernel_stats(trace_dir: str, top: int = 40, by_time: bool = False
         entry[0], entry[1] = entry[0] + 1, entry[1] + s
     ranked = sorted(names.items(), key=lambda kv: -kv[1][1] if by_time else -kv[1][0])[:top]
     return dict(seconds), dict(counts), {name: (c, t) for name, (c, t) in ranked}
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> "file:line function" of the JAX code that emitted it (the innermost stack frame),
+    from an optimized HLO module's text (`compiled.as_text()`); each name also in the spelling GPU kernels
+    take ('.' -> '_'), so a trace's fusion kernels find their source."""
+    tables = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
+    section, frames = None, {}
+    for line in hlo_text.splitlines():
+        if line in tables:
+            section = tables[line]
+            continue
+        if section is not None:
+            m = re.match(r"(\d+) (.*)", line)
+            if m:
+                section[int(m.group(1))] = m.group(2)
+                continue
+            section = None
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*\bstack_frame_id=(\d+)", line)
+        if m:
+            frames[m.group(1)] = int(m.group(2))
+
+    def field(entry: str, key: str) -> int:
+        return int(re.search(rf"\b{key}=(\d+)", entry).group(1))
+
+    def where(frame: int) -> str:
+        loc = tables["FileLocations"][field(tables["StackFrames"][frame], "file_location_id")]
+        path = tables["FileNames"][field(loc, "file_name_id")].strip('"').split("/")[-1]
+        function = tables["FunctionNames"][field(loc, "function_name_id")].strip('"')
+        return f"{path}:{field(loc, 'line')} {function}"
+
+    sources = {}
+    for name, frame in frames.items():
+        sources[name] = sources[name.replace(".", "_")] = where(frame)
+    return sources
+
+
+def kernel_sources(trace_dir: str, top: int = 40) -> dict[str, tuple[int, float]]:
+    """The `top` sources of GPU kernel time in the newest trace under `trace_dir`, largest first: a fusion
+    kernel counts for the JAX line that emitted it (`hlo_sources` of the optimized HLO `measure` wrote beside
+    the trace), a library kernel (cuBLAS, cuDNN, Triton) for its name. -> (count, seconds)."""
+    sources = hlo_sources(Path(trace_dir, OPTIMIZED_HLO).read_text())
+    totals = defaultdict(lambda: [0, 0.0])
+    for name, s in kernel_events(trace_dir):
+        entry = totals[sources.get(name) or re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", name))[:60]]
+        entry[0], entry[1] = entry[0] + 1, entry[1] + s
+    return {key: (c, t) for key, (c, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]}
 
 
 def packed_mix(length: int, vocab: int, rows: int = 1, seed: int = 0, median: float = 600.0, p95: float = 4000.0,
@@ -256,6 +304,7 @@ def measure_model(args, path: str, peak: float | None) -> list[dict]:
             if row["time_s"] and args.trace_dir:  # measure() traced one run of the step
                 row["kernels_s"], _, top = kernel_stats(args.trace_dir, top=40, by_time=True)
                 row["top_kernels"] = {name: [c, round(t, 4)] for name, (c, t) in top.items()}  # [count, seconds]
+                row["top_sources"] = {key: [c, round(t, 4)] for key, (c, t) in kernel_sources(args.trace_dir).items()}
             if data != "one_example":
                 row["baseline"] = {"time_s": None, "error": "one example a row only"}
             elif total > args.baseline_max:

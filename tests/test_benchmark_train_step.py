@@ -6,14 +6,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_step import packed_mix  # noqa: E402
+from train_step import hlo_sources, packed_mix  # noqa: E402
 
 ROW_KEYS = {"model", "regular_tokens", "data", "time_s", "tokens_per_s", "mfu", "peak_gib", "compile_s"}
+
+
+def _two_ops(x):
+    y = jnp.sin(x) * 3.0
+    return jnp.sum(y @ x.T, axis=0)
+
+
+def test_hlo_sources_name_the_line_of_each_instruction():
+    """Every instruction of an optimized program maps to the line of this file that emitted it, under its
+    HLO name and its kernel spelling: the sine to `_two_ops`' first line, the dot to its second."""
+    text = jax.jit(_two_ops).lower(jnp.ones((8, 8))).compile().as_text()
+    sources = hlo_sources(text)
+    first = _two_ops.__code__.co_firstlineno
+    line_of = lambda op: next(sources[n] for n in sources if n.startswith(op))  # noqa: E731
+    assert line_of("sin") == f"test_benchmark_train_step.py:{first + 1} _two_ops", sources
+    assert line_of("dot") == f"test_benchmark_train_step.py:{first + 2} _two_ops", sources
+    dotted = [n for n in sources if "." in n]
+    assert dotted and all(sources[n.replace(".", "_")] == sources[n] for n in dotted)
 
 
 def test_packed_mix_draws_the_stated_lengths():
