@@ -16,7 +16,8 @@ with float32 trainables over the bf16 base (`--trainable_dtype`, as the 8B confi
 - breakdown by subtraction of separately compiled programs: the regular stream alone (forward under
   stop_gradient), loss+grads (regular + mask stream forward/backward), and the optimizer = step -
   loss+grads; and, with --trace_dir, GPU kernel time by kind (matmul, attention, soft-CE kernel,
-  other fusions) read from a `jax.profiler` trace of one more run of the step's timed executable;
+  other fusions), by source line (`top_sources`) and the time the GPU ran no kernel (`gpu_idle_s`),
+  read from a `jax.profiler` trace of one more run of the step's timed executable;
 - `baseline` (one_example rows): the same step written the straightforward way (interleaved sequence,
   dense mask, XLA softmax CE: `benchmarks/mtp_step.py`'s `interleaved_loss`) with the same optimizer, up
   to --baseline_max; every figure is printed as a ratio against it.
@@ -63,8 +64,9 @@ KINDS = (("attention", r"fmha|flash|cudnn|attention|sdpa"), ("soft-CE kernel", r
          ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|dot"), ("other (fusions, copies)", r""))
 
 
-def kernel_events(trace_dir: str):
-    """(name, seconds) of every GPU kernel in the newest trace under `trace_dir` (none without a GPU)."""
+def kernel_events(trace_dir: str, intervals: bool = False):
+    """(name, seconds) of every GPU kernel in the newest trace under `trace_dir` (none without a GPU);
+    `intervals`: (name, start_s, end_s) instead."""
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
     for plane in ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:GPU"):
@@ -73,7 +75,24 @@ def kernel_events(trace_dir: str):
             if not line.name.startswith("Stream"):  # kernel launches; "XLA Ops"/"XLA Modules" would double count
                 continue
             for event in line.events:
-                yield event.name, event.duration_ns * 1e-9
+                if intervals:
+                    yield event.name, event.start_ns * 1e-9, event.end_ns * 1e-9
+                else:
+                    yield event.name, event.duration_ns * 1e-9
+
+
+def busy_and_span(intervals) -> tuple[float, float]:
+    """(time some kernel runs, first start to last end) of (start, end) intervals from any streams: the
+    span less the busy time is when the GPU ran nothing (waiting on the host, a sync or a launch)."""
+    busy, reach, first = 0.0, None, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            busy += end - start
+            reach, first = end, start if first is None else first
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    return busy, (reach - first if reach is not None else 0.0)
 
 
 def kernel_stats(trace_dir: str, top: int = 40, by_time: bool = False
@@ -305,6 +324,8 @@ def measure_model(args, path: str, peak: float | None) -> list[dict]:
                 row["kernels_s"], _, top = kernel_stats(args.trace_dir, top=40, by_time=True)
                 row["top_kernels"] = {name: [c, round(t, 4)] for name, (c, t) in top.items()}  # [count, seconds]
                 row["top_sources"] = {key: [c, round(t, 4)] for key, (c, t) in kernel_sources(args.trace_dir).items()}
+                busy, span = busy_and_span((a, b) for _, a, b in kernel_events(args.trace_dir, intervals=True))
+                row["gpu_busy_s"], row["gpu_idle_s"] = busy, span - busy  # idle: between the step's kernels
             if data != "one_example":
                 row["baseline"] = {"time_s": None, "error": "one example a row only"}
             elif total > args.baseline_max:
@@ -330,7 +351,8 @@ def print_table(env: dict, args, rows: list[dict]) -> None:
         sp, mem = ratio(b.get("time_s"), r["time_s"]), ratio(r["peak_gib"], b.get("peak_gib"))
         parts = " ".join(f"{k} {v:.3f}s" for k, v in {"compile": r["compile_s"], "of it lowering": r["lower_s"],
                                                        **r.get("breakdown_s", {}),
-                                                       **r.get("kernels_s", {})}.items() if v is not None)
+                                                       **r.get("kernels_s", {}),
+                                                       "GPU idle": r.get("gpu_idle_s")}.items() if v is not None)
         print(f"{r['model'].split('/')[-1]:>24} {r['regular_tokens']:>8} {r['data']:>11} | {fmt(r['time_s'], '7.3f')} "
               f"{fmt(r['peak_gib'], '6.1f')} {fmt(r['tokens_per_s'], '7.0f')} "
               f"{fmt(r['mfu'] and 100 * r['mfu'], '5.1f')}% | {fmt(b.get('time_s'), '10.3f')} "

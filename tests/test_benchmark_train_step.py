@@ -13,7 +13,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_step import hlo_sources, packed_mix  # noqa: E402
+from train_step import busy_and_span, hlo_sources, packed_mix  # noqa: E402
 
 ROW_KEYS = {"model", "regular_tokens", "data", "time_s", "tokens_per_s", "mfu", "peak_gib", "compile_s"}
 
@@ -34,6 +34,14 @@ def test_hlo_sources_name_the_line_of_each_instruction():
     assert line_of("dot") == f"test_benchmark_train_step.py:{first + 2} _two_ops", sources
     dotted = [n for n in sources if "." in n]
     assert dotted and all(sources[n.replace(".", "_")] == sources[n] for n in dotted)
+
+
+def test_busy_and_span_count_overlaps_once_and_gaps_not_at_all():
+    """Kernels of two streams overlapping, then a gap: busy time counts the overlap once, the span runs from the
+    first start to the last end, and their difference is the gap."""
+    busy, span = busy_and_span([(0.0, 2.0), (1.0, 3.0), (1.5, 2.5), (5.0, 6.0), (5.5, 5.6)])
+    assert (busy, span) == (4.0, 6.0)
+    assert busy_and_span([]) == (0.0, 0.0)
 
 
 def test_packed_mix_draws_the_stated_lengths():
