@@ -84,15 +84,14 @@ def kernel_events(trace_dir: str, intervals: bool = False):
 def busy_and_span(intervals) -> tuple[float, float]:
     """(time some kernel runs, first start to last end) of (start, end) intervals from any streams: the
     span less the busy time is when the GPU ran nothing (waiting on the host, a sync or a launch)."""
-    busy, reach, first = 0.0, None, None
-    for start, end in sorted(intervals):
-        if reach is None or start > reach:
-            busy += end - start
-            reach, first = end, start if first is None else first
-        elif end > reach:
-            busy += end - reach
-            reach = end
-    return busy, (reach - first if reach is not None else 0.0)
+    spans = sorted(intervals)
+    if not spans:
+        return 0.0, 0.0
+    busy, reach = 0.0, spans[0][0]  # reach: the latest end so far
+    for start, end in spans:
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return busy, reach - spans[0][0]
 
 
 def kernel_stats(trace_dir: str, top: int = 40, by_time: bool = False
