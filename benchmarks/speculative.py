@@ -224,7 +224,7 @@ def main(argv=None):
 def profile_calls(trace_dir: str, runs: dict, n_kernels: int = 40) -> dict:
     """name -> {calls, GPU kernels per model call, ms of kernel time per call by kind} from one traced
     run of each (fn, calls_of_output) in `runs`, after an untraced one (compilation stays out)."""
-    from train_step import kernel_stats
+    from train_step import kernel_events, kernel_stats
 
     out = {}
     for name, (fn, calls_of) in runs.items():
@@ -232,7 +232,7 @@ def profile_calls(trace_dir: str, runs: dict, n_kernels: int = 40) -> dict:
         path = f"{trace_dir}/{re.sub(r'[^A-Za-z0-9_-]', '_', name)}"
         with jax.profiler.trace(path):
             calls = calls_of(jax.block_until_ready(fn()))
-        seconds, counts, top = kernel_stats(path, n_kernels)
+        seconds, counts, top = kernel_stats(kernel_events(path), n_kernels)
         out[name] = {"calls": calls, "kernels_per_call": sum(counts.values()) / calls,
                      "ms_per_call": {kind: round(1e3 * s / calls, 4) for kind, s in seconds.items()},
                      "top_kernels": {kernel: [round(c / calls, 2), round(1e6 * s / calls, 1)]  # per call: count, us

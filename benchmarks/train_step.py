@@ -64,21 +64,15 @@ KINDS = (("attention", r"fmha|flash|cudnn|attention|sdpa"), ("soft-CE kernel", r
          ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|matmul|dot"), ("other (fusions, copies)", r""))
 
 
-def kernel_events(trace_dir: str, intervals: bool = False):
-    """(name, seconds) of every GPU kernel in the newest trace under `trace_dir` (none without a GPU);
-    `intervals`: (name, start_s, end_s) instead."""
+def kernel_events(trace_dir: str) -> list[tuple[str, float, float]]:
+    """(name, start_s, end_s) of every GPU kernel in the newest trace under `trace_dir` (none without a GPU):
+    one read of the trace for `kernel_stats`, `kernel_sources` and `busy_and_span`."""
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
-    for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):  # kernel launches; "XLA Ops"/"XLA Modules" would double count
-                continue
-            for event in line.events:
-                if intervals:
-                    yield event.name, event.start_ns * 1e-9, event.end_ns * 1e-9
-                else:
-                    yield event.name, event.duration_ns * 1e-9
+    return [(event.name, event.start_ns * 1e-9, event.end_ns * 1e-9)
+            for plane in ProfileData.from_file(path).planes if plane.name.startswith("/device:GPU")
+            # kernel launches; "XLA Ops"/"XLA Modules" would double count
+            for line in plane.lines if line.name.startswith("Stream")
+            for event in line.events]
 
 
 def busy_and_span(intervals) -> tuple[float, float]:
@@ -94,13 +88,14 @@ def busy_and_span(intervals) -> tuple[float, float]:
     return busy, reach - spans[0][0]
 
 
-def kernel_stats(trace_dir: str, top: int = 40, by_time: bool = False
+def kernel_stats(events: list[tuple[str, float, float]], top: int = 40, by_time: bool = False
                  ) -> tuple[dict[str, float], dict[str, int], dict[str, tuple]]:
-    """From one read of the newest trace under `trace_dir` (empty without a GPU): GPU kernel seconds and
-    kernel counts by kind, and the `top` kernels by count (`by_time`: by seconds), largest first: name
-    without its numeric suffixes -> (count, seconds)."""
+    """From a trace's `kernel_events` (empty without a GPU): GPU kernel seconds and kernel counts by kind,
+    and the `top` kernels by count (`by_time`: by seconds), largest first: name without its numeric
+    suffixes -> (count, seconds)."""
     seconds, counts, names = defaultdict(float), defaultdict(int), defaultdict(lambda: [0, 0.0])
-    for name, s in kernel_events(trace_dir):
+    for name, start, end in events:
+        s = end - start
         kind = next(k for k, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))
         seconds[kind] += s
         counts[kind] += 1
@@ -145,15 +140,16 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
     return sources
 
 
-def kernel_sources(trace_dir: str, top: int = 40) -> dict[str, tuple[int, float]]:
-    """The `top` sources of GPU kernel time in the newest trace under `trace_dir`, largest first: a fusion
-    kernel counts for the JAX line that emitted it (`hlo_sources` of the optimized HLO `measure` wrote beside
-    the trace), a library kernel (cuBLAS, cuDNN, Triton) for its name. -> (count, seconds)."""
-    sources = hlo_sources(Path(trace_dir, OPTIMIZED_HLO).read_text())
+def kernel_sources(events: list[tuple[str, float, float]], hlo_text: str, top: int = 40
+                   ) -> dict[str, tuple[int, float]]:
+    """The `top` sources of GPU kernel time among a trace's `kernel_events`, largest first: a fusion kernel
+    counts for the JAX line that emitted it (`hlo_sources` of `hlo_text`, the optimized HLO `measure` wrote
+    beside the trace), a library kernel (cuBLAS, cuDNN, Triton) for its name. -> (count, seconds)."""
+    sources = hlo_sources(hlo_text)
     totals = defaultdict(lambda: [0, 0.0])
-    for name, s in kernel_events(trace_dir):
+    for name, start, end in events:
         entry = totals[sources.get(name) or re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", name))[:60]]
-        entry[0], entry[1] = entry[0] + 1, entry[1] + s
+        entry[0], entry[1] = entry[0] + 1, entry[1] + end - start
     return {key: (c, t) for key, (c, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]}
 
 
@@ -320,10 +316,12 @@ def measure_model(args, path: str, peak: float | None) -> list[dict]:
                         "mask stream (fwd+bwd)": row["loss_and_grads"]["time_s"] - row["regular_stream"]["time_s"],
                         "optimizer": row["time_s"] - row["loss_and_grads"]["time_s"]}
             if row["time_s"] and args.trace_dir:  # measure() traced one run of the step
-                row["kernels_s"], _, top = kernel_stats(args.trace_dir, top=40, by_time=True)
+                events = kernel_events(args.trace_dir)
+                row["kernels_s"], _, top = kernel_stats(events, top=40, by_time=True)
                 row["top_kernels"] = {name: [c, round(t, 4)] for name, (c, t) in top.items()}  # [count, seconds]
-                row["top_sources"] = {key: [c, round(t, 4)] for key, (c, t) in kernel_sources(args.trace_dir).items()}
-                busy, span = busy_and_span((a, b) for _, a, b in kernel_events(args.trace_dir, intervals=True))
+                sources = kernel_sources(events, Path(args.trace_dir, OPTIMIZED_HLO).read_text())
+                row["top_sources"] = {key: [c, round(t, 4)] for key, (c, t) in sources.items()}
+                busy, span = busy_and_span((start, end) for _, start, end in events)
                 row["gpu_busy_s"], row["gpu_idle_s"] = busy, span - busy  # idle: between the step's kernels
             if data != "one_example":
                 row["baseline"] = {"time_s": None, "error": "one example a row only"}

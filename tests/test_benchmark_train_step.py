@@ -13,7 +13,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_step import busy_and_span, hlo_sources, packed_mix  # noqa: E402
+from train_step import busy_and_span, hlo_sources, kernel_sources, kernel_stats, packed_mix  # noqa: E402
 
 ROW_KEYS = {"model", "regular_tokens", "data", "time_s", "tokens_per_s", "mfu", "peak_gib", "compile_s"}
 
@@ -34,6 +34,19 @@ def test_hlo_sources_name_the_line_of_each_instruction():
     assert line_of("dot") == f"test_benchmark_train_step.py:{first + 2} _two_ops", sources
     dotted = [n for n in sources if "." in n]
     assert dotted and all(sources[n.replace(".", "_")] == sources[n] for n in dotted)
+
+
+def test_kernel_time_goes_to_its_source_line_or_library_kernel():
+    """Trace events (name, start, end) of a fusion kernel spelt as GPU kernels are (`_` for `.`), twice, and of a
+    cuBLAS kernel with a numeric suffix: the fusion's time goes to its line of `_two_ops`, the library kernel's to
+    its name without the suffix, and by kind to "matmul"."""
+    text = jax.jit(_two_ops).lower(jnp.ones((8, 8))).compile().as_text()
+    sine = next(n for n in hlo_sources(text) if n.startswith("sin") and "." in n)
+    events = [(sine.replace(".", "_"), 0.0, 1.0), (sine.replace(".", "_"), 2.0, 2.5), ("nvjet_sm90_gemm_7", 1.0, 1.25)]
+    line = f"test_benchmark_train_step.py:{_two_ops.__code__.co_firstlineno + 1} _two_ops"
+    assert kernel_sources(events, text) == {line: (2, 1.5), "nvjet_sm90_gemm": (1, 0.25)}
+    seconds, counts, top = kernel_stats(events, by_time=True)
+    assert seconds["matmul"] == 0.25 and counts["matmul"] == 1 and list(top)[-1] == "nvjet_sm90_gemm"
 
 
 def test_busy_and_span_count_overlaps_once_and_gaps_not_at_all():
