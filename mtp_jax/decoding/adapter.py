@@ -83,7 +83,8 @@ def draft_vocabulary(run_dir: Path, size: int, vocab_size: int) -> np.ndarray:
 # the drafting vocabulary a large base drafts from by default (`load_adapter`, `layout.SMALL_BASE_PARAMS`)
 DRAFT_VOCAB = 32768
 # `load_adapter`'s defaults in the words of the CLIs' help
-DRAFT_VOCAB_DEFAULT = f"{DRAFT_VOCAB} for bases over {SMALL_BASE_PARAMS / 1e9:g}B parameters, else 0"
+DRAFT_VOCAB_DEFAULT = (f"{DRAFT_VOCAB} for bases over {SMALL_BASE_PARAMS / 1e9:g}B parameters with a larger "
+                       "vocabulary whose run counted its response tokens, else 0")
 MERGED_DEFAULT = f"for bases of at most {SMALL_BASE_PARAMS / 1e9:g}B parameters"
 
 
